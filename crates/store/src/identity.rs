@@ -1,0 +1,98 @@
+//! Identity rows (users, API tokens, console sessions), the audit log and per-object events. These live in
+//! their own tables, not as resources.
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct User {
+    pub id: String,
+    /// Unique, DNS-1123 label.
+    pub name: String,
+    /// A PHC string (argon2id); `None` for users who sign in with tokens only.
+    #[serde(skip)]
+    pub password_hash: Option<String>,
+    /// May create organizations and sees every organization (the first user of a server).
+    pub superuser: bool,
+    pub created_at: Timestamp,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewUser {
+    pub name: String,
+    pub password_hash: Option<String>,
+    pub superuser: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Token {
+    pub id: String,
+    pub user_id: String,
+    pub name: String,
+    /// SHA-256 of the secret, hex. The secret itself is never stored.
+    #[serde(skip)]
+    pub hash: String,
+    pub created_at: Timestamp,
+    pub expires_at: Option<Timestamp>,
+    pub revoked_at: Option<Timestamp>,
+    pub last_used_at: Option<Timestamp>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Session {
+    pub id: String,
+    pub user_id: String,
+    /// SHA-256 of the cookie value, hex.
+    pub hash: String,
+    pub created_at: Timestamp,
+    pub expires_at: Timestamp,
+}
+
+/// One mutating request: who did what to which object, when, and how it ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditRecord {
+    /// Assigned by the store on append.
+    #[serde(default)]
+    pub id: u64,
+    pub time: Timestamp,
+    /// The user's name, or `anonymous` for requests that failed authentication.
+    pub user: String,
+    /// HTTP method and path, e.g. `PUT /api/v1/orgs/default/projects/shop`.
+    pub action: String,
+    pub kind: Option<String>,
+    pub organization: Option<String>,
+    pub project: Option<String>,
+    pub name: Option<String>,
+    /// The HTTP status code of the response.
+    pub status: u16,
+    /// A short outcome: `created`, `updated`, `deleted`, or the error message.
+    pub outcome: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    pub user: Option<String>,
+    pub kind: Option<String>,
+    pub organization: Option<String>,
+    pub since: Option<Timestamp>,
+    pub until: Option<Timestamp>,
+    /// Newest first, at most this many (default 100).
+    pub limit: Option<usize>,
+}
+
+/// A Kubernetes-style event about one object (`kiln describe` shows the recent ones).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Event {
+    pub time: Timestamp,
+    pub kind: String,
+    pub organization: Option<String>,
+    pub project: Option<String>,
+    pub name: String,
+    /// `Normal` or `Warning`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub reason: String,
+    pub message: String,
+}
