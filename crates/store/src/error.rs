@@ -8,7 +8,11 @@ pub enum StoreError {
     AlreadyExists(Key),
     /// A write carried a `resourceVersion` that is no longer current.
     #[error("{key} was modified: the current resourceVersion is {current}, the write was based on {requested}")]
-    Conflict { key: Key, current: String, requested: String },
+    Conflict {
+        key: Key,
+        current: String,
+        requested: String,
+    },
     /// A watch asked to resume from a revision whose events were already compacted away.
     #[error("revision {requested} is expired (the oldest kept is {oldest}): re-list and watch from the list's revision")]
     Expired { requested: u64, oldest: u64 },

@@ -96,3 +96,20 @@ pub struct Event {
     pub reason: String,
     pub message: String,
 }
+
+/// Identity and audit times are stored as integer microseconds since the Unix epoch, in both backends.
+pub(crate) fn to_micros(t: Timestamp) -> i64 {
+    t.as_microsecond()
+}
+
+/// The inverse of [`to_micros`].
+pub(crate) fn from_micros(us: i64) -> Result<Timestamp, crate::StoreError> {
+    Timestamp::from_microsecond(us)
+        .map_err(|e| crate::StoreError::Backend(format!("corrupt stored time {us}: {e}")))
+}
+
+/// The current time at the precision it is stored with, so a returned row equals the row read back later.
+pub(crate) fn now() -> Timestamp {
+    Timestamp::from_microsecond(Timestamp::now().as_microsecond())
+        .unwrap_or_else(|_| Timestamp::now())
+}

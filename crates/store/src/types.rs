@@ -102,6 +102,8 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Self { event_retention: 100_000 }
+        Self {
+            event_retention: 100_000,
+        }
     }
 }
