@@ -1,1 +1,404 @@
-//! server
+//! Kiln's HTTP server: the REST API under `/api/v1`, authentication, RBAC, audit, health and metrics, the
+//! console pages, and the wiring of store and controllers into one process.
+//!
+//! Architecture invariants:
+//! - [`app`] builds the whole router from state alone, so handlers are tested with `oneshot`, no socket needed.
+//! - Every API route is registered through [`routes::Api::op`], which also documents it: the OpenAPI document
+//!   cannot drift from the router.
+//! - Handlers check access before they read: a caller never learns of objects in organizations they cannot see.
+
+mod audit;
+pub mod auth;
+pub mod bootstrap;
+mod console;
+mod ctrl;
+pub mod error;
+mod identity_api;
+mod metrics;
+pub mod rbac;
+pub mod resources;
+pub mod routes;
+mod schemas;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::extract::State;
+use axum::http::{header, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router};
+use serde_json::Value;
+use store::Store;
+use tokio::sync::watch;
+
+pub use error::{ApiError, Problem};
+pub use identity_api::parse_duration;
+use routes::{Api, Op};
+
+/// Server settings, from flags and environment.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// `postgres://…` to use PostgreSQL; `None` for SQLite in the data directory.
+    pub database_url: Option<String>,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// How long SIGTERM waits for in-flight requests before exiting anyway.
+    pub drain_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7080)),
+            data_dir: PathBuf::from(".kiln"),
+            database_url: None,
+            max_body_bytes: 1 << 20,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Shared by every handler. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub config: Arc<Config>,
+    metrics: Arc<metrics::Metrics>,
+    /// Flips to `true` when the server starts draining; long-lived streams end on it.
+    pub shutdown: watch::Receiver<bool>,
+    ready: Arc<AtomicBool>,
+    openapi: Arc<OnceLock<Value>>,
+    /// Token ids used since the last flush, with when; written to the store in batches.
+    token_uses: Arc<Mutex<HashMap<String, jiff::Timestamp>>>,
+    dummy_hash: Arc<OnceLock<String>>,
+    controllers: Arc<Mutex<Option<ctrl::Handle>>>,
+}
+
+impl AppState {
+    pub fn new(store: Store, config: Config, shutdown: watch::Receiver<bool>) -> Self {
+        AppState {
+            store,
+            config: Arc::new(config),
+            metrics: Arc::default(),
+            shutdown,
+            ready: Arc::default(),
+            openapi: Arc::default(),
+            token_uses: Arc::default(),
+            dummy_hash: Arc::default(),
+            controllers: Arc::default(),
+        }
+    }
+
+    /// Marks the server ready (`/readyz` answers 200).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    fn touch_token(&self, id: &str) {
+        if let Ok(mut m) = self.token_uses.lock() {
+            m.insert(id.to_string(), jiff::Timestamp::now());
+        }
+    }
+
+    fn take_token_uses(&self) -> Vec<String> {
+        match self.token_uses.lock() {
+            Ok(mut m) => m.drain().map(|(id, _)| id).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Writes the batched token last-use times.
+    pub async fn flush_token_uses(&self) {
+        let batch = self.take_token_uses();
+        for id in batch {
+            if let Err(e) = self.store.touch_token(&id).await {
+                tracing::warn!(error = %e, "could not record token use");
+            }
+        }
+    }
+
+    /// A password hash to verify against when the user does not exist, so both paths cost the same.
+    pub(crate) fn dummy_hash(&self) -> &str {
+        self.dummy_hash
+            .get_or_init(|| auth::hash_password("not a real password").unwrap_or_default())
+    }
+}
+
+/// The API routes, documented: everything under `/api/v1` plus health, readiness and metrics.
+pub fn api() -> Api {
+    let api = Api::new()
+        .op(
+            Op::new(
+                Method::GET,
+                "/healthz",
+                "healthz",
+                "meta",
+                "Liveness: the process serves HTTP",
+            )
+            .public()
+            .returns_type(200, "text/plain"),
+            || async { "ok\n" },
+        )
+        .op(
+            Op::new(
+                Method::GET,
+                "/readyz",
+                "readyz",
+                "meta",
+                "Readiness: the store answers and controllers run",
+            )
+            .public()
+            .returns_type(200, "text/plain"),
+            readyz,
+        )
+        .op(
+            Op::new(
+                Method::GET,
+                "/metrics",
+                "metrics",
+                "meta",
+                "Prometheus metrics",
+            )
+            .public()
+            .returns_type(200, "text/plain; version=0.0.4"),
+            metrics_handler,
+        )
+        .op(
+            Op::new(
+                Method::GET,
+                "/api/v1/openapi.json",
+                "openapi",
+                "meta",
+                "This document",
+            )
+            .public()
+            .returns_type(200, "application/json"),
+            openapi_handler,
+        );
+    let api = resources::register(api);
+    identity_api::register(api)
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if !state.ready.load(Ordering::SeqCst) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response();
+    }
+    if *state.shutdown.borrow() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response();
+    }
+    match state.store.revision().await {
+        Ok(_) => (StatusCode::OK, "ok\n").into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "readiness: store unreachable");
+            (StatusCode::SERVICE_UNAVAILABLE, "store unreachable\n").into_response()
+        }
+    }
+}
+
+async fn metrics_handler(State(state): State<AppState>) -> Response {
+    let mut extra = String::new();
+    if let Ok(rev) = state.store.revision().await {
+        extra.push_str("# HELP kiln_store_revision The store's current revision.\n# TYPE kiln_store_revision gauge\n");
+        extra.push_str(&format!("kiln_store_revision {rev}\n"));
+    }
+    if let Ok(guard) = state.controllers.lock() {
+        if let Some(h) = guard.as_ref() {
+            extra.push_str(&h.render_metrics());
+        }
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(&extra),
+    )
+        .into_response()
+}
+
+async fn openapi_handler(State(state): State<AppState>) -> Response {
+    let doc = state
+        .openapi
+        .get_or_init(|| routes::openapi(&api().ops, env!("CARGO_PKG_VERSION")));
+    Json(doc.clone()).into_response()
+}
+
+async fn no_route() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "no-route",
+        "no such endpoint; see /api/v1/openapi.json",
+    )
+}
+
+async fn wrong_method() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "this endpoint does not take that method; see /api/v1/openapi.json",
+    )
+}
+
+/// The whole application: API, console, fallbacks, audit and metrics layers.
+pub fn app(state: AppState) -> Router {
+    let router = api().router.merge(console::routes());
+    router
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            audit::layer,
+        ))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+async fn observe(
+    State(state): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let method = req.method().as_str().to_string();
+    let start = Instant::now();
+    let resp = next.run(req).await;
+    state
+        .metrics
+        .observe(&method, resp.status().as_u16(), start.elapsed());
+    resp
+}
+
+/// Opens the store the configuration names.
+pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
+    let opts = store::Options::default();
+    match &config.database_url {
+        Some(url) => Store::open_postgres(url, opts)
+            .await
+            .with_context(|| "opening the PostgreSQL store (--database-url)"),
+        None => {
+            let path = config.data_dir.join("kiln.db");
+            Store::open_sqlite(&path, opts)
+                .await
+                .with_context(|| format!("opening the SQLite store at {}", path.display()))
+        }
+    }
+}
+
+fn create_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating the data directory {}", dir.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+/// Runs the server until SIGTERM or Ctrl-C, then drains in-flight requests and returns.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    create_data_dir(&config.data_dir)?;
+    let store = open_store(&config).await?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let state = AppState::new(store.clone(), config.clone(), shutdown_rx.clone());
+    let first = bootstrap::first_start(&state, &config.data_dir).await?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let handle = ctrl::start(store.clone(), shutdown_rx.clone());
+    if let Ok(mut c) = state.controllers.lock() {
+        *c = Some(handle);
+    }
+    let flusher = {
+        let state = state.clone();
+        let mut stop = shutdown_rx.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(30)) => state.flush_token_uses().await,
+                    _ = async { let _ = stop.wait_for(|s| *s).await; } => break,
+                }
+            }
+        })
+    };
+    state.set_ready(true);
+    println!("Kiln is listening on http://{addr}");
+    match first {
+        Some(f) => {
+            println!(
+                "First start: created user {} (superuser) and organization {}.",
+                bootstrap::OWNER,
+                bootstrap::DEFAULT_ORG
+            );
+            println!("API token:       {}", f.token_path.display());
+            println!(
+                "Console password: {} (user {})",
+                f.password_path.display(),
+                bootstrap::OWNER
+            );
+            println!(
+                "Try: export KILN_URL=http://{addr} KILN_TOKEN=$(cat {})",
+                f.token_path.display()
+            );
+        }
+        None => println!(
+            "Admin token file: {}",
+            config.data_dir.join("admin-token").display()
+        ),
+    }
+    let app = app(state.clone());
+    let drain_timeout = config.drain_timeout;
+    let serve = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down: draining in-flight requests");
+        let _ = shutdown_tx.send(true);
+    });
+    let mut stop = shutdown_rx.clone();
+    let serve = tokio::spawn(async move { serve.await });
+    // After the signal, give in-flight requests `drain_timeout` to finish.
+    let drained = async {
+        let _ = stop.wait_for(|s| *s).await;
+        tokio::time::sleep(drain_timeout).await;
+    };
+    tokio::select! {
+        r = serve => r.context("server task")?.context("serving HTTP")?,
+        _ = drained => tracing::warn!("drain timeout reached; exiting with requests still in flight"),
+    }
+    let handle = state.controllers.lock().ok().and_then(|mut c| c.take());
+    if let Some(h) = handle {
+        h.stop().await;
+    }
+    let _ = flusher.await;
+    state.flush_token_uses().await;
+    Ok(())
+}

@@ -1,0 +1,222 @@
+//! Command-line flags. Raw flags live here; `cmd` turns them into calls.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kiln",
+    version,
+    about = "Kiln: a self-hosted internal developer platform",
+    propagate_version = true
+)]
+pub struct Cli {
+    /// The organization to work in.
+    #[arg(long, global = true, env = "KILN_ORG")]
+    pub org: Option<String>,
+    /// The server's URL (default: from `kiln login`, else http://127.0.0.1:7080).
+    #[arg(long, global = true, env = "KILN_URL", hide_env_values = true)]
+    pub url: Option<String>,
+    /// An API token (default: from `kiln login`).
+    #[arg(long, global = true, env = "KILN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the Kiln server (API, console, controllers).
+    Server(ServerArgs),
+    /// Store a server URL and token in the user's config directory.
+    Login(LoginArgs),
+    /// Create or update objects from manifests.
+    Apply(ApplyArgs),
+    /// List objects, or show one.
+    Get(GetArgs),
+    /// Show one object in detail: spec, conditions, recent events.
+    Describe(DescribeArgs),
+    /// Delete an object, or the objects a manifest names.
+    Delete(DeleteArgs),
+    /// Organizations.
+    #[command(subcommand)]
+    Org(OrgCommand),
+    /// Users.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// API tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Who the current credentials belong to, and their roles.
+    Whoami,
+    /// The audit log of mutating requests.
+    Audit(AuditArgs),
+    /// Client and server versions.
+    Version,
+    /// Print shell completions.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7080", env = "KILN_LISTEN")]
+    pub listen: SocketAddr,
+    /// Where the embedded database, the admin token and other state live.
+    #[arg(long, default_value = ".kiln", env = "KILN_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// Use PostgreSQL instead of the embedded SQLite database (postgres://user:pass@host/db).
+    #[arg(long, env = "KILN_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LoginArgs {
+    /// The server's URL, e.g. http://127.0.0.1:7080.
+    pub server_url: String,
+    /// An API token; without it, log in with a username and password.
+    #[arg(long = "with-token", visible_alias = "token-value")]
+    pub with_token: Option<String>,
+    #[arg(long, short = 'u')]
+    pub username: Option<String>,
+    /// Read the password from standard input.
+    #[arg(long)]
+    pub password_stdin: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// A manifest file, a directory of them, or `-` for standard input. Repeatable.
+    #[arg(short = 'f', long = "filename", required = true)]
+    pub files: Vec<String>,
+    /// Project for project-scoped objects whose manifest names none.
+    #[arg(long, short = 'p')]
+    pub project: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum OutputFormat {
+    Table,
+    Wide,
+    Json,
+    Yaml,
+    Name,
+}
+
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    /// What to list: a kind, its plural or a short name (components, comp, envs, ...).
+    pub kind: String,
+    pub name: Option<String>,
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    pub output: OutputFormat,
+    /// Label selector, e.g. `app=web,tier!=db`.
+    #[arg(short = 'l', long)]
+    pub selector: Option<String>,
+    /// Project (for project-scoped kinds; default: all projects).
+    #[arg(long, short = 'p')]
+    pub project: Option<String>,
+    /// After listing, follow changes.
+    #[arg(short = 'w', long)]
+    pub watch: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DescribeArgs {
+    pub kind: String,
+    pub name: String,
+    #[arg(long, short = 'p')]
+    pub project: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    pub kind: Option<String>,
+    pub name: Option<String>,
+    /// Delete what these manifests name.
+    #[arg(short = 'f', long = "filename")]
+    pub files: Vec<String>,
+    #[arg(long, short = 'p')]
+    pub project: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OrgCommand {
+    /// Create an organization (superusers only); you become its owner.
+    Create {
+        name: String,
+        #[arg(long)]
+        display_name: Option<String>,
+    },
+    /// List the organizations you can see.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Create a user bound to a role in an organization. Prints a generated password unless one is given.
+    Create {
+        name: String,
+        /// Role to bind: owner, admin, developer, viewer, or a Role of the organization.
+        #[arg(long, default_value = "viewer")]
+        role: String,
+        /// Limit the binding to one project.
+        #[arg(long, short = 'p')]
+        project: Option<String>,
+        /// Read the password from standard input.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// List users you can see.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create an API token and print it (it is shown only once).
+    Create {
+        /// For another user (yourself by default).
+        #[arg(long)]
+        user: Option<String>,
+        /// Lifetime: 30d, 12h, 90m ...; no expiry by default.
+        #[arg(long)]
+        expires: Option<String>,
+        #[arg(long, default_value = "cli")]
+        name: String,
+    },
+    /// List API tokens.
+    List {
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// Revoke an API token by id.
+    Revoke { id: String },
+}
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    #[arg(long)]
+    pub user: Option<String>,
+    #[arg(long)]
+    pub kind: Option<String>,
+    /// RFC 3339 time, or a duration ago such as 2h.
+    #[arg(long)]
+    pub since: Option<String>,
+    #[arg(long)]
+    pub until: Option<String>,
+    #[arg(long, default_value_t = 50)]
+    pub limit: usize,
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    pub output: OutputFormat,
+}

@@ -1,0 +1,350 @@
+//! Command implementations.
+
+mod manifests;
+mod resources;
+
+use std::io::Read;
+
+use anyhow::{bail, Context};
+use clap::CommandFactory;
+use client::Client;
+use serde_json::{json, Value};
+
+use crate::cli::{Cli, Command, OrgCommand, OutputFormat, ServerArgs, TokenCommand, UserCommand};
+use crate::{config, output};
+
+/// The server URL used when neither a flag, the environment nor `kiln login` names one.
+const DEFAULT_URL: &str = "http://127.0.0.1:7080";
+
+/// Settings every client command shares, resolved from flags, environment and the stored config.
+pub struct Ctx {
+    pub client: Client,
+    pub org: String,
+    /// Whether `--org`/`KILN_ORG` was given (some commands widen their scope without it).
+    pub org_explicit: bool,
+}
+
+fn ctx(cli: &Cli) -> anyhow::Result<Ctx> {
+    let stored = config::load()?;
+    let url = cli
+        .url
+        .clone()
+        .or(stored.url)
+        .unwrap_or_else(|| DEFAULT_URL.to_string());
+    let token = cli.token.clone().or(stored.token);
+    let client = Client::new(&url, token)?;
+    Ok(Ctx {
+        client,
+        org: cli
+            .org
+            .clone()
+            .unwrap_or_else(|| server::bootstrap::DEFAULT_ORG.to_string()),
+        org_explicit: cli.org.is_some(),
+    })
+}
+
+fn read_stdin_line(what: &str) -> anyhow::Result<String> {
+    let mut s = String::new();
+    std::io::stdin()
+        .read_to_string(&mut s)
+        .with_context(|| format!("reading the {what} from standard input"))?;
+    let s = s.trim_end_matches(['\r', '\n']).to_string();
+    if s.is_empty() {
+        bail!("the {what} read from standard input is empty");
+    }
+    Ok(s)
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Server(args) => serve(args).await,
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "kiln", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Login(args) => {
+            let token = match (&args.with_token, &args.username) {
+                (Some(t), _) => t.clone(),
+                (None, Some(user)) => {
+                    if !args.password_stdin {
+                        bail!("pass --password-stdin and the password on standard input, or --with-token TOKEN");
+                    }
+                    let pw = read_stdin_line("password")?;
+                    Client::new(&args.server_url, None)?
+                        .login(user, &pw)
+                        .await?
+                }
+                (None, None) => {
+                    bail!("pass --with-token TOKEN, or --username NAME --password-stdin")
+                }
+            };
+            let client = Client::new(&args.server_url, Some(token.clone()))?;
+            let me = client.whoami().await.context("checking the credentials")?;
+            let path = config::save(&config::Stored {
+                url: Some(args.server_url.clone()),
+                token: Some(token),
+            })?;
+            println!(
+                "Logged in to {} as {}; saved to {}",
+                args.server_url,
+                me["user"].as_str().unwrap_or("?"),
+                path.display()
+            );
+            Ok(())
+        }
+        Command::Apply(args) => resources::apply(&ctx(&cli)?, args).await,
+        Command::Get(args) => resources::get(&ctx(&cli)?, args).await,
+        Command::Describe(args) => resources::describe(&ctx(&cli)?, args).await,
+        Command::Delete(args) => resources::delete(&ctx(&cli)?, args).await,
+        Command::Org(OrgCommand::Create { name, display_name }) => {
+            let c = ctx(&cli)?;
+            let mut spec = json!({});
+            if let Some(d) = display_name {
+                spec["displayName"] = json!(d);
+            }
+            let org: model::Resource = serde_json::from_value(
+                json!({"apiVersion": model::API_VERSION, "kind": "Organization", "metadata": {"name": name}, "spec": spec}),
+            )?;
+            c.client.create(&org, &client::Scoped::default()).await?;
+            println!("organization/{name} created");
+            Ok(())
+        }
+        Command::Org(OrgCommand::List) => {
+            let c = ctx(&cli)?;
+            let items = c
+                .client
+                .list_all(model::Kind::Organization, &client::Scoped::default(), None)
+                .await?;
+            output::print_list(model::Kind::Organization, &items, OutputFormat::Table)
+        }
+        Command::User(UserCommand::Create {
+            name,
+            role,
+            project,
+            password_stdin,
+        }) => {
+            let c = ctx(&cli)?;
+            let mut body = json!({"name": name, "organization": c.org, "role": role});
+            if let Some(p) = project {
+                body["project"] = json!(p);
+            }
+            if *password_stdin {
+                body["password"] = json!(read_stdin_line("password")?);
+            }
+            let u = c.client.create_user(&body).await?;
+            println!(
+                "user/{name} created with role {role} in organization {}",
+                c.org
+            );
+            if let Some(pw) = u.get("generatedPassword").and_then(Value::as_str) {
+                println!("password: {pw}");
+            }
+            Ok(())
+        }
+        Command::User(UserCommand::List) => {
+            let c = ctx(&cli)?;
+            let rows: Vec<Vec<String>> = c
+                .client
+                .list_users()
+                .await?
+                .iter()
+                .map(|u| {
+                    vec![
+                        str_of(u, "name"),
+                        u["superuser"].as_bool().unwrap_or(false).to_string(),
+                        str_of(u, "createdAt"),
+                    ]
+                })
+                .collect();
+            output::print_table(&["NAME", "SUPERUSER", "CREATED"], &rows);
+            Ok(())
+        }
+        Command::Token(TokenCommand::Create {
+            user,
+            expires,
+            name,
+        }) => {
+            let c = ctx(&cli)?;
+            let mut body = json!({"name": name});
+            if let Some(u) = user {
+                body["user"] = json!(u);
+            }
+            if let Some(e) = expires {
+                body["expiresIn"] = json!(e);
+            }
+            let t = c.client.create_token(&body).await?;
+            eprintln!(
+                "token {} for {} created{}; it is shown only once:",
+                str_of(&t, "id"),
+                str_of(&t, "user"),
+                t.get("expiresAt")
+                    .and_then(Value::as_str)
+                    .map(|e| format!(" (expires {e})"))
+                    .unwrap_or_default()
+            );
+            println!("{}", str_of(&t, "token"));
+            Ok(())
+        }
+        Command::Token(TokenCommand::List { user }) => {
+            let c = ctx(&cli)?;
+            let rows: Vec<Vec<String>> = c
+                .client
+                .list_tokens(user.as_deref())
+                .await?
+                .iter()
+                .map(|t| {
+                    let state = if t.get("revokedAt").is_some_and(|v| !v.is_null()) {
+                        "revoked"
+                    } else {
+                        "active"
+                    };
+                    vec![
+                        str_of(t, "id"),
+                        str_of(t, "name"),
+                        str_of(t, "user"),
+                        state.to_string(),
+                        str_of(t, "expiresAt"),
+                        str_of(t, "lastUsedAt"),
+                    ]
+                })
+                .collect();
+            output::print_table(
+                &["ID", "NAME", "USER", "STATE", "EXPIRES", "LAST USED"],
+                &rows,
+            );
+            Ok(())
+        }
+        Command::Token(TokenCommand::Revoke { id }) => {
+            ctx(&cli)?.client.revoke_token(id).await?;
+            println!("token {id} revoked");
+            Ok(())
+        }
+        Command::Whoami => {
+            let me = ctx(&cli)?.client.whoami().await?;
+            println!("user:      {}", str_of(&me, "user"));
+            println!("superuser: {}", me["superuser"].as_bool().unwrap_or(false));
+            println!("via:       {}", str_of(&me, "authenticatedBy"));
+            for o in me["organizations"].as_array().into_iter().flatten() {
+                let roles: Vec<&str> = o["roles"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .collect();
+                println!("org {}: {}", str_of(o, "name"), roles.join(", "));
+            }
+            Ok(())
+        }
+        Command::Audit(args) => {
+            let c = ctx(&cli)?;
+            let mut q: Vec<(&str, String)> = vec![("limit", args.limit.to_string())];
+            if c.org_explicit {
+                q.push(("organization", c.org.clone()));
+            } else {
+                let me = c.client.whoami().await?;
+                if !me["superuser"].as_bool().unwrap_or(false) {
+                    q.push(("organization", c.org.clone()));
+                }
+            }
+            for (k, v) in [
+                ("user", &args.user),
+                ("kind", &args.kind),
+                ("since", &args.since),
+                ("until", &args.until),
+            ] {
+                if let Some(v) = v {
+                    q.push((k, v.clone()));
+                }
+            }
+            let items = c.client.audit(&q).await?;
+            match args.output {
+                OutputFormat::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({ "items": items }))?
+                ),
+                OutputFormat::Yaml => {
+                    print!("{}", serde_yaml::to_string(&json!({ "items": items }))?)
+                }
+                _ => {
+                    let rows: Vec<Vec<String>> = items
+                        .iter()
+                        .map(|a| {
+                            let target = [
+                                str_of(a, "kind"),
+                                [
+                                    str_of(a, "organization"),
+                                    str_of(a, "project"),
+                                    str_of(a, "name"),
+                                ]
+                                .iter()
+                                .filter(|s| *s != "-")
+                                .cloned()
+                                .collect::<Vec<_>>()
+                                .join("/"),
+                            ]
+                            .join(" ");
+                            vec![
+                                str_of(a, "time"),
+                                str_of(a, "user"),
+                                str_of(a, "action"),
+                                target,
+                                a["status"].to_string(),
+                                str_of(a, "outcome"),
+                            ]
+                        })
+                        .collect();
+                    output::print_table(
+                        &["TIME", "USER", "ACTION", "OBJECT", "STATUS", "OUTCOME"],
+                        &rows,
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Version => {
+            println!("client: kiln {}", env!("CARGO_PKG_VERSION"));
+            match ctx(&cli)?.client.version().await {
+                Ok(v) => println!(
+                    "server: kiln {} ({})",
+                    str_of(&v, "version"),
+                    str_of(&v, "apiVersion")
+                ),
+                Err(e) => eprintln!("server: {e}"),
+            }
+            Ok(())
+        }
+    }
+}
+
+fn str_of(v: &Value, field: &str) -> String {
+    match v.get(field) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Null) | None => "-".into(),
+        Some(other) => other.to_string(),
+    }
+}
+
+async fn serve(args: &ServerArgs) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if args.log_json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    }
+    let config = server::Config {
+        listen: args.listen,
+        data_dir: args.data_dir.clone(),
+        database_url: args.database_url.clone(),
+        max_body_bytes: args.max_body_bytes,
+        ..Default::default()
+    };
+    server::run(config).await
+}

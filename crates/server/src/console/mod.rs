@@ -1,0 +1,264 @@
+//! The web console: server-rendered HTML pages (no JavaScript framework) over the same store and access rules as
+//! the API. Signed-in state is the session cookie that `/login` sets.
+
+mod html;
+
+use axum::extract::{Form, Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::get;
+use axum::Router;
+use model::{Kind, Resource};
+use serde::Deserialize;
+use store::{Key, ListQuery};
+
+use crate::auth::{MaybePrincipal, Principal};
+use crate::error::ApiError;
+use crate::rbac::{self, Verb};
+use crate::resources::AuditSlotExt;
+use crate::AppState;
+use html::{conditions_cell, esc, page};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/", get(home))
+        .route("/login", get(login_form).post(login_submit))
+        .route("/logout", axum::routing::post(logout))
+        .route("/orgs/{org}", get(org_page))
+        .route("/orgs/{org}/projects/{project}", get(project_page))
+        .route("/static/kiln.css", get(css))
+}
+
+async fn css() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/css"),
+            (header::CACHE_CONTROL, "max-age=3600"),
+        ],
+        html::CSS,
+    )
+        .into_response()
+}
+
+/// Renders a failure as a page rather than a problem document.
+fn error_page(user: Option<&str>, e: ApiError) -> Response {
+    let body = format!(
+        "<h1>{}</h1><p class=\"error\">{}</p><p><a href=\"/\">Back to organizations</a></p>",
+        e.status.as_u16(),
+        esc(&e.detail)
+    );
+    (e.status, page("Error", user, &body)).into_response()
+}
+
+fn require(p: MaybePrincipal) -> Result<Principal, Response> {
+    p.0.ok_or_else(|| Redirect::to("/login").into_response())
+}
+
+async fn login_form(p: MaybePrincipal) -> Response {
+    if p.0.is_some() {
+        return Redirect::to("/").into_response();
+    }
+    page("Sign in", None, &html::login_form(None)).into_response()
+}
+
+#[derive(Deserialize)]
+struct LoginForm {
+    username: String,
+    password: String,
+}
+
+async fn login_submit(
+    State(state): State<AppState>,
+    slot: AuditSlotExt,
+    Form(f): Form<LoginForm>,
+) -> Response {
+    slot.0.set_user(&f.username);
+    slot.0.set_target("User", None, None, Some(&f.username));
+    let user = match crate::identity_api::login_user(&state, &f.username, &f.password).await {
+        Ok(u) => u,
+        Err(e) => {
+            return (
+                StatusCode::UNAUTHORIZED,
+                page("Sign in", None, &html::login_form(Some(&e.detail))),
+            )
+                .into_response()
+        }
+    };
+    match crate::identity_api::start_session(&state, &user).await {
+        Ok(cookie) => {
+            let mut resp = Redirect::to("/").into_response();
+            resp.headers_mut().insert(header::SET_COOKIE, cookie);
+            resp
+        }
+        Err(e) => error_page(None, e),
+    }
+}
+
+async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let _ = crate::identity_api::end_session(&state, &headers).await;
+    let mut resp = Redirect::to("/login").into_response();
+    resp.headers_mut().insert(
+        header::SET_COOKIE,
+        HeaderValue::from_static("kiln_session=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0"),
+    );
+    resp
+}
+
+async fn list(
+    state: &AppState,
+    kind: Kind,
+    org: &str,
+    project: Option<&str>,
+) -> Result<Vec<Resource>, ApiError> {
+    let q = ListQuery {
+        kind: Some(kind),
+        organization: Some(org.to_string()),
+        project: project.map(str::to_string),
+        ..Default::default()
+    };
+    Ok(state.store.list(&q).await?.items)
+}
+
+async fn home(State(state): State<AppState>, p: MaybePrincipal) -> Response {
+    let p = match require(p) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let result: Result<String, ApiError> = async {
+        let visible = rbac::visible_orgs(&state.store, &p).await?;
+        let orgs = state
+            .store
+            .list(&ListQuery {
+                kind: Some(Kind::Organization),
+                ..Default::default()
+            })
+            .await?
+            .items;
+        let rows: Vec<Vec<String>> = orgs
+            .into_iter()
+            .filter(|o| {
+                visible
+                    .as_ref()
+                    .is_none_or(|v| v.contains(&o.metadata.name))
+            })
+            .map(|o| {
+                let name = &o.metadata.name;
+                let display = o
+                    .spec
+                    .get("displayName")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("");
+                vec![
+                    format!("<a href=\"/orgs/{0}\">{0}</a>", esc(name)),
+                    esc(display),
+                    conditions_cell(&o),
+                ]
+            })
+            .collect();
+        Ok(format!(
+            "<h1>Organizations</h1>{}",
+            html::table(&["Name", "Display name", "Conditions"], &rows)
+        ))
+    }
+    .await;
+    match result {
+        Ok(body) => page("Organizations", Some(&p.user.name), &body).into_response(),
+        Err(e) => error_page(Some(&p.user.name), e),
+    }
+}
+
+async fn org_page(
+    State(state): State<AppState>,
+    p: MaybePrincipal,
+    Path(org): Path<String>,
+) -> Response {
+    let p = match require(p) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let result: Result<String, ApiError> = async {
+        let acc = rbac::org_access(&state.store, &p, &org).await?;
+        let mut body = format!(
+            "<p class=\"crumbs\"><a href=\"/\">Organizations</a> / {}</p><h1>Organization {}</h1>",
+            esc(&org),
+            esc(&org)
+        );
+        let sections: [(Kind, &str, &[&str]); 4] = [
+            (
+                Kind::Project,
+                "Projects",
+                &["Name", "Pipeline", "Conditions"],
+            ),
+            (
+                Kind::Environment,
+                "Environments",
+                &["Name", "Data plane", "Production", "Conditions"],
+            ),
+            (
+                Kind::Component,
+                "Components",
+                &["Name", "Project", "Type", "Conditions"],
+            ),
+            (
+                Kind::DataPlane,
+                "Data planes",
+                &["Name", "Type", "Conditions"],
+            ),
+        ];
+        for (kind, title, headers) in sections {
+            let items = list(&state, kind, &org, None).await?;
+            let rows: Vec<Vec<String>> = items
+                .iter()
+                .filter(|r| {
+                    acc.allows(Verb::List, kind, r.metadata.project.as_deref())
+                        || acc.allows(Verb::Get, kind, r.metadata.project.as_deref())
+                })
+                .map(|r| html::row(kind, &org, r))
+                .collect();
+            body.push_str(&format!("<h2 id=\"{}\">{title}</h2>", kind.plural()));
+            body.push_str(&html::table(headers, &rows));
+        }
+        Ok(body)
+    }
+    .await;
+    match result {
+        Ok(body) => page(&format!("Organization {org}"), Some(&p.user.name), &body).into_response(),
+        Err(e) => error_page(Some(&p.user.name), e),
+    }
+}
+
+async fn project_page(
+    State(state): State<AppState>,
+    p: MaybePrincipal,
+    Path((org, project)): Path<(String, String)>,
+) -> Response {
+    let p = match require(p) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let result: Result<String, ApiError> = async {
+        let acc = rbac::org_access(&state.store, &p, &org).await?;
+        acc.check(Verb::Get, Kind::Project, Some(&project), &format!("Project {org}/{project}"))?;
+        let proj = state.store.get(&Key { kind: Kind::Project, organization: Some(org.clone()), project: None, name: project.clone() }).await?;
+        let mut body = format!(
+            "<p class=\"crumbs\"><a href=\"/\">Organizations</a> / <a href=\"/orgs/{0}\">{0}</a> / {1}</p><h1>Project {1}</h1>",
+            esc(&org),
+            esc(&project)
+        );
+        if let Some(d) = proj.spec.get("description").and_then(|v| v.as_str()) {
+            body.push_str(&format!("<p>{}</p>", esc(d)));
+        }
+        body.push_str("<h2>Conditions</h2>");
+        body.push_str(&html::conditions_table(&proj));
+        let comps = list(&state, Kind::Component, &org, Some(&project)).await?;
+        let rows: Vec<Vec<String>> = comps.iter().map(|c| html::component_detail_row(c)).collect();
+        body.push_str("<h2 id=\"components\">Components</h2>");
+        body.push_str(&html::table(&["Name", "Type", "Endpoints", "Conditions"], &rows));
+        Ok(body)
+    }
+    .await;
+    match result {
+        Ok(body) => page(&format!("Project {project}"), Some(&p.user.name), &body).into_response(),
+        Err(e) => error_page(Some(&p.user.name), e),
+    }
+}

@@ -1,0 +1,797 @@
+//! Handlers for the resource kinds: list (and watch), get, create, replace-or-create (apply), merge patch,
+//! delete and status writes. Every handler authenticates, resolves the caller's access to the organization,
+//! checks the verb, and only then touches the store.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::StreamExt;
+use model::{Kind, Resource, Scope};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use store::{Deleted, Key, ListQuery, StoreError, WatchQuery};
+
+use crate::auth::{AuditSlot, Principal};
+use crate::error::{ApiError, ApiResult};
+use crate::rbac::{self, OrgAccess, Verb};
+use crate::routes::{Api, Op};
+use crate::AppState;
+
+/// Label on the built-in roles; they cannot be changed through the API.
+pub const BUILTIN_LABEL: &str = "kiln.dev/builtin";
+
+/// The path parameter that names the object itself.
+fn name_param(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Organization => "org",
+        Kind::Project => "project",
+        _ => "name",
+    }
+}
+
+/// Collection path of a kind (for project-scoped kinds: within one project).
+pub fn collection_path(kind: Kind) -> String {
+    match kind.scope() {
+        Scope::Cluster => "/api/v1/orgs".to_string(),
+        Scope::Organization => format!("/api/v1/orgs/{{org}}/{}", kind.plural()),
+        Scope::Project => format!(
+            "/api/v1/orgs/{{org}}/projects/{{project}}/{}",
+            kind.plural()
+        ),
+    }
+}
+
+pub fn item_path(kind: Kind) -> String {
+    format!("{}/{{{}}}", collection_path(kind), name_param(kind))
+}
+
+/// Which objects a request addresses, from its path parameters.
+#[derive(Debug, Clone)]
+struct Target {
+    kind: Kind,
+    org: Option<String>,
+    project: Option<String>,
+    name: Option<String>,
+}
+
+impl Target {
+    fn from_params(kind: Kind, p: &HashMap<String, String>) -> Target {
+        let org = if kind == Kind::Organization {
+            None
+        } else {
+            p.get("org").cloned()
+        };
+        Target {
+            kind,
+            org,
+            project: p
+                .get("project")
+                .cloned()
+                .filter(|_| kind.scope() == Scope::Project),
+            name: p.get(name_param(kind)).cloned(),
+        }
+    }
+
+    fn key(&self) -> Key {
+        Key {
+            kind: self.kind,
+            organization: self.org.clone(),
+            project: self.project.clone(),
+            name: self.name.clone().unwrap_or_default(),
+        }
+    }
+
+    /// The organization whose access governs this request.
+    fn governing_org(&self) -> Option<&str> {
+        if self.kind == Kind::Organization {
+            self.name.as_deref()
+        } else {
+            self.org.as_deref()
+        }
+    }
+
+    fn describe(&self) -> String {
+        self.key().to_string()
+    }
+}
+
+/// Resolves the caller's access for a target (404 when the organization is invisible to them).
+async fn access(
+    state: &AppState,
+    principal: &Principal,
+    t: &Target,
+) -> ApiResult<Option<OrgAccess>> {
+    match t.governing_org() {
+        Some(org) => Ok(Some(rbac::org_access(&state.store, principal, org).await?)),
+        None => Ok(None),
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ListParams {
+    label_selector: Option<String>,
+    limit: Option<usize>,
+    #[serde(rename = "continue")]
+    continue_token: Option<String>,
+    watch: Option<bool>,
+    resource_version: Option<u64>,
+}
+
+/// Removes what `get` must never return (secret values).
+pub fn present(mut r: Resource) -> Resource {
+    if r.kind == Kind::Secret.as_str() {
+        for field in ["data", "stringData"] {
+            if let Some(Value::Object(map)) = r.spec.get_mut(field) {
+                for v in map.values_mut() {
+                    *v = Value::String(String::new());
+                }
+            }
+        }
+    }
+    r
+}
+
+fn list_kind_name(kind: Kind) -> String {
+    format!("{}List", kind.as_str())
+}
+
+async fn list(
+    state: AppState,
+    principal: Principal,
+    t: Target,
+    params: ListParams,
+) -> ApiResult<Response> {
+    let verb = if params.watch == Some(true) {
+        Verb::Watch
+    } else {
+        Verb::List
+    };
+    let acc = access(&state, &principal, &t).await?;
+    let visible_orgs = match (&acc, t.kind) {
+        (None, Kind::Organization) => rbac::visible_orgs(&state.store, &principal).await?,
+        _ => None,
+    };
+    if let Some(a) = &acc {
+        if t.kind.scope() != Scope::Project || t.project.is_some() {
+            a.check(
+                verb,
+                t.kind,
+                t.project.as_deref(),
+                &format!("{} in {}", t.kind.plural(), t.describe_scope()),
+            )?;
+        }
+    }
+    let allowed = move |r: &Resource| -> bool {
+        if let Some(orgs) = &visible_orgs {
+            return orgs.iter().any(|o| *o == r.metadata.name);
+        }
+        match &acc {
+            Some(a) => a.allows(verb, t.kind, r.metadata.project.as_deref()),
+            None => true,
+        }
+    };
+    if params.watch == Some(true) {
+        return watch(state, t, params.resource_version, allowed).await;
+    }
+    let q = ListQuery {
+        kind: Some(t.kind),
+        organization: t.org.clone(),
+        project: t.project.clone(),
+        selector: params.label_selector,
+        limit: params.limit,
+        continue_token: params.continue_token,
+    };
+    let page = state.store.list(&q).await?;
+    let items: Vec<Resource> = page
+        .items
+        .into_iter()
+        .filter(|r| allowed(r))
+        .map(present)
+        .collect();
+    let mut meta = json!({"resourceVersion": page.revision.to_string()});
+    if let Some(c) = page.continue_token {
+        meta["continue"] = Value::String(c);
+    }
+    Ok(Json(json!({"apiVersion": model::API_VERSION, "kind": list_kind_name(t.kind), "metadata": meta, "items": items})).into_response())
+}
+
+impl Target {
+    fn describe_scope(&self) -> String {
+        match (&self.org, &self.project) {
+            (Some(o), Some(p)) => format!("project {o}/{p}"),
+            (Some(o), None) => format!("organization {o}"),
+            _ => "the server".to_string(),
+        }
+    }
+}
+
+/// Streams watch events as newline-delimited JSON until the client goes away or the server shuts down.
+async fn watch(
+    state: AppState,
+    t: Target,
+    from: Option<u64>,
+    allowed: impl Fn(&Resource) -> bool + Send + 'static,
+) -> ApiResult<Response> {
+    let q = WatchQuery {
+        kind: Some(t.kind),
+        organization: t.org.clone(),
+        project: t.project.clone(),
+        from_revision: from,
+    };
+    let stream = state.store.watch(&q).await?;
+    let shutdown = state.shutdown.clone();
+    let gauge = WatchGauge::new(state.clone());
+    let body = futures_util::stream::unfold(
+        (stream, gauge, allowed),
+        move |(mut s, g, allowed)| {
+            let mut shutdown = shutdown.clone();
+            async move {
+                loop {
+                    tokio::select! {
+                        _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => return None,
+                        ev = s.next() => match ev {
+                            None => return None,
+                            Some(Err(e)) => {
+                                let line = json!({"type": "Error", "error": e.to_string()});
+                                return Some((Ok::<_, Infallible>(Bytes::from(format!("{line}\n"))), (s, g, allowed)));
+                            }
+                            Some(Ok(mut ev)) => {
+                                if !allowed(&ev.object) { continue; }
+                                ev.object = present(ev.object);
+                                let mut line = serde_json::to_vec(&ev).unwrap_or_default();
+                                line.push(b'\n');
+                                return Some((Ok(Bytes::from(line)), (s, g, allowed)));
+                            }
+                        }
+                    }
+                }
+            }
+        },
+    );
+    let mut resp = Response::new(Body::from_stream(body));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    Ok(resp)
+}
+
+/// Counts open watch streams in the metrics while alive.
+struct WatchGauge(AppState);
+impl WatchGauge {
+    fn new(state: AppState) -> Self {
+        state
+            .metrics
+            .watch_streams
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        WatchGauge(state)
+    }
+}
+impl Drop for WatchGauge {
+    fn drop(&mut self) {
+        self.0
+            .metrics
+            .watch_streams
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+async fn get(state: AppState, principal: Principal, t: Target) -> ApiResult<Response> {
+    let acc = access(&state, &principal, &t).await?;
+    if let Some(a) = &acc {
+        a.check(Verb::Get, t.kind, t.project.as_deref(), &t.describe())?;
+    }
+    let obj = state.store.get(&t.key()).await?;
+    Ok(Json(present(obj)).into_response())
+}
+
+/// Reads a request body of at most the configured size.
+pub async fn read_body(state: &AppState, body: Body) -> ApiResult<Bytes> {
+    let limit = state.config.max_body_bytes;
+    axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too-large",
+            format!(
+                "request body exceeds the limit of {limit} bytes (server flag --max-body-bytes)"
+            ),
+        )
+    })
+}
+
+/// Decodes one manifest (JSON or YAML) from a request body.
+pub fn decode_one(bytes: &[u8]) -> ApiResult<Resource> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| ApiError::bad_request(format!("request body is not UTF-8: {e}")))?;
+    let mut docs =
+        model::decode_manifests(text).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    match docs.len() {
+        1 => Ok(docs.remove(0)),
+        0 => Err(ApiError::bad_request("request body holds no manifest")),
+        n => Err(ApiError::bad_request(format!(
+            "request body holds {n} manifests; send one per request"
+        ))),
+    }
+}
+
+/// Checks that the manifest matches the URL it was sent to, fills in scope from the URL, and validates it.
+fn prepare(t: &Target, mut obj: Resource) -> ApiResult<Resource> {
+    if obj.kind != t.kind.as_str() {
+        let known = obj.kind().is_some();
+        let msg = if known {
+            format!("kind: this endpoint takes {}, got {}", t.kind, obj.kind)
+        } else {
+            format!(
+                "kind: unknown kind {:?}; known kinds: {}",
+                obj.kind,
+                Kind::ALL
+                    .iter()
+                    .map(|k| k.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        return Err(ApiError::invalid(
+            "",
+            model::Invalid::one("kind", msg.trim_start_matches("kind: ")),
+        ));
+    }
+    if let Some(name) = &t.name {
+        if obj.metadata.name.is_empty() {
+            obj.metadata.name = name.clone();
+        } else if obj.metadata.name != *name {
+            return Err(ApiError::invalid(
+                "",
+                model::Invalid::one(
+                    "metadata.name",
+                    format!("is {:?} but the URL names {name:?}", obj.metadata.name),
+                ),
+            ));
+        }
+    }
+    for (field, from_url, value) in [
+        (
+            "metadata.organization",
+            &t.org,
+            &mut obj.metadata.organization,
+        ),
+        ("metadata.project", &t.project, &mut obj.metadata.project),
+    ] {
+        match (from_url, value.as_deref()) {
+            (Some(u), Some(v)) if u != v => {
+                return Err(ApiError::invalid(
+                    "",
+                    model::Invalid::one(field, format!("is {v:?} but the URL names {u:?}")),
+                ));
+            }
+            (Some(u), _) => *value = Some(u.clone()),
+            (None, _) => {}
+        }
+    }
+    // Fields only the store sets are ignored on input, as is status (written only through /status).
+    obj.metadata.uid = None;
+    obj.metadata.generation = None;
+    obj.metadata.creation_timestamp = None;
+    obj.metadata.deletion_timestamp = None;
+    obj.status = Value::Null;
+    model::normalize(obj).map_err(|inv| ApiError::invalid("", inv))
+}
+
+/// Refuses a write whose required references (or parent project) do not exist.
+async fn check_references(state: &AppState, obj: &Resource) -> ApiResult<()> {
+    let org = obj.metadata.organization.clone();
+    let mut errors = Vec::new();
+    if let (Some(o), Some(p)) = (&org, &obj.metadata.project) {
+        let key = Key {
+            kind: Kind::Project,
+            organization: Some(o.clone()),
+            project: None,
+            name: p.clone(),
+        };
+        if let Err(StoreError::NotFound(_)) = state.store.get(&key).await {
+            errors.push(model::FieldError::new(
+                "metadata.project",
+                format!("Project {p} does not exist in organization {o}"),
+            ));
+        }
+    }
+    for r in model::references(obj).into_iter().filter(|r| r.required) {
+        let project = if r.kind.scope() == Scope::Project {
+            r.project.clone().or_else(|| obj.metadata.project.clone())
+        } else {
+            None
+        };
+        let key = Key {
+            kind: r.kind,
+            organization: org.clone(),
+            project,
+            name: r.name.clone(),
+        };
+        match state.store.get(&key).await {
+            Ok(_) => {}
+            Err(StoreError::NotFound(_)) => errors.push(model::FieldError::new(
+                r.path.clone(),
+                format!(
+                    "{} {} does not exist in organization {}",
+                    r.kind,
+                    r.name,
+                    org.as_deref().unwrap_or("-")
+                ),
+            )),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::invalid("", model::Invalid { errors }))
+    }
+}
+
+fn is_builtin(r: &Resource) -> bool {
+    r.metadata
+        .labels
+        .get(BUILTIN_LABEL)
+        .is_some_and(|v| v == "true")
+}
+
+fn refuse_builtin(
+    t: &Target,
+    existing: Option<&Resource>,
+    incoming: Option<&Resource>,
+) -> ApiResult<()> {
+    if t.kind == Kind::Role
+        && (existing.is_some_and(is_builtin) || incoming.is_some_and(is_builtin))
+    {
+        return Err(ApiError::forbidden(format!(
+            "{} is a built-in role and cannot be created, changed or deleted; define a Role of your own instead",
+            t.describe()
+        )));
+    }
+    Ok(())
+}
+
+fn created(obj: Resource, status: StatusCode, result: &'static str) -> Response {
+    let mut resp = (status, Json(present(obj))).into_response();
+    resp.headers_mut()
+        .insert("kiln-apply-result", HeaderValue::from_static(result));
+    resp
+}
+
+async fn authorize_write(
+    state: &AppState,
+    principal: &Principal,
+    t: &Target,
+    verb: Verb,
+) -> ApiResult<()> {
+    if t.kind == Kind::Organization && verb == Verb::Create {
+        if !principal.user.superuser {
+            return Err(ApiError::forbidden(
+                "only server administrators (superusers) may create organizations",
+            ));
+        }
+        return Ok(());
+    }
+    if let Some(a) = access(state, principal, t).await? {
+        a.check(verb, t.kind, t.project.as_deref(), &t.describe())?;
+    }
+    Ok(())
+}
+
+async fn create(
+    state: AppState,
+    principal: Principal,
+    slot: AuditSlot,
+    mut t: Target,
+    body: Body,
+) -> ApiResult<Response> {
+    let obj = decode_one(&read_body(&state, body).await?)?;
+    if t.name.is_none() {
+        t.name = Some(obj.metadata.name.clone());
+    }
+    slot.set_target(
+        t.kind.as_str(),
+        t.governing_org(),
+        t.project.as_deref(),
+        t.name.as_deref(),
+    );
+    authorize_write(&state, &principal, &t, Verb::Create).await?;
+    let obj = prepare(&t, obj)?;
+    refuse_builtin(&t, None, Some(&obj))?;
+    check_references(&state, &obj).await?;
+    let obj = state.store.create(obj).await?;
+    crate::bootstrap::after_create(&state, &principal, &obj).await?;
+    Ok(created(obj, StatusCode::CREATED, "created"))
+}
+
+/// PUT: replace the object, or create it if it does not exist (what `kiln apply` sends).
+async fn apply(
+    state: AppState,
+    principal: Principal,
+    slot: AuditSlot,
+    t: Target,
+    body: Body,
+) -> ApiResult<Response> {
+    slot.set_target(
+        t.kind.as_str(),
+        t.governing_org(),
+        t.project.as_deref(),
+        t.name.as_deref(),
+    );
+    let obj = decode_one(&read_body(&state, body).await?)?;
+    let existing = match t.kind {
+        // The organization must be visible before its existence is revealed.
+        Kind::Organization if !principal.user.superuser => {
+            authorize_write(&state, &principal, &t, Verb::Update).await?;
+            Some(state.store.get(&t.key()).await?)
+        }
+        _ => {
+            if t.kind != Kind::Organization {
+                access(&state, &principal, &t).await?;
+            }
+            match state.store.get(&t.key()).await {
+                Ok(o) => Some(o),
+                Err(StoreError::NotFound(_)) => None,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
+    let verb = if existing.is_some() {
+        Verb::Update
+    } else {
+        Verb::Create
+    };
+    authorize_write(&state, &principal, &t, verb).await?;
+    let obj = prepare(&t, obj)?;
+    refuse_builtin(&t, existing.as_ref(), Some(&obj))?;
+    check_references(&state, &obj).await?;
+    match existing {
+        None => {
+            let obj = state.store.create(obj).await?;
+            crate::bootstrap::after_create(&state, &principal, &obj).await?;
+            Ok(created(obj, StatusCode::CREATED, "created"))
+        }
+        Some(old) => {
+            let before = old.metadata.resource_version.clone();
+            let obj = state.store.update(obj).await?;
+            let result = if obj.metadata.resource_version == before {
+                "unchanged"
+            } else {
+                "configured"
+            };
+            Ok(created(obj, StatusCode::OK, result))
+        }
+    }
+}
+
+async fn patch(
+    state: AppState,
+    principal: Principal,
+    slot: AuditSlot,
+    t: Target,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    slot.set_target(
+        t.kind.as_str(),
+        t.governing_org(),
+        t.project.as_deref(),
+        t.name.as_deref(),
+    );
+    authorize_write(&state, &principal, &t, Verb::Patch).await?;
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !ct.starts_with("application/merge-patch+json") && !ct.starts_with("application/json") {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            format!("PATCH takes a JSON merge patch (Content-Type: application/merge-patch+json), got {ct:?}"),
+        ));
+    }
+    let bytes = read_body(&state, body).await?;
+    let patch: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("merge patch is not valid JSON: {e}")))?;
+    if !patch.is_object() {
+        return Err(ApiError::bad_request("a merge patch must be a JSON object"));
+    }
+    let existing = state.store.get(&t.key()).await?;
+    refuse_builtin(&t, Some(&existing), None)?;
+    let target = t.clone();
+    let obj = state
+        .store
+        .patch(&t.key(), &patch, move |merged| {
+            prepare(&target, merged).map_err(problem_to_invalid)
+        })
+        .await?;
+    check_references(&state, &obj).await?;
+    Ok(Json(present(obj)).into_response())
+}
+
+fn problem_to_invalid(e: ApiError) -> model::Invalid {
+    if e.errors.is_empty() {
+        model::Invalid::one("", e.detail)
+    } else {
+        model::Invalid { errors: e.errors }
+    }
+}
+
+async fn delete(
+    state: AppState,
+    principal: Principal,
+    slot: AuditSlot,
+    t: Target,
+) -> ApiResult<Response> {
+    slot.set_target(
+        t.kind.as_str(),
+        t.governing_org(),
+        t.project.as_deref(),
+        t.name.as_deref(),
+    );
+    authorize_write(&state, &principal, &t, Verb::Delete).await?;
+    let existing = state.store.get(&t.key()).await?;
+    refuse_builtin(&t, Some(&existing), None)?;
+    crate::bootstrap::before_delete(&state, &existing).await?;
+    match state.store.delete(&t.key(), None).await? {
+        Deleted::Gone(obj) => Ok((StatusCode::OK, Json(present(obj))).into_response()),
+        Deleted::Pending(obj) => Ok((StatusCode::ACCEPTED, Json(present(obj))).into_response()),
+    }
+}
+
+async fn put_status(
+    state: AppState,
+    principal: Principal,
+    slot: AuditSlot,
+    t: Target,
+    body: Body,
+) -> ApiResult<Response> {
+    slot.set_target(
+        t.kind.as_str(),
+        t.governing_org(),
+        t.project.as_deref(),
+        t.name.as_deref(),
+    );
+    authorize_write(&state, &principal, &t, Verb::Update).await?;
+    let bytes = read_body(&state, body).await?;
+    let obj: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("body is not valid JSON: {e}")))?;
+    let status = obj
+        .get("status")
+        .cloned()
+        .ok_or_else(|| ApiError::invalid("", model::Invalid::one("status", "is required")))?;
+    if !status.is_object() {
+        return Err(ApiError::invalid(
+            "",
+            model::Invalid::one("status", "must be an object"),
+        ));
+    }
+    let rv = obj
+        .pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let obj = state
+        .store
+        .update_status(&t.key(), status, rv.as_deref())
+        .await?;
+    Ok(Json(present(obj)).into_response())
+}
+
+type P = Path<HashMap<String, String>>;
+
+/// Registers every kind's routes.
+pub fn register(mut api: Api) -> Api {
+    for &kind in Kind::ALL {
+        let coll = collection_path(kind);
+        let item = item_path(kind);
+        let k = kind.as_str();
+        let plural = kind.plural();
+        let list_op = |path: &str, id: String, summary: String| {
+            Op::new(Method::GET, path, id, "resources", summary)
+                .query("labelSelector", "label selector, e.g. `app=web,tier!=db`")
+                .query("limit", "page size")
+                .query("continue", "continue token from the previous page")
+                .query(
+                    "watch",
+                    "`true` to stream changes as newline-delimited JSON",
+                )
+                .query(
+                    "resourceVersion",
+                    "with watch: stream changes after this revision",
+                )
+                .returns(200, Some("ResourceList"))
+        };
+        api = api
+            .op(list_op(&coll, format!("list{k}"), format!("List {plural}")), move |State(s): State<AppState>, pr: Principal, Path(p): P, Query(q): Query<ListParams>| async move {
+                list(s, pr, Target::from_params(kind, &p), q).await
+            })
+            .op(
+                Op::new(Method::POST, &coll, format!("create{k}"), "resources", format!("Create a {k}")).body("Resource").returns(201, Some("Resource")),
+                move |State(s): State<AppState>, pr: Principal, slot: AuditSlotExt, Path(p): P, body: Body| async move {
+                    create(s, pr, slot.0, Target::from_params(kind, &p), body).await
+                },
+            )
+            .op(Op::new(Method::GET, &item, format!("get{k}"), "resources", format!("Read a {k}")).returns(200, Some("Resource")), move |State(s): State<AppState>, pr: Principal, Path(p): P| async move {
+                get(s, pr, Target::from_params(kind, &p)).await
+            })
+            .op(
+                Op::new(Method::PUT, &item, format!("apply{k}"), "resources", format!("Replace a {k}, creating it if absent")).body("Resource").returns(200, Some("Resource")),
+                move |State(s): State<AppState>, pr: Principal, slot: AuditSlotExt, Path(p): P, body: Body| async move {
+                    apply(s, pr, slot.0, Target::from_params(kind, &p), body).await
+                },
+            )
+            .op(
+                Op::new(Method::PATCH, &item, format!("patch{k}"), "resources", format!("Merge-patch a {k} (RFC 7396)")).body("MergePatch").returns(200, Some("Resource")),
+                move |State(s): State<AppState>, pr: Principal, slot: AuditSlotExt, Path(p): P, headers: HeaderMap, body: Body| async move {
+                    patch(s, pr, slot.0, Target::from_params(kind, &p), headers, body).await
+                },
+            )
+            .op(
+                Op::new(Method::DELETE, &item, format!("delete{k}"), "resources", format!("Delete a {k} (202 while finalizers remain)")).returns(200, Some("Resource")),
+                move |State(s): State<AppState>, pr: Principal, slot: AuditSlotExt, Path(p): P| async move { delete(s, pr, slot.0, Target::from_params(kind, &p)).await },
+            )
+            .op(
+                Op::new(Method::PUT, format!("{item}/status"), format!("replace{k}Status"), "resources", format!("Replace a {k}'s status")).body("StatusUpdate").returns(200, Some("Resource")),
+                move |State(s): State<AppState>, pr: Principal, slot: AuditSlotExt, Path(p): P, body: Body| async move {
+                    put_status(s, pr, slot.0, Target::from_params(kind, &p), body).await
+                },
+            );
+        if kind.scope() == Scope::Project {
+            let across = format!("/api/v1/orgs/{{org}}/{plural}");
+            api = api.op(
+                list_op(
+                    &across,
+                    format!("list{k}AllProjects"),
+                    format!("List {plural} in every project of an organization"),
+                ),
+                move |State(s): State<AppState>,
+                      pr: Principal,
+                      Path(p): P,
+                      Query(q): Query<ListParams>| async move {
+                    list(s, pr, Target::from_params(kind, &p), q).await
+                },
+            );
+        }
+    }
+    api
+}
+
+/// The audit slot of the request (present whenever the audit layer runs; a fresh one otherwise).
+pub struct AuditSlotExt(pub AuditSlot);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for AuditSlotExt {
+    type Rejection = Infallible;
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(AuditSlotExt(
+            parts
+                .extensions
+                .get::<AuditSlot>()
+                .cloned()
+                .unwrap_or_default(),
+        ))
+    }
+}
+
+/// Decodes a JSON request body into `T`, naming the offending field on failure.
+pub fn decode_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            ApiError::bad_request(format!("body is not valid JSON: {inner}"))
+        } else {
+            let path = if path == "." { String::new() } else { path };
+            ApiError::invalid("", model::Invalid::one(path, inner.to_string()))
+        }
+    })
+}
