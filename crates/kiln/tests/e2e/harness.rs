@@ -1,0 +1,301 @@
+//! Starting and stopping real `kiln server` processes for tests.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `kiln` binary under test.
+pub fn kiln_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_kiln"))
+}
+
+/// A free loopback port (bound and released; good enough for tests on one machine).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// The PostgreSQL admin URL for tests, or `None` (skipping loudly) when unset outside CI. Under `CI=true` an
+/// unset URL fails the test: CI must run the PostgreSQL cases.
+pub fn postgres_url(test: &str) -> Option<String> {
+    match std::env::var("KILN_TEST_POSTGRES_URL") {
+        Ok(u) if !u.is_empty() => Some(u),
+        _ if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("{test}: KILN_TEST_POSTGRES_URL must be set in CI (see scripts/pg-test-env)")
+        }
+        _ => {
+            eprintln!("SKIPPED {test}: KILN_TEST_POSTGRES_URL unset (run `eval \"$(scripts/pg-test-env)\"` to include PostgreSQL)");
+            None
+        }
+    }
+}
+
+/// A fresh, empty PostgreSQL database for one test; returns its URL.
+pub fn fresh_postgres_db(admin_url: &str, label: &str) -> String {
+    let name = format!("kiln_e2e_{label}_{}", std::process::id());
+    let psql = |sql: &str| {
+        Command::new("psql")
+            .arg(admin_url)
+            .arg("-qXc")
+            .arg(sql)
+            .output()
+            .expect("psql runs")
+    };
+    let _ = psql(&format!("DROP DATABASE IF EXISTS {name}"));
+    let out = psql(&format!("CREATE DATABASE {name}"));
+    assert!(
+        out.status.success(),
+        "creating database {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    match admin_url.rsplit_once('/') {
+        Some((base, _)) => format!("{base}/{name}"),
+        None => panic!("KILN_TEST_POSTGRES_URL {admin_url:?} has no database path"),
+    }
+}
+
+/// A running server. Killed (SIGKILL) on drop if still running.
+pub struct Server {
+    pub child: Option<Child>,
+    pub url: String,
+    pub port: u16,
+    pub data_dir: PathBuf,
+    pub database_url: Option<String>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Server {
+    /// Starts a server on SQLite in a new temporary data directory and waits for `/readyz`.
+    pub fn start() -> Server {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path().join("data");
+        let mut s = Server::start_in(&dir, None);
+        s._tmp = Some(tmp);
+        s
+    }
+
+    /// Starts a server with the given data directory (and PostgreSQL URL, if any) and waits for `/readyz`.
+    pub fn start_in(data_dir: &Path, database_url: Option<&str>) -> Server {
+        Self::start_with(data_dir, database_url, free_port(), &[])
+    }
+
+    pub fn start_with(
+        data_dir: &Path,
+        database_url: Option<&str>,
+        port: u16,
+        extra: &[&str],
+    ) -> Server {
+        let mut cmd = Command::new(kiln_bin());
+        cmd.arg("server")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra);
+        if let Some(db) = database_url {
+            cmd.arg("--database-url").arg(db);
+        }
+        cmd.env_remove("KILN_DATABASE_URL")
+            .env("KILN_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let child = cmd.spawn().expect("kiln server starts");
+        let s = Server {
+            child: Some(child),
+            url: format!("http://127.0.0.1:{port}"),
+            port,
+            data_dir: data_dir.to_path_buf(),
+            database_url: database_url.map(str::to_string),
+            _tmp: None,
+        };
+        s.wait_ready(Duration::from_secs(30));
+        s
+    }
+
+    /// Polls `/readyz` until it answers 200.
+    pub fn wait_ready(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(resp) = http_get(&format!("{}/readyz", self.url)) {
+                if resp.0 == 200 {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server at {} not ready within {timeout:?}",
+                self.url
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// The owner's API token written at first start.
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("admin-token"))
+            .expect("admin-token exists")
+            .trim()
+            .to_string()
+    }
+
+    /// Runs the CLI against this server as the owner.
+    pub fn kiln(&self, args: &[&str]) -> Output {
+        self.kiln_as(&self.admin_token(), args, None)
+    }
+
+    /// Runs the CLI with a token and optional standard input.
+    pub fn kiln_as(&self, token: &str, args: &[&str], stdin: Option<&str>) -> Output {
+        run_kiln(&self.url, token, args, stdin)
+    }
+
+    /// SIGKILL, no cleanup: what a crash looks like.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("server running");
+        let pid = c.id().to_string();
+        let st = Command::new("kill")
+            .arg("-TERM")
+            .arg(&pid)
+            .status()
+            .expect("kill runs");
+        assert!(st.success());
+        c.wait().expect("wait for server")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs the CLI with `KILN_URL`/`KILN_TOKEN` set and an isolated config path.
+pub fn run_kiln(url: &str, token: &str, args: &[&str], stdin: Option<&str>) -> Output {
+    use std::io::Write;
+    let mut cmd = Command::new(kiln_bin());
+    cmd.args(args)
+        .env("KILN_URL", url)
+        .env("KILN_TOKEN", token)
+        .env(
+            "KILN_CONFIG",
+            std::env::temp_dir().join(format!("kiln-e2e-config-{}.json", std::process::id())),
+        )
+        .env_remove("KILN_ORG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("kiln runs");
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write stdin");
+    } else {
+        drop(child.stdin.take());
+    }
+    child.wait_with_output().expect("kiln finishes")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts success and returns stdout.
+#[track_caller]
+pub fn ok(o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "command failed ({}):\nstdout: {}\nstderr: {}",
+        o.status,
+        stdout(&o),
+        stderr(&o)
+    );
+    stdout(&o)
+}
+
+/// A minimal blocking HTTP/1.1 GET over loopback: (status, body). Enough for health probes without a client crate.
+pub fn http_get(url: &str) -> std::io::Result<(u16, String)> {
+    http_request("GET", url, &[], None)
+}
+
+/// A minimal blocking HTTP/1.1 request: (status, body).
+pub fn http_request(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| std::io::Error::other("http:// URLs only"))?;
+    let (host, path) = rest
+        .split_once('/')
+        .map(|(h, p)| (h, format!("/{p}")))
+        .unwrap_or((rest, "/".into()));
+    let mut s = std::net::TcpStream::connect(host)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if let Some(b) = body {
+        req.push_str(&format!("Content-Length: {}\r\n", b.len()));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())?;
+    if let Some(b) = body {
+        s.write_all(b)?;
+    }
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad response: {text:.200}")))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    let chunked = text.split_once("\r\n\r\n").is_some_and(|(h, _)| {
+        h.to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+    });
+    Ok((status, if chunked { dechunk(&body) } else { body }))
+}
+
+fn dechunk(s: &str) -> String {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some((size, tail)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || tail.len() < n {
+            break;
+        }
+        out.push_str(&tail[..n]);
+        rest = tail[n..].trim_start_matches("\r\n");
+    }
+    out
+}

@@ -1,0 +1,6 @@
+//! End-to-end tests of the real `kiln` binary: a server started as a child process on a free port with its own
+//! data directory, driven by the CLI, curl-like HTTP, PostgreSQL and headless Chromium where the test needs them.
+
+mod harness;
+
+mod smoke;
