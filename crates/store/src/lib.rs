@@ -50,7 +50,7 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 const PATCH_ATTEMPTS: usize = 8;
 
 /// Capacity of the in-process event broadcast, in commit batches. A watcher further behind re-reads the log.
-const BROADCAST_CAPACITY: usize = 4096;
+const BROADCAST_CAPACITY: usize = 1024;
 
 /// A handle to the store. Cloning is cheap and every clone shares the same connections.
 #[derive(Clone)]
