@@ -1,3 +1,5 @@
+//! Validation errors: one per field problem, collected into [`Invalid`].
+
 use std::fmt;
 
 /// One problem with one field, e.g. `spec.endpoints[0].port: must be 1-65535`.
@@ -5,12 +7,17 @@ use std::fmt;
 pub struct FieldError {
     /// Dotted path with indices, rooted at the manifest: `metadata.name`, `spec.endpoints[0].port`.
     pub path: String,
+    /// What is wrong and, where it helps, what to do instead.
     pub message: String,
 }
 
 impl FieldError {
+    /// An error at `path`.
     pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { path: path.into(), message: message.into() }
+        Self {
+            path: path.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -27,12 +34,16 @@ impl fmt::Display for FieldError {
 /// A manifest that was rejected, with every field problem found in it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct Invalid {
+    /// Every problem found, in the order of the checks.
     pub errors: Vec<FieldError>,
 }
 
 impl Invalid {
+    /// A rejection for a single problem.
     pub fn one(path: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { errors: vec![FieldError::new(path, message)] }
+        Self {
+            errors: vec![FieldError::new(path, message)],
+        }
     }
 }
 

@@ -1,3 +1,5 @@
+//! The resource envelope every kind shares: API version, [`Kind`], [`ObjectMeta`], spec, status, conditions.
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
@@ -23,9 +25,11 @@ macro_rules! kinds {
     ($( $variant:ident => $name:literal, $plural:literal, [$($alias:literal),*], $scope:ident; )*) => {
         /// Every kind the API serves.
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        #[allow(missing_docs)]
         pub enum Kind { $($variant),* }
 
         impl Kind {
+            /// Every kind, in the order objects are created by `kiln apply -f DIR`.
             pub const ALL: &'static [Kind] = &[$(Kind::$variant),*];
 
             /// The `kind:` string, e.g. `DeploymentPipeline`.
@@ -38,6 +42,7 @@ macro_rules! kinds {
                 match self { $(Kind::$variant => $plural),* }
             }
 
+            /// Where names of this kind are unique.
             pub fn scope(self) -> Scope {
                 match self { $(Kind::$variant => Scope::$scope),* }
             }
@@ -98,6 +103,7 @@ impl FromStr for Kind {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ObjectMeta {
+    /// The object's name: a DNS-1123 label, unique within the kind's scope.
     pub name: String,
     /// The owning organization, for organization- and project-scoped kinds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -106,10 +112,13 @@ pub struct ObjectMeta {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub project: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    /// Identifying key/value pairs, selectable (`kiln get components -l tier=web`).
     pub labels: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    /// Non-identifying key/value pairs for tools and people.
     pub annotations: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Set by the store on creation; never reused.
     pub uid: Option<String>,
     /// Opaque version for optimistic concurrency: the store revision of the last write to this object.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -118,11 +127,13 @@ pub struct ObjectMeta {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// RFC 3339, set by the store on creation.
     pub creation_timestamp: Option<String>,
     /// Set when deletion was requested while finalizers remained.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deletion_timestamp: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Controllers that must finish cleaning up before the object is removed.
     pub finalizers: Vec<String>,
 }
 
@@ -130,12 +141,17 @@ pub struct ObjectMeta {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Resource {
+    /// Always [`API_VERSION`] once normalized.
     pub api_version: String,
+    /// The kind's name, e.g. `Component`; see [`Resource::kind`].
     pub kind: String,
+    /// Name, scope, labels and the store-owned fields.
     pub metadata: ObjectMeta,
     #[serde(default, skip_serializing_if = "Value::is_null")]
+    /// What the user wants; typed by the kind's spec in [`crate::kinds`].
     pub spec: Value,
     #[serde(default, skip_serializing_if = "Value::is_null")]
+    /// What the controllers observed; written only by controllers.
     pub status: Value,
 }
 
@@ -159,10 +175,14 @@ impl Resource {
     }
 }
 
+/// Whether a condition holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum ConditionStatus {
+    /// It holds.
     True,
+    /// It does not hold.
     False,
+    /// Not (yet) known.
     Unknown,
 }
 
@@ -171,10 +191,14 @@ pub enum ConditionStatus {
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
     #[serde(rename = "type")]
+    /// What the condition is about, e.g. `Ready`.
     pub type_: String,
+    /// Whether it holds.
     pub status: ConditionStatus,
+    /// A CamelCase machine-readable cause, e.g. `DataPlaneMissing`.
     #[serde(default)]
     pub reason: String,
+    /// A sentence for people.
     #[serde(default)]
     pub message: String,
     /// The generation of the object this condition was computed from.
