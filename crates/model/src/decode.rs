@@ -233,3 +233,95 @@ fn resource(document: usize, path: String, v: Value) -> Result<Resource, DecodeE
         DecodeError::shape(document, path, e.into_inner().to_string())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ENV: &str =
+        r#"{"apiVersion": "kiln.dev/v1", "kind": "Environment", "metadata": {"name": "e"}}"#;
+
+    fn names(text: &str) -> Vec<String> {
+        match decode_manifests(text) {
+            Ok(rs) => rs.into_iter().map(|r| r.metadata.name).collect(),
+            Err(e) => panic!("{text}: {e}"),
+        }
+    }
+
+    fn error(text: &str) -> String {
+        decode_manifests(text)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn accepts_every_form() {
+        let yaml = "---\n# nothing\n---\napiVersion: kiln.dev/v1\nkind: Project\nmetadata: {name: a}\n---\n---\n\
+                    apiVersion: kiln.dev/v1\nkind: Project\nmetadata: {name: b}\n";
+        assert_eq!(names(yaml), ["a", "b"]);
+        assert_eq!(names(ENV), ["e"]);
+        assert_eq!(names(&format!("[{ENV}, {ENV}]")), ["e", "e"]);
+        assert_eq!(names(&format!("{ENV}\n{ENV}")), ["e", "e"]);
+        assert_eq!(
+            names(&format!(
+                r#"{{"kind": "List", "apiVersion": "v1", "items": [{ENV}]}}"#
+            )),
+            ["e"]
+        );
+        assert_eq!(names(&format!(r#"{{"items": [{ENV}]}}"#)), ["e"]);
+        assert_eq!(
+            names("{apiVersion: kiln.dev/v1, kind: Project, metadata: {name: flow}}"),
+            ["flow"]
+        );
+        assert_eq!(names(&format!("\u{feff}{ENV}")), ["e"]);
+        assert_eq!(names(""), Vec::<String>::new());
+        assert_eq!(names("# only a comment\n"), Vec::<String>::new());
+        assert_eq!(names("[]"), Vec::<String>::new());
+    }
+
+    #[test]
+    fn errors_name_document_location_and_path() {
+        assert_eq!(
+            error(&format!("{ENV}\n{{\"kind\": 1,")),
+            "document 2, line 2, column 11: EOF while parsing a value"
+        );
+        assert_eq!(
+            error("apiVersion: kiln.dev/v1\nkind: [a\n"),
+            "document 1, line 3, column 1: did not find expected ',' or ']', while parsing a flow sequence at line 2 column 7"
+        );
+        assert_eq!(
+            error(&format!("{ENV}\n---\nkind: Project\napiVersion: kiln.dev/v1\nmetadata: {{nme: x}}\n")),
+            "document 2: metadata.nme: unknown field `nme`, expected one of `name`, `organization`, `project`, \
+             `labels`, `annotations`, `uid`, `resourceVersion`, `generation`, `creationTimestamp`, \
+             `deletionTimestamp`, `finalizers`"
+        );
+        assert_eq!(
+            error(&format!(r#"{{"items": [{ENV}, {{"kind": "Project"}}]}}"#)),
+            "document 1: items[1]: missing field `apiVersion`"
+        );
+        assert_eq!(
+            error(&format!("[{ENV}, 3]")),
+            "document 1: [1]: expected a resource (a mapping with apiVersion, kind, metadata and spec), got a number"
+        );
+        assert_eq!(
+            error(r#"{"kind": "List"}"#),
+            "document 1: missing field `items`"
+        );
+    }
+
+    #[test]
+    fn refuses_deep_flow_nesting_with_its_location() {
+        let text = format!("apiVersion: kiln.dev/v1\n---\nspec: {}", "[".repeat(200));
+        let err = decode_manifests(&text).map_err(|e| e.to_string());
+        assert_eq!(
+            err,
+            Err("document 2, line 3, column 135: nesting is deeper than 128 levels".into())
+        );
+        let nested = ["[{}]"; 500].join(", ");
+        let fine = format!(
+            "apiVersion: kiln.dev/v1\nkind: Project\nmetadata: {{name: a}}\nspec: [{nested}]"
+        );
+        assert!(decode_manifests(&fine).is_ok());
+    }
+}

@@ -134,3 +134,96 @@ pub fn typed_spec<T: KindSpec>(res: &Resource) -> Result<T, FieldError> {
     }
     decode_spec(&res.spec)
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn resource(kind: &str, spec: Value) -> Resource {
+        let v = json!({"apiVersion": API_VERSION, "kind": kind, "metadata": {"name": "x"}, "spec": spec});
+        serde_json::from_value(v).expect("a well-formed envelope")
+    }
+
+    fn errors(r: Resource) -> Vec<String> {
+        match normalize(r) {
+            Ok(_) => vec![],
+            Err(e) => e.errors.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn fills_in_defaults_and_keeps_status() {
+        let spec = json!({"type": "service", "workload": {"image": "a:1"}, "endpoints": [{"name": "api", "port": 80}]});
+        let mut r = resource("Component", spec);
+        r.status = json!({"observedGeneration": 3});
+        let n = normalize(r).expect("valid");
+        let endpoint = json!({"name": "api", "port": 80, "protocol": "HTTP", "path": "/", "visibility": "project"});
+        assert_eq!(n.spec["endpoints"][0], endpoint);
+        assert_eq!(n.spec["replicas"], 1);
+        assert_eq!(n.spec["autoDeploy"], true);
+        assert_eq!(n.status, json!({"observedGeneration": 3}));
+        let env =
+            normalize(resource("Environment", json!({"dataPlaneRef": "local"}))).expect("valid");
+        assert_eq!(
+            env.spec,
+            json!({"dataPlaneRef": "local", "isProduction": false})
+        );
+        let org = normalize(resource("Organization", Value::Null))
+            .expect("a missing spec is an empty one");
+        let defaults = json!({"isolation": "shared", "networkPolicies": {"defaultDeny": false, "allowedCommunication": []}});
+        assert_eq!(org.spec, defaults);
+    }
+
+    #[test]
+    fn reports_envelope_and_spec_errors_together() {
+        let mut r = resource(
+            "Component",
+            json!({"type": "service", "endpoints": [{"name": "a", "port": "x"}]}),
+        );
+        r.api_version = "choreo.dev/v1".into();
+        r.metadata.name = "Bad".into();
+        r.metadata.labels.insert("ok".into(), "-bad".into());
+        assert_eq!(
+            errors(r),
+            [
+                "apiVersion: must be kiln.dev/v1, got choreo.dev/v1",
+                "metadata.name: \"Bad\" is not a valid name: upper-case letter 'B' at position 1 is not allowed \
+                 (use lower-case letters, digits and '-')",
+                "metadata.labels.ok: invalid value \"-bad\": must start and end with a letter or digit",
+                "spec.endpoints[0].port: invalid type: string \"x\", expected u32",
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_kind_lists_the_known_ones_and_skips_the_spec() {
+        assert_eq!(
+            errors(resource("Deployment", json!({"anything": 1}))),
+            ["kind: unknown kind \"Deployment\"; known kinds: Organization, DataPlane, Environment, \
+              DeploymentPipeline, Project, Secret, Role, RoleBinding, Component"]
+        );
+    }
+
+    #[test]
+    fn typed_spec_checks_the_kind() {
+        let r = resource("Environment", json!({"dataPlaneRef": "local"}));
+        let spec: crate::kinds::EnvironmentSpec = typed_spec(&r).expect("decodes");
+        assert_eq!(spec.data_plane_ref, "local");
+        let wrong = typed_spec::<crate::kinds::ProjectSpec>(&r).map_err(|e| e.to_string());
+        assert_eq!(
+            wrong,
+            Err("kind: expected Project, got \"Environment\"".into())
+        );
+    }
+
+    #[test]
+    fn every_kind_has_a_schema() {
+        for kind in Kind::ALL {
+            let schema =
+                serde_json::to_value(crate::spec_schema(*kind)).expect("schemas serialize");
+            assert_eq!(schema["type"], "object", "{kind}");
+        }
+    }
+}

@@ -276,3 +276,72 @@ impl KindSpec for RoleBindingSpec {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn role(name: &str) -> RoleSpec {
+        builtin_roles()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, r)| r)
+            .expect("a built-in role")
+    }
+
+    #[test]
+    fn builtin_roles_grant_what_their_docs_say() {
+        let names: Vec<&str> = builtin_roles().iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, BUILTIN_NAMES);
+        let writes = [Verb::Create, Verb::Update, Verb::Patch, Verb::Delete];
+        for kind in Kind::ALL.iter().copied() {
+            for verb in READ.iter().chain(&writes).copied() {
+                let owner = true;
+                let admin =
+                    !(kind == Kind::Organization && matches!(verb, Verb::Create | Verb::Delete));
+                let reads_values = kind != Kind::Secret || verb != Verb::Get;
+                let developer = if writes.contains(&verb) {
+                    matches!(kind, Kind::Project | Kind::Component | Kind::Secret)
+                } else {
+                    reads_values
+                };
+                let viewer = READ.contains(&verb) && reads_values;
+                for (name, want) in [
+                    ("owner", owner),
+                    ("admin", admin),
+                    ("developer", developer),
+                    ("viewer", viewer),
+                ] {
+                    assert_eq!(
+                        role(name).allows(kind, verb),
+                        want,
+                        "{name} {verb:?} {kind}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn builtin_roles_are_valid_but_reserved() {
+        for (name, spec) in builtin_roles() {
+            let mut errors = vec![];
+            spec.validate(
+                &ObjectMeta {
+                    name: format!("my-{name}"),
+                    ..Default::default()
+                },
+                &mut errors,
+            );
+            assert_eq!(errors, vec![], "{name}");
+            spec.validate(
+                &ObjectMeta {
+                    name: name.to_string(),
+                    ..Default::default()
+                },
+                &mut errors,
+            );
+            assert_eq!(errors.len(), 1, "{name}");
+        }
+    }
+}
