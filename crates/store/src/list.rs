@@ -49,7 +49,7 @@ impl Pager {
         match self.limit {
             // One more than needed, to learn whether another page follows.
             Some(l) if self.selector.is_empty() => l + 1 - self.items.len(),
-            Some(l) => (l + 1 - self.items.len()).max(64).min(SCAN_BATCH),
+            Some(l) => (l + 1 - self.items.len()).clamp(64, SCAN_BATCH),
             None => SCAN_BATCH,
         }
     }

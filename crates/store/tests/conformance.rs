@@ -801,7 +801,7 @@ async fn merge_patch(b: Backend) {
             let (s, k) = (s.store.clone(), k.clone());
             tokio::spawn(async move {
                 let p = json!({"metadata": {"labels": {format!("l{i}"): "x"}}});
-                s.patch(&k, &p, |r| Ok(r)).await.unwrap();
+                s.patch(&k, &p, Ok).await.unwrap();
             })
         })
         .collect();
@@ -1348,7 +1348,10 @@ async fn users_tokens_sessions(b: Backend) {
     ));
     assert_eq!(s.token_by_hash("hash-1").await.unwrap(), Some(t1.clone()));
     assert_eq!(s.token_by_hash("nope").await.unwrap(), None);
-    assert_eq!(s.list_tokens(Some(&dev.id)).await.unwrap(), [t1.clone()]);
+    assert_eq!(
+        s.list_tokens(Some(&dev.id)).await.unwrap(),
+        std::slice::from_ref(&t1)
+    );
     assert_eq!(s.list_tokens(None).await.unwrap().len(), 2);
     s.touch_token(&t1.id).await.unwrap();
     s.touch_token("no-such-token").await.unwrap();
@@ -1525,11 +1528,7 @@ async fn audit_and_events(b: Backend) {
         organization: Some("acme".into()),
         project: Some("shop".into()),
         name: name.into(),
-        type_: if i % 2 == 0 {
-            "Normal".into()
-        } else {
-            "Warning".into()
-        },
+        type_: ["Normal", "Warning"][i % 2].into(),
         reason: format!("Reason{i}"),
         message: format!("message {i}"),
     };

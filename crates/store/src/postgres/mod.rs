@@ -1,17 +1,18 @@
-//! The PostgreSQL backend (no TLS). Writes are one transaction each; the revision comes from
-//! `UPDATE kiln_revision SET rev = rev + 1 RETURNING rev`, whose row lock serializes writers until commit, so
-//! revision order equals commit order across every process on the database. A write that turns out to be a
-//! no-op or fails rolls back, returning its revision. Reads that need a consistent view (lists, event log
-//! reads) run in a read-only REPEATABLE READ transaction.
+//! The PostgreSQL backend (no TLS). Resource writes are group-committed by one writer task per store
+//! (`writer.rs`) under the lock of the `kiln_revision` row, which serializes writers of every process until
+//! commit, so revision order equals commit order across the database. Commits are published to watchers by
+//! the tailer (`tailer.rs`), which also follows other processes' commits through LISTEN/NOTIFY. Reads that
+//! need a consistent view (lists, event log reads) run in a read-only REPEATABLE READ transaction.
 
 mod identity;
 mod pool;
 mod tailer;
+mod writer;
 
 use std::sync::Arc;
 
 use model::Resource;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{GenericClient, IsolationLevel, Row};
 
@@ -19,7 +20,7 @@ use crate::list::Pager;
 use crate::plan::{self, Applied, Mutation};
 use crate::sql::{self, Param};
 use crate::watch::{Batch, EventPage, Filter};
-use crate::{EventType, Key, ListPage, ListQuery, Options, Result, StoreError, WatchEvent};
+use crate::{Key, ListPage, ListQuery, Options, Result, StoreError, WatchEvent};
 use pool::{pg_err, Pool};
 
 /// Connections per store (per server process).
@@ -109,9 +110,8 @@ CREATE INDEX kiln_object_events_object ON kiln_object_events (kind, organization
 /// The PostgreSQL backend.
 pub(crate) struct Postgres {
     pool: Arc<Pool>,
-    /// Hands this process's commits to the tailer, which publishes them in revision order.
-    local_tx: mpsc::UnboundedSender<Vec<WatchEvent>>,
-    retention: u64,
+    /// Resource writes go to the group-commit writer.
+    writer_tx: mpsc::Sender<writer::Request>,
 }
 
 /// Binds our parameter list for tokio-postgres.
@@ -223,101 +223,18 @@ impl Postgres {
         };
         let (local_tx, local_rx) = mpsc::unbounded_channel();
         tailer::spawn(pool.clone(), published, local_rx, events_tx);
-        Ok(Postgres {
-            pool,
-            local_tx,
-            retention: opts.event_retention.max(1),
-        })
+        let writer_tx = writer::spawn(pool.clone(), opts.event_retention.max(1), local_tx);
+        Ok(Postgres { pool, writer_tx })
     }
 
     pub async fn mutate(&self, m: Mutation) -> Result<Applied> {
-        let key = m.key()?;
-        let mut c = self.pool.get().await?;
-        let tx = c.transaction().await.map_err(pg_err)?;
-        // Takes the revision row lock: from here to commit, no other writer runs.
-        let row = tx
-            .query_one(
-                "UPDATE kiln_revision SET rev = rev + 1 WHERE id = 1 RETURNING rev",
-                &[],
-            )
+        let (reply, rx) = oneshot::channel();
+        let stopped = || StoreError::Backend("postgres: the writer stopped".into());
+        self.writer_tx
+            .send(writer::Request { mutation: m, reply })
             .await
-            .map_err(pg_err)?;
-        let rev_i: i64 = col(&row, 0)?;
-        let rev = to_u64(rev_i);
-        let current = get_row(&tx, &key).await?;
-        let plan = plan::plan(m, current, &plan::now_rfc3339())?;
-        let (object, ty) = match plan.stamp(rev) {
-            (object, Some(ty)) => (object, ty),
-            (object, None) => {
-                tx.rollback().await.map_err(pg_err)?;
-                return Ok(Applied {
-                    object,
-                    event: None,
-                });
-            }
-        };
-        let (kind, org, project, name) = plan::key_columns(&key);
-        let body = plan::body_of(&object)?;
-        let written = match ty {
-            EventType::Added => {
-                tx.execute(
-                    "INSERT INTO kiln_resources (kind, organization, project, name, rev, body) VALUES ($1, $2, $3, $4, $5, $6)",
-                    &[&kind, &org, &project, &name, &rev_i, &body],
-                )
-                .await
-            }
-            EventType::Modified => {
-                tx.execute(
-                    "UPDATE kiln_resources SET rev = $5, body = $6 WHERE kind = $1 AND organization = $2 AND project = $3 AND name = $4",
-                    &[&kind, &org, &project, &name, &rev_i, &body],
-                )
-                .await
-            }
-            EventType::Deleted => {
-                tx.execute(
-                    "DELETE FROM kiln_resources WHERE kind = $1 AND organization = $2 AND project = $3 AND name = $4",
-                    &[&kind, &org, &project, &name],
-                )
-                .await
-            }
-        };
-        written.map_err(pg_err)?;
-        tx.execute(
-            "INSERT INTO kiln_events (rev, type, kind, organization, project, name, body) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            &[&rev_i, &plan::event_type_str(ty), &kind, &org, &project, &name, &body],
-        )
-        .await
-        .map_err(pg_err)?;
-        if rev % plan::compaction_step(self.retention) == 0 && rev > self.retention {
-            let through = to_i64(rev - self.retention)?;
-            tx.execute("DELETE FROM kiln_events WHERE rev <= $1", &[&through])
-                .await
-                .map_err(pg_err)?;
-            tx.execute(
-                "UPDATE kiln_compaction SET through = GREATEST(through, $1) WHERE id = 1",
-                &[&through],
-            )
-            .await
-            .map_err(pg_err)?;
-        }
-        // Delivered at commit, to every server process listening on this database.
-        tx.execute(
-            "SELECT pg_notify($1, $2)",
-            &[&tailer::CHANNEL, &rev.to_string()],
-        )
-        .await
-        .map_err(pg_err)?;
-        tx.commit().await.map_err(pg_err)?;
-        // The tailer only stops when this backend is dropped, so a send error cannot happen while we run.
-        let _ = self.local_tx.send(vec![WatchEvent {
-            type_: ty,
-            revision: rev,
-            object: object.clone(),
-        }]);
-        Ok(Applied {
-            object,
-            event: Some(ty),
-        })
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
     }
 
     pub async fn get(&self, key: &Key) -> Result<Resource> {
