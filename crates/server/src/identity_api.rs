@@ -463,7 +463,49 @@ async fn delete_user(
         )));
     }
     state.store.delete_user(&user.id).await?;
+    remove_from_bindings(&state, &user.name).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Takes a deleted user out of every RoleBinding: a binding left with no subject is deleted, so a later user of
+/// the same name inherits nothing.
+async fn remove_from_bindings(state: &AppState, user: &str) -> ApiResult<()> {
+    let bindings = state
+        .store
+        .list(&store::ListQuery {
+            kind: Some(Kind::RoleBinding),
+            ..Default::default()
+        })
+        .await?;
+    for mut b in bindings
+        .items
+        .into_iter()
+        .filter(|b| binding_names_user(&b.spec, user))
+    {
+        let Some(key) = store::Key::of(&b) else {
+            continue;
+        };
+        let remaining: Vec<serde_json::Value> = b.spec["subjects"]
+            .as_array()
+            .map(|s| {
+                s.iter()
+                    .filter(|x| x.get("name").and_then(|n| n.as_str()) != Some(user))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        let result = if remaining.is_empty() {
+            state.store.delete(&key, None).await.map(|_| ())
+        } else {
+            b.spec["subjects"] = serde_json::Value::Array(remaining);
+            state.store.update(b).await.map(|_| ())
+        };
+        match result {
+            Ok(()) | Err(StoreError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]

@@ -143,9 +143,8 @@ impl OrgAccess {
         }
         let visible = match (kind.scope(), project) {
             (Scope::Project, Some(p)) => self.sees_project(p),
-            (_, _) if kind == Kind::Project => {
-                project.is_none_or(|p| self.sees_project(p)) && self.org_wide()
-            }
+            (_, Some(p)) if kind == Kind::Project => self.sees_project(p),
+            (_, None) if kind == Kind::Project => self.org_wide(),
             _ => self.org_wide() || verb.is_read() && self.allows(Verb::Get, kind, project),
         };
         if visible {

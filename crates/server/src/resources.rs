@@ -98,6 +98,24 @@ impl Target {
     fn describe(&self) -> String {
         self.key().to_string()
     }
+
+    /// The project access is checked against: the object's project, or for a Project, itself.
+    fn rbac_project(&self) -> Option<&str> {
+        if self.kind == Kind::Project {
+            self.name.as_deref()
+        } else {
+            self.project.as_deref()
+        }
+    }
+}
+
+/// The project an object belongs to for access checks (a Project belongs to itself).
+fn object_project(r: &Resource) -> Option<&str> {
+    if r.kind == Kind::Project.as_str() {
+        Some(r.metadata.name.as_str())
+    } else {
+        r.metadata.project.as_deref()
+    }
 }
 
 /// Resolves the caller's access for a target (404 when the organization is invisible to them).
@@ -158,7 +176,7 @@ async fn list(
         _ => None,
     };
     if let Some(a) = &acc {
-        if t.kind.scope() != Scope::Project || t.project.is_some() {
+        if (t.kind.scope() != Scope::Project && t.kind != Kind::Project) || t.project.is_some() {
             a.check(
                 verb,
                 t.kind,
@@ -172,7 +190,7 @@ async fn list(
             return orgs.iter().any(|o| *o == r.metadata.name);
         }
         match &acc {
-            Some(a) => a.allows(verb, t.kind, r.metadata.project.as_deref()),
+            Some(a) => a.allows(verb, t.kind, object_project(r)),
             None => true,
         }
     };
@@ -285,7 +303,7 @@ impl Drop for WatchGauge {
 async fn get(state: AppState, principal: Principal, t: Target) -> ApiResult<Response> {
     let acc = access(&state, &principal, &t).await?;
     if let Some(a) = &acc {
-        a.check(Verb::Get, t.kind, t.project.as_deref(), &t.describe())?;
+        a.check(Verb::Get, t.kind, t.rbac_project(), &t.describe())?;
     }
     let obj = state.store.get(&t.key()).await?;
     Ok(Json(present(obj)).into_response())
@@ -479,7 +497,7 @@ async fn authorize_write(
         return Ok(());
     }
     if let Some(a) = access(state, principal, t).await? {
-        a.check(verb, t.kind, t.project.as_deref(), &t.describe())?;
+        a.check(verb, t.kind, t.rbac_project(), &t.describe())?;
     }
     Ok(())
 }

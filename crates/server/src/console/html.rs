@@ -1,23 +1,51 @@
 //! HTML building blocks for the console: escaping, the page frame, tables and condition badges.
 
-use model::{ConditionStatus, Kind, Resource};
+use model::{Condition, ConditionStatus, Kind, Resource};
 
 pub const CSS: &str = r#"
-body{font:15px/1.45 system-ui,sans-serif;margin:0;color:#1d1d1f;background:#fafafa}
-header{background:#2b1d14;color:#fff;padding:.6em 1.2em;display:flex;gap:1em;align-items:center}
+*{box-sizing:border-box}
+html{scrollbar-gutter:stable}
+body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;color:#1d1d1f;background:#f6f4f2}
+header{background:#2b1d14;color:#fff;padding:0 1.5em;min-height:2.9em;display:flex;gap:1em;align-items:center}
 header a{color:#ffcf99;text-decoration:none;font-weight:600}
-header .who{margin-left:auto}
-header form{display:inline}
-header button{background:none;border:1px solid #ffcf99;color:#ffcf99;border-radius:4px;cursor:pointer}
-main{padding:1em 1.5em;max-width:1100px}
-table{border-collapse:collapse;width:100%;background:#fff;margin-bottom:1.5em}
-th,td{border-bottom:1px solid #e3e3e3;padding:.4em .6em;text-align:left;vertical-align:top}
-th{background:#f1ece8}
-.badge{display:inline-block;border-radius:3px;padding:0 .4em;margin:0 .2em .2em 0;font-size:.85em}
+header .brand{font-size:1.1em;letter-spacing:.02em}
+header .who{margin-left:auto;display:flex;gap:.8em;align-items:center;color:#f3e6da}
+header form{display:inline;margin:0}
+header button{background:none;border:1px solid #ffcf99;color:#ffcf99;border-radius:4px;cursor:pointer;padding:.2em .7em;font:inherit;font-size:.9em}
+header button:hover{background:#ffcf99;color:#2b1d14}
+main{padding:1.2em 1.5em 3em;max-width:1100px;margin:0 auto}
+h1{font-size:1.6em;margin:.2em 0 .6em}
+h2{font-size:1.15em;margin:1.6em 0 .5em}
+a{color:#9a3b0c}
+table{border-collapse:collapse;width:100%;background:#fff;margin-bottom:1em;border:1px solid #e3ddd8;border-radius:6px;overflow:hidden}
+th,td{border-bottom:1px solid #ece7e3;padding:.45em .7em;text-align:left;vertical-align:top}
+tbody tr:last-child td{border-bottom:none}
+th{background:#f1ece8;font-weight:600;font-size:.9em;color:#4a3b31}
+code{font:.9em ui-monospace,SFMono-Regular,Menlo,monospace;background:#f3efec;padding:0 .25em;border-radius:3px}
+.badge{display:inline-block;border-radius:3px;padding:0 .4em;margin:0 .2em .2em 0;font-size:.85em;white-space:nowrap}
 .True{background:#d7f5dd;color:#14532d}.False{background:#fde2e1;color:#7f1d1d}.Unknown{background:#eee;color:#444}
-.error{color:#b42318}.crumbs{color:#666}.empty{color:#888;font-style:italic}
-form.login{max-width:320px;display:grid;gap:.6em}
-form.login input{padding:.4em}
+.ready{display:inline-block;border-radius:999px;padding:.05em .65em;font-size:.85em;font-weight:600;white-space:nowrap}
+.ready.True{background:#d7f5dd;color:#14532d}.ready.False{background:#fde2e1;color:#7f1d1d}
+.ready.Unknown{background:#fdf1c7;color:#6b4e00}.ready.Pending{background:#eee;color:#555}
+.why{display:block;font-size:.85em;color:#7f1d1d;margin-top:.2em}
+.muted,.none{color:#888}.crumbs{color:#666;margin:0}.empty{color:#888;font-style:italic}
+.error{color:#b42318}
+.prod{background:#fde2e1;color:#7f1d1d}.nonprod{background:#eee;color:#444}
+.missing{color:#b42318;font-weight:600}
+nav.tabs{display:flex;gap:.3em;border-bottom:1px solid #e3ddd8;margin:0 0 1em}
+nav.tabs a{padding:.35em .9em;text-decoration:none;color:#4a3b31;border:1px solid transparent;border-bottom:none;border-radius:5px 5px 0 0;margin-bottom:-1px}
+nav.tabs a.current{background:#fff;border-color:#e3ddd8;color:#1d1d1f;font-weight:600}
+.card{background:#fff;border:1px solid #e3ddd8;border-radius:8px;padding:1.2em 1.5em;max-width:560px}
+.card.login{max-width:360px;margin:3em auto}
+.card.login h1{margin-top:0}
+form.login{display:grid;gap:.8em}
+form.login label{display:grid;gap:.25em;font-weight:600;font-size:.9em}
+form.login input{padding:.5em;font:inherit;font-weight:400;border:1px solid #cfc6bf;border-radius:4px}
+form.login button{padding:.55em;font:inherit;font-weight:600;background:#9a3b0c;color:#fff;border:none;border-radius:4px;cursor:pointer}
+form.login button:hover{background:#7c2f09}
+p.error{background:#fde2e1;border:1px solid #f5b5b1;border-radius:4px;padding:.5em .7em}
+.problem .status{font-size:.9em;color:#888;margin:0}
+.problem .detail{font-family:ui-monospace,monospace;font-size:.9em}
 "#;
 
 /// Escapes text for HTML element content and attribute values.
@@ -40,7 +68,8 @@ pub fn esc(s: &str) -> String {
 pub fn page(title: &str, user: Option<&str>, body: &str) -> axum::response::Html<String> {
     let who = match user {
         Some(u) => format!(
-            "<span class=\"who\">{} <form method=\"post\" action=\"/logout\"><button type=\"submit\">Sign out</button></form></span>",
+            "<span class=\"who\"><span id=\"user\">{}</span><form method=\"post\" action=\"/logout\">\
+             <button id=\"sign-out\" type=\"submit\">Sign out</button></form></span>",
             esc(u)
         ),
         None => String::new(),
@@ -48,20 +77,106 @@ pub fn page(title: &str, user: Option<&str>, body: &str) -> axum::response::Html
     axum::response::Html(format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{} · Kiln</title>\
          <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\"><link rel=\"stylesheet\" href=\"/static/kiln.css\"></head>\
-         <body><header><a href=\"/\">Kiln</a>{who}</header><main>{body}</main></body></html>",
+         <body><header><a class=\"brand\" href=\"/\">Kiln</a>{who}</header><main>{body}</main></body></html>",
         esc(title)
     ))
 }
 
-pub fn login_form(error: Option<&str>) -> String {
+/// The sign-in card; `username` refills the field after a failed attempt.
+pub fn login_form(error: Option<&str>, username: &str) -> String {
     let err = error
-        .map(|e| format!("<p class=\"error\" id=\"login-error\">{}</p>", esc(e)))
+        .map(|e| {
+            format!(
+                "<p class=\"error\" id=\"login-error\" role=\"alert\">{}</p>",
+                esc(e)
+            )
+        })
         .unwrap_or_default();
+    let (user_focus, pass_focus) = if username.is_empty() {
+        (" autofocus", "")
+    } else {
+        ("", " autofocus")
+    };
     format!(
-        "<h1>Sign in to Kiln</h1>{err}<form class=\"login\" method=\"post\" action=\"/login\">\
-         <label>Username <input id=\"username\" name=\"username\" autocomplete=\"username\" required></label>\
-         <label>Password <input id=\"password\" name=\"password\" type=\"password\" autocomplete=\"current-password\" required></label>\
-         <button id=\"sign-in\" type=\"submit\">Sign in</button></form>"
+        "<div class=\"card login\"><h1>Sign in to Kiln</h1>{err}<form class=\"login\" method=\"post\" action=\"/login\">\
+         <label>Username <input id=\"username\" name=\"username\" value=\"{}\" autocomplete=\"username\" required{user_focus}></label>\
+         <label>Password <input id=\"password\" name=\"password\" type=\"password\" autocomplete=\"current-password\" required{pass_focus}></label>\
+         <button id=\"sign-in\" type=\"submit\">Sign in</button></form></div>",
+        esc(username)
+    )
+}
+
+/// A friendly error page body: a plain-language heading and hint per status, the server's detail (already
+/// generic for internal errors) and ways back.
+pub fn problem(status: u16, detail: &str, back: &[(String, String)]) -> (&'static str, String) {
+    let (title, hint) = match status {
+        404 => (
+            "Not found",
+            "There is nothing here: the name may be misspelled, or the object was deleted.",
+        ),
+        403 => (
+            "No access",
+            "You are signed in, but your roles do not allow this. An organization admin can grant you a role.",
+        ),
+        401 => (
+            "Sign-in required",
+            "Your session has ended. Sign in again to continue.",
+        ),
+        400..=499 => (
+            "That did not work",
+            "The request was not accepted. Check what you entered and try again.",
+        ),
+        _ => (
+            "Something went wrong",
+            "Kiln could not show this page. Try again in a moment; if it keeps failing, the server log has the details.",
+        ),
+    };
+    let mut links: Vec<String> = back
+        .iter()
+        .map(|(href, label)| format!("<a href=\"{}\">{}</a>", esc(href), esc(label)))
+        .collect();
+    links.push("<a href=\"/\">All organizations</a>".into());
+    let body = format!(
+        "<div class=\"card problem\" id=\"problem\"><p class=\"status\">Error {status}</p><h1>{title}</h1>\
+         <p>{hint}</p><p class=\"detail\">{}</p><p>{}</p></div>",
+        esc(detail),
+        links.join(" · ")
+    );
+    (title, body)
+}
+
+/// Breadcrumbs: (href, label) links followed by the current page's label.
+pub fn crumbs(links: &[(&str, &str)], current: &str) -> String {
+    let mut out = String::from("<p class=\"crumbs\">");
+    for (href, label) in links {
+        out.push_str(&format!("<a href=\"{}\">{}</a> / ", esc(href), esc(label)));
+    }
+    out.push_str(&esc(current));
+    out.push_str("</p>");
+    out
+}
+
+/// The tabs of an organization's pages; `current` is `"overview"` or `"environments"`.
+pub fn org_tabs(org: &str, current: &str) -> String {
+    let tab = |id: &str, href: String, label: &str| {
+        let class = if id == current {
+            " class=\"current\""
+        } else {
+            ""
+        };
+        format!(
+            "<a id=\"tab-{id}\" href=\"{}\"{class}>{label}</a>",
+            esc(&href)
+        )
+    };
+    format!(
+        "<nav class=\"tabs\">{}{}</nav>",
+        tab("overview", format!("/orgs/{org}"), "Overview"),
+        tab(
+            "environments",
+            format!("/orgs/{org}/environments"),
+            "Environments"
+        ),
     )
 }
 
@@ -94,25 +209,70 @@ fn status_class(s: ConditionStatus) -> &'static str {
     }
 }
 
-/// Condition badges with reason and message as the tooltip.
-pub fn conditions_cell(r: &Resource) -> String {
-    let conds = r.conditions();
-    if conds.is_empty() {
-        return "<span class=\"badge Unknown\">pending</span>".to_string();
+fn condition_tooltip(c: &Condition) -> String {
+    match (c.reason.is_empty(), c.message.is_empty()) {
+        (true, true) => String::new(),
+        (false, true) => c.reason.clone(),
+        (true, false) => c.message.clone(),
+        (false, false) => format!("{}: {}", c.reason, c.message),
     }
-    conds
+}
+
+/// Whether a condition was computed from an older generation of the object than the current one.
+fn stale(r: &Resource, c: &Condition) -> bool {
+    matches!((c.observed_generation, r.metadata.generation), (Some(seen), Some(now)) if seen < now)
+}
+
+/// The `Ready` condition as one prominent badge: Ready, Not ready (with its reason), Unknown, or Pending when no
+/// controller has reported yet. With `explain`, a failing condition's message follows on its own line (inline
+/// markup, so that the cell may sit inside a paragraph).
+pub fn ready_cell(r: &Resource, explain: bool) -> String {
+    let Some(c) = r.condition("Ready") else {
+        return "<span class=\"ready Pending\" data-ready=\"Pending\" title=\"No status reported yet\">Pending</span>"
+            .into();
+    };
+    let class = status_class(c.status);
+    let mut label = match c.status {
+        ConditionStatus::True => "Ready".to_string(),
+        ConditionStatus::False if c.reason.is_empty() => "Not ready".to_string(),
+        ConditionStatus::False => format!("Not ready: {}", c.reason),
+        ConditionStatus::Unknown => "Unknown".to_string(),
+    };
+    if stale(r, &c) {
+        label.push_str(" (updating)");
+    }
+    let mut out = format!(
+        "<span class=\"ready {class}\" data-ready=\"{class}\" title=\"{}\">{}</span>",
+        esc(&condition_tooltip(&c)),
+        esc(&label)
+    );
+    if explain && c.status != ConditionStatus::True && !c.message.is_empty() {
+        out.push_str(&format!("<span class=\"why\">{}</span>", esc(&c.message)));
+    }
+    out
+}
+
+/// Condition badges other than `Ready`, with reason and message as the tooltip.
+pub fn conditions_cell(r: &Resource) -> String {
+    let badges: String = r
+        .conditions()
         .iter()
+        .filter(|c| c.type_ != "Ready")
         .map(|c| {
             format!(
-                "<span class=\"badge {}\" title=\"{}: {}\">{}={:?}</span>",
+                "<span class=\"badge {}\" title=\"{}\">{}={:?}</span>",
                 status_class(c.status),
-                esc(&c.reason),
-                esc(&c.message),
+                esc(&condition_tooltip(c)),
                 esc(&c.type_),
                 c.status
             )
         })
-        .collect()
+        .collect();
+    if badges.is_empty() {
+        "<span class=\"none\">—</span>".into()
+    } else {
+        badges
+    }
 }
 
 /// Conditions with reason and message spelled out.
@@ -133,11 +293,26 @@ pub fn conditions_table(r: &Resource) -> String {
             ]
         })
         .collect();
+    if rows.is_empty() {
+        return "<p class=\"empty\">No status reported yet.</p>".into();
+    }
     table(&["Type", "Status", "Reason", "Message", "Since"], &rows)
 }
 
 fn s<'a>(r: &'a Resource, field: &str) -> &'a str {
     r.spec.get(field).and_then(|v| v.as_str()).unwrap_or("")
+}
+
+fn production_badge(r: &Resource) -> String {
+    if r.spec
+        .get("isProduction")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false)
+    {
+        "<span class=\"badge prod\">production</span>".into()
+    } else {
+        "<span class=\"badge nonprod\">non-production</span>".into()
+    }
 }
 
 /// One row of an organization page section.
@@ -151,36 +326,74 @@ pub fn row(kind: Kind, org: &str, r: &Resource) -> Vec<String> {
                 .get("deploymentPipelineRef")
                 .and_then(|v| v.as_str())
                 .unwrap_or("default")),
+            ready_cell(r, false),
             conditions_cell(r),
         ],
         Kind::Environment => vec![
             name,
             esc(s(r, "dataPlaneRef")),
-            if r.spec
-                .get("isProduction")
-                .and_then(|v| v.as_bool())
-                .unwrap_or(false)
-            {
-                "yes".into()
-            } else {
-                "no".into()
-            },
+            production_badge(r),
+            ready_cell(r, false),
             conditions_cell(r),
         ],
         Kind::Component => {
             let project = esc(r.metadata.project.as_deref().unwrap_or(""));
             vec![
                 format!(
-                    "<a href=\"/orgs/{}/projects/{project}#components\">{name}</a>",
+                    "<a href=\"/orgs/{}/projects/{project}#component-{name}\">{name}</a>",
                     esc(org)
                 ),
                 project,
                 esc(s(r, "type")),
+                ready_cell(r, false),
                 conditions_cell(r),
             ]
         }
-        _ => vec![name, esc(s(r, "type")), conditions_cell(r)],
+        _ => vec![
+            format!(
+                "<span id=\"{}-{name}\">{name}</span>",
+                kind.as_str().to_lowercase()
+            ),
+            esc(s(r, "type")),
+            ready_cell(r, false),
+            conditions_cell(r),
+        ],
     }
+}
+
+/// One row of the environments page: the environment and the data plane it runs on (`None` when that data
+/// plane does not exist or is not visible to the viewer).
+pub fn environment_row(org: &str, env: &Resource, plane: Option<&Resource>) -> Vec<String> {
+    let name = esc(&env.metadata.name);
+    let display = s(env, "displayName");
+    let name_cell = if display.is_empty() {
+        format!("<span id=\"environment-{name}\">{name}</span>")
+    } else {
+        format!(
+            "<span id=\"environment-{name}\">{name}</span><br><span class=\"muted\">{}</span>",
+            esc(display)
+        )
+    };
+    let plane_ref = s(env, "dataPlaneRef");
+    let plane_cell = match plane {
+        Some(dp) => format!(
+            "<a href=\"/orgs/{}#dataplanes\">{}</a> <span class=\"muted\">{}</span>",
+            esc(org),
+            esc(plane_ref),
+            esc(s(dp, "type"))
+        ),
+        None => format!(
+            "{} <span class=\"missing\" title=\"No data plane of this name in the organization\">missing</span>",
+            esc(plane_ref)
+        ),
+    };
+    vec![
+        name_cell,
+        production_badge(env),
+        ready_cell(env, true),
+        plane_cell,
+        plane.map(|dp| ready_cell(dp, true)).unwrap_or_default(),
+    ]
 }
 
 /// A component with its endpoints, for the project page.
@@ -192,21 +405,38 @@ pub fn component_detail_row(r: &Resource) -> Vec<String> {
         .map(|eps| {
             eps.iter()
                 .map(|e| {
-                    format!(
-                        "{} :{} {} ({})",
+                    let path = e.get("path").and_then(|v| v.as_str()).unwrap_or("");
+                    let visibility = e.get("visibility").and_then(|v| v.as_str()).unwrap_or("");
+                    let mut out = format!(
+                        "<span class=\"endpoint\"><code>{} :{}</code>",
                         esc(e.get("name").and_then(|v| v.as_str()).unwrap_or("")),
                         e.get("port").and_then(|v| v.as_u64()).unwrap_or(0),
-                        esc(e.get("path").and_then(|v| v.as_str()).unwrap_or("")),
-                        esc(e.get("visibility").and_then(|v| v.as_str()).unwrap_or(""))
-                    )
+                    );
+                    if !path.is_empty() {
+                        out.push_str(&format!(" {}", esc(path)));
+                    }
+                    if !visibility.is_empty() {
+                        out.push_str(&format!(
+                            " <span class=\"muted\">({})</span>",
+                            esc(visibility)
+                        ));
+                    }
+                    out.push_str("</span>");
+                    out
                 })
                 .collect()
         })
         .unwrap_or_default();
+    let name = esc(&r.metadata.name);
     vec![
-        format!("<span class=\"component\">{}</span>", esc(&r.metadata.name)),
+        format!("<span class=\"component\" id=\"component-{name}\">{name}</span>"),
         esc(s(r, "type")),
-        endpoints.join("<br>"),
+        if endpoints.is_empty() {
+            "<span class=\"none\">—</span>".into()
+        } else {
+            endpoints.join("<br>")
+        },
+        ready_cell(r, true),
         conditions_cell(r),
     ]
 }
@@ -221,5 +451,83 @@ mod tests {
             esc("<a href=\"x\">'&'</a>"),
             "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
         );
+    }
+
+    fn with_status(status: serde_json::Value) -> Resource {
+        let mut r: Resource = serde_json::from_value(serde_json::json!({
+            "apiVersion": "kiln.dev/v1",
+            "kind": "Component",
+            "metadata": {"name": "web", "organization": "default", "project": "p", "generation": 2},
+            "spec": {"type": "service"},
+        }))
+        .unwrap();
+        r.status = status;
+        r
+    }
+
+    #[test]
+    fn ready_badge_states() {
+        let pending = ready_cell(&with_status(serde_json::json!({})), true);
+        assert!(pending.contains("data-ready=\"Pending\""), "{pending}");
+
+        let ready = ready_cell(
+            &with_status(serde_json::json!({"conditions": [
+                {"type": "Ready", "status": "True", "reason": "Running", "observedGeneration": 2}
+            ]})),
+            true,
+        );
+        assert!(
+            ready.contains(">Ready<") && !ready.contains("why"),
+            "{ready}"
+        );
+
+        let failing = ready_cell(
+            &with_status(serde_json::json!({"conditions": [
+                {"type": "Ready", "status": "False", "reason": "<Crash>", "message": "exit 1 & \"oops\"",
+                 "observedGeneration": 1}
+            ]})),
+            true,
+        );
+        assert!(
+            failing.contains("Not ready: &lt;Crash&gt; (updating)"),
+            "{failing}"
+        );
+        assert!(
+            failing.contains("<span class=\"why\">exit 1 &amp; &quot;oops&quot;</span>"),
+            "{failing}"
+        );
+        assert!(!failing.contains("<Crash>"), "{failing}");
+    }
+
+    #[test]
+    fn other_conditions_exclude_ready() {
+        let r = with_status(serde_json::json!({"conditions": [
+            {"type": "Ready", "status": "True"},
+            {"type": "Built", "status": "False", "reason": "NoSource"}
+        ]}));
+        let cell = conditions_cell(&r);
+        assert!(
+            cell.contains("Built=False") && !cell.contains("Ready"),
+            "{cell}"
+        );
+        assert_eq!(
+            conditions_cell(&with_status(serde_json::json!({}))),
+            "<span class=\"none\">—</span>"
+        );
+    }
+
+    #[test]
+    fn problem_pages_escape_detail() {
+        let (title, body) = problem(
+            404,
+            "Project default/<x> not found",
+            &[("/orgs/a\"b".into(), "a\"b".into())],
+        );
+        assert_eq!(title, "Not found");
+        assert!(
+            body.contains("Project default/&lt;x&gt; not found"),
+            "{body}"
+        );
+        assert!(body.contains("href=\"/orgs/a&quot;b\""), "{body}");
     }
 }

@@ -25,6 +25,7 @@ pub fn routes() -> Router<AppState> {
         .route("/login", get(login_form).post(login_submit))
         .route("/logout", axum::routing::post(logout))
         .route("/orgs/{org}", get(org_page))
+        .route("/orgs/{org}/environments", get(environments_page))
         .route("/orgs/{org}/projects/{project}", get(project_page))
         .route("/static/kiln.css", get(css))
 }
@@ -40,25 +41,30 @@ async fn css() -> Response {
         .into_response()
 }
 
-/// Renders a failure as a page rather than a problem document.
-fn error_page(user: Option<&str>, e: ApiError) -> Response {
-    let body = format!(
-        "<h1>{}</h1><p class=\"error\">{}</p><p><a href=\"/\">Back to organizations</a></p>",
-        e.status.as_u16(),
-        esc(&e.detail)
-    );
-    (e.status, page("Error", user, &body)).into_response()
+/// Renders a failure as a friendly page rather than a problem document; `back` are (href, label) links to the
+/// nearest pages that still make sense.
+fn error_page(user: Option<&str>, e: ApiError, back: &[(String, String)]) -> Response {
+    if e.status == StatusCode::UNAUTHORIZED && user.is_none() {
+        return Redirect::to("/login").into_response();
+    }
+    let (title, body) = html::problem(e.status.as_u16(), &e.detail, back);
+    (e.status, page(title, user, &body)).into_response()
 }
 
-fn require(p: MaybePrincipal) -> Result<Principal, Response> {
-    p.0.ok_or_else(|| Redirect::to("/login").into_response())
+fn org_link(org: &str) -> (String, String) {
+    (format!("/orgs/{org}"), format!("Organization {org}"))
+}
+
+/// The signed-in principal, or a redirect to the sign-in page.
+fn require(p: MaybePrincipal) -> Result<Principal, Redirect> {
+    p.0.ok_or_else(|| Redirect::to("/login"))
 }
 
 async fn login_form(p: MaybePrincipal) -> Response {
     if p.0.is_some() {
         return Redirect::to("/").into_response();
     }
-    page("Sign in", None, &html::login_form(None)).into_response()
+    page("Sign in", None, &html::login_form(None, "")).into_response()
 }
 
 #[derive(Deserialize)]
@@ -79,7 +85,11 @@ async fn login_submit(
         Err(e) => {
             return (
                 StatusCode::UNAUTHORIZED,
-                page("Sign in", None, &html::login_form(Some(&e.detail))),
+                page(
+                    "Sign in",
+                    None,
+                    &html::login_form(Some(&e.detail), &f.username),
+                ),
             )
                 .into_response()
         }
@@ -90,7 +100,7 @@ async fn login_submit(
             resp.headers_mut().insert(header::SET_COOKIE, cookie);
             resp
         }
-        Err(e) => error_page(None, e),
+        Err(e) => error_page(None, e, &[]),
     }
 }
 
@@ -122,7 +132,7 @@ async fn list(
 async fn home(State(state): State<AppState>, p: MaybePrincipal) -> Response {
     let p = match require(p) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let result: Result<String, ApiError> = async {
         let visible = rbac::visible_orgs(&state.store, &p).await?;
@@ -151,19 +161,23 @@ async fn home(State(state): State<AppState>, p: MaybePrincipal) -> Response {
                 vec![
                     format!("<a href=\"/orgs/{0}\">{0}</a>", esc(name)),
                     esc(display),
+                    html::ready_cell(&o, false),
                     conditions_cell(&o),
                 ]
             })
             .collect();
         Ok(format!(
             "<h1>Organizations</h1>{}",
-            html::table(&["Name", "Display name", "Conditions"], &rows)
+            html::table(
+                &["Name", "Display name", "Ready", "Other conditions"],
+                &rows
+            )
         ))
     }
     .await;
     match result {
         Ok(body) => page("Organizations", Some(&p.user.name), &body).into_response(),
-        Err(e) => error_page(Some(&p.user.name), e),
+        Err(e) => error_page(Some(&p.user.name), e, &[]),
     }
 }
 
@@ -174,47 +188,44 @@ async fn org_page(
 ) -> Response {
     let p = match require(p) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let result: Result<String, ApiError> = async {
         let acc = rbac::org_access(&state.store, &p, &org).await?;
-        let mut body = format!(
-            "<p class=\"crumbs\"><a href=\"/\">Organizations</a> / {}</p><h1>Organization {}</h1>",
-            esc(&org),
-            esc(&org)
-        );
+        let mut body = html::crumbs(&[("/", "Organizations")], &org);
+        body.push_str(&format!("<h1>Organization {}</h1>", esc(&org)));
+        body.push_str(&html::org_tabs(&org, "overview"));
         let sections: [(Kind, &str, &[&str]); 4] = [
             (
                 Kind::Project,
                 "Projects",
-                &["Name", "Pipeline", "Conditions"],
+                &["Name", "Pipeline", "Ready", "Other conditions"],
             ),
             (
                 Kind::Environment,
                 "Environments",
-                &["Name", "Data plane", "Production", "Conditions"],
+                &[
+                    "Name",
+                    "Data plane",
+                    "Production",
+                    "Ready",
+                    "Other conditions",
+                ],
             ),
             (
                 Kind::Component,
                 "Components",
-                &["Name", "Project", "Type", "Conditions"],
+                &["Name", "Project", "Type", "Ready", "Other conditions"],
             ),
             (
                 Kind::DataPlane,
                 "Data planes",
-                &["Name", "Type", "Conditions"],
+                &["Name", "Type", "Ready", "Other conditions"],
             ),
         ];
         for (kind, title, headers) in sections {
-            let items = list(&state, kind, &org, None).await?;
-            let rows: Vec<Vec<String>> = items
-                .iter()
-                .filter(|r| {
-                    acc.allows(Verb::List, kind, r.metadata.project.as_deref())
-                        || acc.allows(Verb::Get, kind, r.metadata.project.as_deref())
-                })
-                .map(|r| html::row(kind, &org, r))
-                .collect();
+            let items = visible(&state, &acc, kind, &org, None).await?;
+            let rows: Vec<Vec<String>> = items.iter().map(|r| html::row(kind, &org, r)).collect();
             body.push_str(&format!("<h2 id=\"{}\">{title}</h2>", kind.plural()));
             body.push_str(&html::table(headers, &rows));
         }
@@ -223,7 +234,75 @@ async fn org_page(
     .await;
     match result {
         Ok(body) => page(&format!("Organization {org}"), Some(&p.user.name), &body).into_response(),
-        Err(e) => error_page(Some(&p.user.name), e),
+        Err(e) => error_page(Some(&p.user.name), e, &[]),
+    }
+}
+
+/// The objects of one kind in an organization (or project) that the viewer may list or read.
+async fn visible(
+    state: &AppState,
+    acc: &rbac::OrgAccess,
+    kind: Kind,
+    org: &str,
+    project: Option<&str>,
+) -> Result<Vec<Resource>, ApiError> {
+    Ok(list(state, kind, org, project)
+        .await?
+        .into_iter()
+        .filter(|r| {
+            acc.allows(Verb::List, kind, r.metadata.project.as_deref())
+                || acc.allows(Verb::Get, kind, r.metadata.project.as_deref())
+        })
+        .collect())
+}
+
+async fn environments_page(
+    State(state): State<AppState>,
+    p: MaybePrincipal,
+    Path(org): Path<String>,
+) -> Response {
+    let p = match require(p) {
+        Ok(p) => p,
+        Err(r) => return r.into_response(),
+    };
+    let result: Result<String, ApiError> = async {
+        let acc = rbac::org_access(&state.store, &p, &org).await?;
+        let envs = visible(&state, &acc, Kind::Environment, &org, None).await?;
+        let planes = visible(&state, &acc, Kind::DataPlane, &org, None).await?;
+        let mut body = html::crumbs(
+            &[("/", "Organizations"), (&format!("/orgs/{org}"), &org)],
+            "Environments",
+        );
+        body.push_str(&format!("<h1>Environments of {}</h1>", esc(&org)));
+        body.push_str(&html::org_tabs(&org, "environments"));
+        let rows: Vec<Vec<String>> = envs
+            .iter()
+            .map(|env| {
+                let plane_ref = env.spec.get("dataPlaneRef").and_then(|v| v.as_str());
+                let plane = planes
+                    .iter()
+                    .find(|dp| Some(dp.metadata.name.as_str()) == plane_ref);
+                html::environment_row(&org, env, plane)
+            })
+            .collect();
+        body.push_str(&html::table(
+            &[
+                "Environment",
+                "Production",
+                "Ready",
+                "Data plane",
+                "Data plane ready",
+            ],
+            &rows,
+        ));
+        Ok(body)
+    }
+    .await;
+    match result {
+        Ok(body) => {
+            page(&format!("Environments of {org}"), Some(&p.user.name), &body).into_response()
+        }
+        Err(e) => error_page(Some(&p.user.name), e, &[]),
     }
 }
 
@@ -234,31 +313,52 @@ async fn project_page(
 ) -> Response {
     let p = match require(p) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
+    };
+    // Past this point the organization exists and is visible, so error pages may link back to it.
+    let acc = match rbac::org_access(&state.store, &p, &org).await {
+        Ok(acc) => acc,
+        Err(e) => return error_page(Some(&p.user.name), e, &[]),
     };
     let result: Result<String, ApiError> = async {
-        let acc = rbac::org_access(&state.store, &p, &org).await?;
-        acc.check(Verb::Get, Kind::Project, Some(&project), &format!("Project {org}/{project}"))?;
-        let proj = state.store.get(&Key { kind: Kind::Project, organization: Some(org.clone()), project: None, name: project.clone() }).await?;
-        let mut body = format!(
-            "<p class=\"crumbs\"><a href=\"/\">Organizations</a> / <a href=\"/orgs/{0}\">{0}</a> / {1}</p><h1>Project {1}</h1>",
-            esc(&org),
-            esc(&project)
+        acc.check(
+            Verb::Get,
+            Kind::Project,
+            Some(&project),
+            &format!("Project {org}/{project}"),
+        )?;
+        let proj = state
+            .store
+            .get(&Key {
+                kind: Kind::Project,
+                organization: Some(org.clone()),
+                project: None,
+                name: project.clone(),
+            })
+            .await?;
+        let mut body = html::crumbs(
+            &[("/", "Organizations"), (&format!("/orgs/{org}"), &org)],
+            &project,
         );
+        body.push_str(&format!("<h1>Project {}</h1>", esc(&project)));
         if let Some(d) = proj.spec.get("description").and_then(|v| v.as_str()) {
-            body.push_str(&format!("<p>{}</p>", esc(d)));
+            body.push_str(&format!("<p class=\"description\">{}</p>", esc(d)));
         }
-        body.push_str("<h2>Conditions</h2>");
-        body.push_str(&html::conditions_table(&proj));
-        let comps = list(&state, Kind::Component, &org, Some(&project)).await?;
-        let rows: Vec<Vec<String>> = comps.iter().map(|c| html::component_detail_row(c)).collect();
+        body.push_str(&format!("<p>Status: {}</p>", html::ready_cell(&proj, true)));
+        let comps = visible(&state, &acc, Kind::Component, &org, Some(&project)).await?;
+        let rows: Vec<Vec<String>> = comps.iter().map(html::component_detail_row).collect();
         body.push_str("<h2 id=\"components\">Components</h2>");
-        body.push_str(&html::table(&["Name", "Type", "Endpoints", "Conditions"], &rows));
+        body.push_str(&html::table(
+            &["Name", "Type", "Endpoints", "Ready", "Other conditions"],
+            &rows,
+        ));
+        body.push_str("<h2 id=\"conditions\">Conditions</h2>");
+        body.push_str(&html::conditions_table(&proj));
         Ok(body)
     }
     .await;
     match result {
         Ok(body) => page(&format!("Project {project}"), Some(&p.user.name), &body).into_response(),
-        Err(e) => error_page(Some(&p.user.name), e),
+        Err(e) => error_page(Some(&p.user.name), e, &[org_link(&org)]),
     }
 }

@@ -1,0 +1,1000 @@
+//! API tests against the whole router via `oneshot` (no socket) on a real SQLite store: the OpenAPI document
+//! matches the router, every non-public route requires authentication, every route × role × organization is
+//! authorised as the built-in roles say, and bad input is refused without storing anything.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use axum::Router;
+use http_body_util::BodyExt;
+use model::{Kind, Scope};
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+struct Env {
+    app: Router,
+    admin: String,
+    _tmp: tempfile::TempDir,
+    _shutdown: tokio::sync::watch::Sender<bool>,
+}
+
+async fn call(
+    app: &Router,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut req = Request::builder().method(method).uri(path);
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let body = match body {
+        Some(b) => {
+            req = req.header("content-type", "application/json");
+            Body::from(serde_json::to_vec(&b).unwrap())
+        }
+        None => Body::empty(),
+    };
+    let resp = app.clone().oneshot(req.body(body).unwrap()).await.unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+async fn env() -> Env {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = store::Store::open_sqlite(&tmp.path().join("kiln.db"), store::Options::default())
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let config = server::Config {
+        data_dir: tmp.path().to_path_buf(),
+        ..Default::default()
+    };
+    let state = server::AppState::new(store, config, rx);
+    server::bootstrap::first_start(&state, tmp.path())
+        .await
+        .unwrap()
+        .expect("first start");
+    state.set_ready(true);
+    let admin = std::fs::read_to_string(tmp.path().join("admin-token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    Env {
+        app: server::app(state),
+        admin,
+        _tmp: tmp,
+        _shutdown: tx,
+    }
+}
+
+fn manifest(kind: Kind, name: &str) -> Value {
+    let spec = match kind {
+        Kind::Organization => json!({}),
+        Kind::DataPlane => json!({"type": "process"}),
+        Kind::Environment => json!({"dataPlaneRef": "local"}),
+        Kind::DeploymentPipeline => json!({"promotionPaths": []}),
+        Kind::Project => json!({"description": "a project"}),
+        Kind::Secret => json!({"stringData": {"k": "v"}}),
+        Kind::Role => json!({"rules": [{"kinds": ["projects"], "verbs": ["get"]}]}),
+        Kind::RoleBinding => {
+            json!({"roleRef": "viewer", "subjects": [{"kind": "User", "name": "nobody"}]})
+        }
+        Kind::Component => {
+            json!({"type": "service", "workload": {"image": "nginx:1"}, "endpoints": [{"name": "http", "port": 8080}]})
+        }
+    };
+    json!({"apiVersion": "kiln.dev/v1", "kind": kind.as_str(), "metadata": {"name": name}, "spec": spec})
+}
+
+/// The object each kind's item routes address in the RBAC table (present in both organizations).
+fn fixture_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::DataPlane => "local",
+        Kind::Project => "shop",
+        Kind::DeploymentPipeline => "default",
+        Kind::Role => "custom",
+        _ => "fixture",
+    }
+}
+
+fn item_path(kind: Kind, org: &str, name: &str) -> String {
+    match kind.scope() {
+        Scope::Cluster => format!("/api/v1/orgs/{name}"),
+        Scope::Organization => format!("/api/v1/orgs/{org}/{}/{name}", kind.plural()),
+        Scope::Project => format!("/api/v1/orgs/{org}/projects/shop/{}/{name}", kind.plural()),
+    }
+}
+
+/// Creates `org` with one object of every kind (as the superuser).
+async fn seed_org(e: &Env, org: &str) {
+    let (s, b) = call(
+        &e.app,
+        Method::POST,
+        "/api/v1/orgs",
+        Some(&e.admin),
+        Some(manifest(Kind::Organization, org)),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    for &kind in Kind::ALL.iter().filter(|k| **k != Kind::Organization) {
+        let name = fixture_name(kind);
+        let (s, b) = call(
+            &e.app,
+            Method::PUT,
+            &item_path(kind, org, name),
+            Some(&e.admin),
+            Some(manifest(kind, name)),
+        )
+        .await;
+        assert!(s.is_success(), "seeding {kind} {name} in {org}: {s} {b}");
+    }
+}
+
+/// A user bound in `org` with `role` (optionally limited to `project`), and an API token for them.
+async fn user_with_role(
+    e: &Env,
+    name: &str,
+    org: &str,
+    role: &str,
+    project: Option<&str>,
+) -> String {
+    let mut body =
+        json!({"name": name, "organization": org, "role": role, "password": "password-123"});
+    if let Some(p) = project {
+        body["project"] = json!(p);
+    }
+    let (s, b) = call(
+        &e.app,
+        Method::POST,
+        "/api/v1/users",
+        Some(&e.admin),
+        Some(body),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let (s, b) = call(
+        &e.app,
+        Method::POST,
+        "/api/v1/tokens",
+        Some(&e.admin),
+        Some(json!({"user": name})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    b["token"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn openapi_document_and_router_agree() {
+    let e = env().await;
+    let (s, doc) = call(&e.app, Method::GET, "/api/v1/openapi.json", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(doc["openapi"], "3.0.3");
+    let paths = doc["paths"].as_object().expect("paths");
+    let mut documented = BTreeSet::new();
+    for (path, ops) in paths {
+        for method in ops.as_object().unwrap().keys() {
+            documented.insert((method.to_uppercase(), path.clone()));
+        }
+    }
+    // The document is generated from the same table the router is built from...
+    let registered: BTreeSet<(String, String)> = server::api()
+        .ops
+        .iter()
+        .map(|o| (o.method.to_string(), o.path.clone()))
+        .collect();
+    assert_eq!(documented, registered);
+    let all_methods = ["GET", "POST", "PUT", "PATCH", "DELETE"];
+    for (path, ops) in paths {
+        let concrete = path
+            .replace("{org}", "default")
+            .replace("{project}", "p")
+            .replace("{name}", "n")
+            .replace("{user}", "u")
+            .replace("{id}", "i");
+        for m in all_methods {
+            let (status, body) = call(
+                &e.app,
+                Method::from_bytes(m.as_bytes()).unwrap(),
+                &concrete,
+                None,
+                None,
+            )
+            .await;
+            let router_miss = body["type"] == "https://kiln.dev/problems/no-route";
+            let wrong_method = status == StatusCode::METHOD_NOT_ALLOWED;
+            if ops.get(m.to_lowercase()).is_some() {
+                // ...and every documented operation is served (never the router's "no route" or 405)...
+                assert!(
+                    !router_miss && !wrong_method,
+                    "{m} {path} is documented but not served ({status})"
+                );
+            } else {
+                // ...and nothing undocumented is served on a documented path.
+                assert!(
+                    wrong_method,
+                    "{m} {path} is served ({status}) but not documented"
+                );
+            }
+        }
+    }
+    // Paths the router does not serve fall through to the documented "no route" problem.
+    for p in [
+        "/api/v1/nothing",
+        "/api/v1/orgs/default/widgets",
+        "/api/v2/orgs",
+    ] {
+        let (status, body) = call(&e.app, Method::GET, p, Some(&e.admin), None).await;
+        assert_eq!(
+            (status, body["type"].as_str()),
+            (
+                StatusCode::NOT_FOUND,
+                Some("https://kiln.dev/problems/no-route")
+            ),
+            "{p}"
+        );
+    }
+    // Schemas referenced by operations exist.
+    let schemas = doc["components"]["schemas"].as_object().unwrap();
+    for name in [
+        "Resource",
+        "Problem",
+        "ResourceList",
+        "LoginRequest",
+        "WhoAmI",
+        "TokenInfo",
+    ] {
+        assert!(schemas.contains_key(name), "schema {name} missing");
+    }
+}
+
+#[tokio::test]
+async fn every_non_public_route_requires_authentication() {
+    let e = env().await;
+    let public = [
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/api/v1/openapi.json",
+        "/api/v1/login",
+    ];
+    for op in server::api().ops {
+        assert_eq!(
+            op.public,
+            public.contains(&op.path.as_str()),
+            "{} {} public flag",
+            op.method,
+            op.path
+        );
+        if op.public {
+            continue;
+        }
+        let concrete = op
+            .path
+            .replace("{org}", "default")
+            .replace("{project}", "p")
+            .replace("{name}", "n")
+            .replace("{user}", "admin")
+            .replace("{id}", "i");
+        for token in [None, Some("kiln_not-a-real-token")] {
+            let (status, body) =
+                call(&e.app, op.method.clone(), &concrete, token, Some(json!({}))).await;
+            assert_eq!(
+                status,
+                StatusCode::UNAUTHORIZED,
+                "{} {} with {token:?}: {body}",
+                op.method,
+                op.path
+            );
+        }
+    }
+    for p in ["/healthz", "/readyz", "/metrics", "/api/v1/openapi.json"] {
+        assert_eq!(
+            call(&e.app, Method::GET, p, None, None).await.0,
+            StatusCode::OK,
+            "{p}"
+        );
+    }
+}
+
+/// What the built-in roles grant, written out independently of their definitions.
+fn expected_allowed(role: &str, verb: &str, kind: Kind) -> bool {
+    let read = matches!(verb, "get" | "list" | "watch");
+    match role {
+        "owner" => true,
+        "admin" => kind != Kind::Organization || !matches!(verb, "create" | "delete"),
+        "developer" => {
+            if kind == Kind::Secret && verb == "get" {
+                return false;
+            }
+            read || matches!(kind, Kind::Project | Kind::Component | Kind::Secret)
+        }
+        "viewer" => read && !(kind == Kind::Secret && verb == "get"),
+        _ => unreachable!("unknown role {role}"),
+    }
+}
+
+fn verb_of(method: &Method, path: &str) -> &'static str {
+    let item = path.ends_with('}') || path.ends_with("/status");
+    match (method.as_str(), item) {
+        ("GET", true) => "get",
+        ("GET", false) => "list",
+        ("POST", _) => "create",
+        ("PUT", _) => "update",
+        ("PATCH", _) => "patch",
+        ("DELETE", _) => "delete",
+        _ => unreachable!(),
+    }
+}
+
+fn kind_of_path(path: &str) -> Option<Kind> {
+    let segs: Vec<&str> = path
+        .split('/')
+        .filter(|s| !s.is_empty() && !s.starts_with('{'))
+        .collect();
+    // The last literal segment names the kind (or `status`, whose kind precedes it).
+    segs.iter().rev().find_map(|s| {
+        Kind::from_plural(s).or(if *s == "orgs" {
+            Some(Kind::Organization)
+        } else {
+            None
+        })
+    })
+}
+
+#[tokio::test]
+async fn rbac_every_route_by_role_and_organization() {
+    let e = env().await;
+    seed_org(&e, "alpha").await;
+    seed_org(&e, "beta").await;
+    let roles = ["owner", "admin", "developer", "viewer"];
+    let mut tokens = BTreeMap::new();
+    for r in roles {
+        tokens.insert(
+            r,
+            user_with_role(&e, &format!("{r}-a"), "alpha", r, None).await,
+        );
+    }
+    let mut checked = 0;
+    for op in server::api().ops {
+        let path = op.path.as_str();
+        if op.public {
+            continue;
+        }
+        for role in roles {
+            let token = tokens[role].as_str();
+            for org in ["alpha", "beta"] {
+                let same = org == "alpha";
+                let kind = kind_of_path(path);
+                let (status, body, expect): (StatusCode, Value, &str) = match (path, kind) {
+                    ("/api/v1/orgs", _) if op.method == Method::GET => {
+                        let (s, b) = call(&e.app, Method::GET, path, Some(token), None).await;
+                        let names: Vec<&str> = b["items"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .filter_map(|o| o["metadata"]["name"].as_str())
+                            .collect();
+                        assert_eq!(
+                            names,
+                            ["alpha"],
+                            "{role} lists only the organizations it belongs to"
+                        );
+                        (s, b, "allowed")
+                    }
+                    ("/api/v1/orgs", _) => {
+                        let (s, b) = call(
+                            &e.app,
+                            Method::POST,
+                            path,
+                            Some(token),
+                            Some(manifest(Kind::Organization, &format!("new-{role}"))),
+                        )
+                        .await;
+                        (s, b, "forbidden")
+                    }
+                    (p, Some(kind))
+                        if p.starts_with("/api/v1/orgs/{org}") && !p.ends_with("/events") =>
+                    {
+                        let verb = verb_of(&op.method, p);
+                        let name = if verb == "create" {
+                            format!("made-by-{role}")
+                        } else {
+                            fixture_name(kind).to_string()
+                        };
+                        let concrete = p
+                            .replace("{org}", org)
+                            .replace("{project}", "shop")
+                            .replace("{name}", &name);
+                        let concrete = if kind == Kind::Organization {
+                            concrete
+                        } else {
+                            concrete.replace("/{name}", "")
+                        };
+                        let body = match (op.method.as_str(), p.ends_with("/status")) {
+                            ("PUT", true) => Some(json!({"status": {"note": role}})),
+                            ("PUT" | "POST", false) => {
+                                let mut m = manifest(kind, &name);
+                                if kind == Kind::Organization {
+                                    m["metadata"]["name"] = json!(org);
+                                }
+                                Some(m)
+                            }
+                            ("PATCH", _) => {
+                                Some(json!({"metadata": {"labels": {"touched-by": role}}}))
+                            }
+                            _ => None,
+                        };
+                        let method = op.method.clone();
+                        let req_path = if kind == Kind::Organization {
+                            concrete.replace("{org}", org)
+                        } else {
+                            concrete
+                        };
+                        let (s, b) = if method == Method::PATCH {
+                            let req = Request::builder()
+                                .method(Method::PATCH)
+                                .uri(&req_path)
+                                .header("authorization", format!("Bearer {token}"))
+                                .header("content-type", "application/merge-patch+json")
+                                .body(Body::from(serde_json::to_vec(&body.unwrap()).unwrap()))
+                                .unwrap();
+                            let resp = e.app.clone().oneshot(req).await.unwrap();
+                            let st = resp.status();
+                            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+                            (st, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+                        } else {
+                            call(&e.app, method, &req_path, Some(token), body).await
+                        };
+                        // Restore what a successful delete removed, so later cases find their fixture.
+                        if s.is_success() && verb == "delete" {
+                            let fixture = item_path(kind, org, fixture_name(kind));
+                            let (rs, rb) = call(
+                                &e.app,
+                                Method::PUT,
+                                &fixture,
+                                Some(&e.admin),
+                                Some(manifest(kind, fixture_name(kind))),
+                            )
+                            .await;
+                            assert!(rs.is_success(), "restoring {fixture}: {rb}");
+                        }
+                        let expect = if !same {
+                            "hidden"
+                        } else if expected_allowed(role, verb, kind) {
+                            "allowed"
+                        } else {
+                            "forbidden"
+                        };
+                        (s, b, expect)
+                    }
+                    _ => {
+                        let (s, b) = identity_case(&e, &op.method, path, token, role, org).await;
+                        let expect = identity_expectation(&op.method, path, role, same);
+                        (s, b, expect)
+                    }
+                };
+                let ok = match expect {
+                    "allowed" => !matches!(
+                        status,
+                        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::NOT_FOUND
+                    ),
+                    "forbidden" => status == StatusCode::FORBIDDEN,
+                    "hidden" => status == StatusCode::NOT_FOUND,
+                    _ => unreachable!(),
+                };
+                assert!(
+                    ok,
+                    "{} {path} as {role} in {org}: expected {expect}, got {status}: {body}",
+                    op.method
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(
+        checked > 500,
+        "only {checked} route × role × organization cases ran"
+    );
+}
+
+/// Calls a non-resource route as `role` against organization `org` where the route takes one.
+async fn identity_case(
+    e: &Env,
+    method: &Method,
+    path: &str,
+    token: &str,
+    role: &str,
+    org: &str,
+) -> (StatusCode, Value) {
+    let m = method.clone();
+    match (method.as_str(), path) {
+        ("POST", "/api/v1/logout")
+        | ("GET", "/api/v1/whoami")
+        | ("GET", "/api/v1/version")
+        | ("GET", "/api/v1/users")
+        | ("GET", "/api/v1/tokens") => call(&e.app, m, path, Some(token), None).await,
+        ("POST", "/api/v1/users") => {
+            let name = format!("made-{role}-{org}");
+            call(
+                &e.app,
+                m,
+                path,
+                Some(token),
+                Some(json!({"name": name, "organization": org, "role": "viewer"})),
+            )
+            .await
+        }
+        ("GET", "/api/v1/users/{user}") => {
+            call(
+                &e.app,
+                m,
+                &format!("/api/v1/users/viewer-{}", &org[..1]),
+                Some(token),
+                None,
+            )
+            .await
+        }
+        ("DELETE", "/api/v1/users/{user}") | ("PUT", "/api/v1/users/{user}/password") => {
+            // Acting on a user of the other organization must not reveal them; on one's own organization's
+            // users only an owner (of every organization they are in) may.
+            let target = format!(
+                "target-{}-{role}-{org}",
+                method.as_str().to_ascii_lowercase()
+            );
+            let (s, b) = call(
+                &e.app,
+                Method::POST,
+                "/api/v1/users",
+                Some(&e.admin),
+                Some(json!({"name": target, "organization": org, "role": "viewer"})),
+            )
+            .await;
+            assert_eq!(s, StatusCode::CREATED, "{b}");
+            let p = path.replace("{user}", &target);
+            call(
+                &e.app,
+                m,
+                &p,
+                Some(token),
+                if path.ends_with("password") {
+                    Some(json!({"password": "new-password-1"}))
+                } else {
+                    None
+                },
+            )
+            .await
+        }
+        ("POST", "/api/v1/tokens") => {
+            call(&e.app, m, path, Some(token), Some(json!({"name": "t"}))).await
+        }
+        ("DELETE", "/api/v1/tokens/{id}") => {
+            let (_, t) = call(
+                &e.app,
+                Method::POST,
+                "/api/v1/tokens",
+                Some(token),
+                Some(json!({"name": "to-revoke"})),
+            )
+            .await;
+            call(
+                &e.app,
+                m,
+                &format!("/api/v1/tokens/{}", t["id"].as_str().unwrap()),
+                Some(token),
+                None,
+            )
+            .await
+        }
+        ("GET", "/api/v1/audit") => {
+            call(
+                &e.app,
+                m,
+                &format!("/api/v1/audit?organization={org}"),
+                Some(token),
+                None,
+            )
+            .await
+        }
+        ("GET", "/api/v1/orgs/{org}/events") => {
+            call(
+                &e.app,
+                m,
+                &format!("/api/v1/orgs/{org}/events?kind=Project&name=shop"),
+                Some(token),
+                None,
+            )
+            .await
+        }
+        _ => panic!("{method} {path}: add this route to the RBAC table in tests/api.rs"),
+    }
+}
+
+fn identity_expectation(method: &Method, path: &str, role: &str, same_org: bool) -> &'static str {
+    let admin_like = matches!(role, "owner" | "admin");
+    match (method.as_str(), path) {
+        ("POST", "/api/v1/users") | ("GET", "/api/v1/audit") if !same_org => "hidden",
+        ("POST", "/api/v1/users") | ("GET", "/api/v1/audit") => {
+            if admin_like {
+                "allowed"
+            } else {
+                "forbidden"
+            }
+        }
+        ("GET", "/api/v1/users/{user}") if !same_org => "hidden",
+        ("GET", "/api/v1/users/{user}") => {
+            if role == "developer" || role == "viewer" || admin_like {
+                // Users visible through role bindings the caller may list (every built-in role may).
+                "allowed"
+            } else {
+                "hidden"
+            }
+        }
+        ("DELETE", "/api/v1/users/{user}") | ("PUT", "/api/v1/users/{user}/password")
+            if !same_org =>
+        {
+            "hidden"
+        }
+        ("DELETE", "/api/v1/users/{user}") | ("PUT", "/api/v1/users/{user}/password") => {
+            if role == "owner" {
+                "allowed"
+            } else {
+                "forbidden"
+            }
+        }
+        ("GET", "/api/v1/orgs/{org}/events") if !same_org => "hidden",
+        _ => "allowed",
+    }
+}
+
+#[tokio::test]
+async fn project_limited_binding_sees_only_its_project() {
+    let e = env().await;
+    seed_org(&e, "alpha").await;
+    let (s, b) = call(
+        &e.app,
+        Method::PUT,
+        "/api/v1/orgs/alpha/projects/other",
+        Some(&e.admin),
+        Some(manifest(Kind::Project, "other")),
+    )
+    .await;
+    assert!(s.is_success(), "{b}");
+    let (s, b) = call(
+        &e.app,
+        Method::PUT,
+        "/api/v1/orgs/alpha/projects/other/components/hidden",
+        Some(&e.admin),
+        Some(manifest(Kind::Component, "hidden")),
+    )
+    .await;
+    assert!(s.is_success(), "{b}");
+    let dev = user_with_role(&e, "shop-dev", "alpha", "developer", Some("shop")).await;
+    let (s, _) = call(
+        &e.app,
+        Method::PUT,
+        "/api/v1/orgs/alpha/projects/shop/components/mine",
+        Some(&dev),
+        Some(manifest(Kind::Component, "mine")),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, _) = call(
+        &e.app,
+        Method::GET,
+        "/api/v1/orgs/alpha/projects/other/components/hidden",
+        Some(&dev),
+        None,
+    )
+    .await;
+    assert_eq!(
+        s,
+        StatusCode::NOT_FOUND,
+        "another project's component is hidden"
+    );
+    let (s, _) = call(
+        &e.app,
+        Method::PUT,
+        "/api/v1/orgs/alpha/projects/other/components/x",
+        Some(&dev),
+        Some(manifest(Kind::Component, "x")),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // Listing across projects returns only what the binding covers (the store read is filtered).
+    let (s, b) = call(
+        &e.app,
+        Method::GET,
+        "/api/v1/orgs/alpha/components",
+        Some(&dev),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let mut names: Vec<&str> = b["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["metadata"]["name"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["fixture", "mine"]);
+    let (s, _) = call(
+        &e.app,
+        Method::GET,
+        "/api/v1/orgs/alpha/projects/shop",
+        Some(&dev),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = call(
+        &e.app,
+        Method::DELETE,
+        "/api/v1/orgs/alpha/projects/shop",
+        Some(&dev),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+}
+
+async fn raw_put(e: &Env, body: &'static str, ct: &'static str) -> (StatusCode, String, Value) {
+    let req = Request::builder()
+        .method(Method::PUT)
+        .uri("/api/v1/orgs/default/projects/p1")
+        .header("authorization", format!("Bearer {}", e.admin))
+        .header("content-type", ct)
+        .body(Body::from(body))
+        .unwrap();
+    let resp = e.app.clone().oneshot(req).await.unwrap();
+    let st = resp.status();
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (st, ct, serde_json::from_slice::<Value>(&bytes).unwrap())
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_with_field_paths_and_nothing_is_stored() {
+    let e = env().await;
+    let t = Some(e.admin.as_str());
+    let cases: Vec<(&str, &str, u16, &str)> = vec![
+        ("{\"apiVersion\": ", "application/json", 400, "line 1"),
+        ("kind: [", "application/yaml", 400, "line"),
+        (
+            r#"{"apiVersion":"kiln.dev/v1","kind":"Project","metadata":{"name":"p1"},"spec":{"bogus":1}}"#,
+            "application/json",
+            422,
+            "spec.bogus",
+        ),
+        (
+            r#"{"apiVersion":"choreo.dev/v1","kind":"Project","metadata":{"name":"p1"}}"#,
+            "application/json",
+            422,
+            "apiVersion: must be kiln.dev/v1",
+        ),
+        (
+            r#"{"apiVersion":"kiln.dev/v1","kind":"Widget","metadata":{"name":"p1"}}"#,
+            "application/json",
+            422,
+            "kind",
+        ),
+        (
+            r#"{"apiVersion":"kiln.dev/v1","kind":"Component","metadata":{"name":"p1"}}"#,
+            "application/json",
+            422,
+            "kind: this endpoint takes Project",
+        ),
+        (
+            r#"{"apiVersion":"kiln.dev/v1","kind":"Project","metadata":{"name":"P1"}}"#,
+            "application/json",
+            422,
+            "metadata.name",
+        ),
+        (
+            r#"{"apiVersion":"kiln.dev/v1","kind":"Project","metadata":{"name":"p1","extra":true}}"#,
+            "application/json",
+            400,
+            "extra",
+        ),
+    ];
+    for (body, ct, code, needle) in cases {
+        let (status, content_type, problem) = raw_put(&e, body, ct).await;
+        assert_eq!(status.as_u16(), code, "{body}: {problem}");
+        assert_eq!(content_type, "application/problem+json");
+        let detail = problem["detail"].as_str().unwrap();
+        assert!(
+            detail.contains(needle),
+            "{body}: detail {detail:?} should mention {needle:?}"
+        );
+        assert_eq!(problem["status"], code);
+    }
+    // A component with a bad port names the exact path; a missing data plane names the reference.
+    let mut comp = manifest(Kind::Component, "c1");
+    comp["spec"]["endpoints"][0]["port"] = json!(70000);
+    call(
+        &e.app,
+        Method::PUT,
+        "/api/v1/orgs/default/projects/shop",
+        t,
+        Some(manifest(Kind::Project, "shop")),
+    )
+    .await;
+    let (s, b) = call(
+        &e.app,
+        Method::PUT,
+        "/api/v1/orgs/default/projects/shop/components/c1",
+        t,
+        Some(comp),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        b["detail"]
+            .as_str()
+            .unwrap()
+            .contains("spec.endpoints[0].port: must be 1-65535"),
+        "{b}"
+    );
+    assert_eq!(b["errors"][0]["path"], "spec.endpoints[0].port");
+    let mut env_m = manifest(Kind::Environment, "dev");
+    env_m["spec"]["dataPlaneRef"] = json!("missing");
+    let (s, b) = call(
+        &e.app,
+        Method::PUT,
+        "/api/v1/orgs/default/environments/dev",
+        t,
+        Some(env_m),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        b["detail"]
+            .as_str()
+            .unwrap()
+            .contains("spec.dataPlaneRef: DataPlane missing does not exist"),
+        "{b}"
+    );
+    let (s, b) = call(
+        &e.app,
+        Method::PUT,
+        "/api/v1/orgs/default/projects/nope/components/c2",
+        t,
+        Some(manifest(Kind::Component, "c2")),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        b["detail"]
+            .as_str()
+            .unwrap()
+            .contains("metadata.project: Project nope does not exist"),
+        "{b}"
+    );
+    // Oversize bodies: 413 with the limit named.
+    let big = format!(
+        r#"{{"apiVersion":"kiln.dev/v1","kind":"Project","metadata":{{"name":"p1"}},"spec":{{"description":"{}"}}}}"#,
+        "x".repeat(2 << 20)
+    );
+    let req = Request::builder()
+        .method(Method::PUT)
+        .uri("/api/v1/orgs/default/projects/p1")
+        .header("authorization", format!("Bearer {}", e.admin))
+        .body(Body::from(big))
+        .unwrap();
+    let resp = e.app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    // Nothing was stored by any of the refused writes.
+    for p in [
+        "/api/v1/orgs/default/projects/p1",
+        "/api/v1/orgs/default/environments/dev",
+        "/api/v1/orgs/default/projects/shop/components/c1",
+    ] {
+        assert_eq!(
+            call(&e.app, Method::GET, p, t, None).await.0,
+            StatusCode::NOT_FOUND,
+            "{p} must not exist"
+        );
+    }
+    // The server still serves.
+    assert_eq!(
+        call(&e.app, Method::GET, "/readyz", None, None).await.0,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn stale_write_is_a_conflict_naming_the_current_version() {
+    let e = env().await;
+    let t = Some(e.admin.as_str());
+    let (_, first) = call(
+        &e.app,
+        Method::PUT,
+        "/api/v1/orgs/default/projects/p",
+        t,
+        Some(manifest(Kind::Project, "p")),
+    )
+    .await;
+    let rv = first["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut m = manifest(Kind::Project, "p");
+    m["spec"]["description"] = json!("second");
+    let (s, second) = call(
+        &e.app,
+        Method::PUT,
+        "/api/v1/orgs/default/projects/p",
+        t,
+        Some(m.clone()),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(second["metadata"]["generation"], 2);
+    m["metadata"]["resourceVersion"] = json!(rv);
+    m["spec"]["description"] = json!("third");
+    let (s, b) = call(
+        &e.app,
+        Method::PUT,
+        "/api/v1/orgs/default/projects/p",
+        t,
+        Some(m),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    let current = second["metadata"]["resourceVersion"].as_str().unwrap();
+    assert!(
+        b["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("current resourceVersion is {current}")),
+        "{b}"
+    );
+}
+
+#[tokio::test]
+async fn secrets_values_are_never_returned_and_audit_records_writes() {
+    let e = env().await;
+    let t = Some(e.admin.as_str());
+    let (s, b) = call(&e.app, Method::PUT, "/api/v1/orgs/default/secrets/db", t, Some(json!({"apiVersion": "kiln.dev/v1", "kind": "Secret", "metadata": {"name": "db"}, "spec": {"stringData": {"password": "hunter2"}}}))).await;
+    assert!(s.is_success(), "{b}");
+    let (_, got) = call(
+        &e.app,
+        Method::GET,
+        "/api/v1/orgs/default/secrets/db",
+        t,
+        None,
+    )
+    .await;
+    assert!(!got.to_string().contains("hunter2"), "{got}");
+    let (_, audit) = call(&e.app, Method::GET, "/api/v1/audit?kind=Secret", t, None).await;
+    let first = &audit["items"][0];
+    assert_eq!(first["user"], "admin");
+    assert_eq!(first["kind"], "Secret");
+    assert_eq!(first["name"], "db");
+    assert_eq!(first["status"], 201);
+    // Refused requests are audited too, as anonymous when unauthenticated.
+    call(
+        &e.app,
+        Method::DELETE,
+        "/api/v1/orgs/default/secrets/db",
+        None,
+        None,
+    )
+    .await;
+    let (_, audit) = call(&e.app, Method::GET, "/api/v1/audit?user=anonymous", t, None).await;
+    assert_eq!(audit["items"][0]["status"], 401);
+}
