@@ -154,7 +154,7 @@ pub fn print_list(kind: Kind, items: &[Resource], format: OutputFormat) -> anyho
         ),
         OutputFormat::Name => {
             for r in items {
-                println!("{}/{}", kind.plural(), r.metadata.name);
+                println!("{}/{}", kind.as_str().to_ascii_lowercase(), r.metadata.name);
             }
         }
         OutputFormat::Table | OutputFormat::Wide => {

@@ -4,3 +4,5 @@
 mod harness;
 
 mod smoke;
+mod cli;
+mod durability;
