@@ -1,9 +1,16 @@
+//! The one error type of the store. Variants map onto API responses: `NotFound` → 404, `AlreadyExists` and
+//! `Conflict` → 409, `Expired` → 410, `Invalid` → 422, `Missing`/`Duplicate` for identity rows, `Backend` →
+//! 500 (the message names the backend and, for PostgreSQL, the SQLSTATE).
+
 use crate::Key;
 
+/// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// No object under this key.
     #[error("{0} not found")]
     NotFound(Key),
+    /// A create found the key taken.
     #[error("{0} already exists")]
     AlreadyExists(Key),
     /// A write carried a `resourceVersion` that is no longer current.
@@ -25,6 +32,7 @@ pub enum StoreError {
     /// An identity row that would duplicate a unique name.
     #[error("{0}")]
     Duplicate(String),
+    /// The database failed (I/O, connection, corrupt rows); not the caller's fault.
     #[error("storage backend: {0}")]
     Backend(String),
 }

@@ -1,9 +1,11 @@
 //! Identity rows (users, API tokens, console sessions), the audit log and per-object events. These live in
-//! their own tables, not as resources.
+//! their own tables, not as resources. Times are stored as integer microseconds in both backends, so values
+//! read back equal what was written to the microsecond.
 
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
+/// A person (or robot) who signs in.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct User {
     pub id: String,
@@ -17,6 +19,7 @@ pub struct User {
     pub created_at: Timestamp,
 }
 
+/// What [`crate::Store::create_user`] needs; the store assigns the id and creation time.
 #[derive(Debug, Clone)]
 pub struct NewUser {
     pub name: String,
@@ -24,6 +27,7 @@ pub struct NewUser {
     pub superuser: bool,
 }
 
+/// An API token (stored by hash).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Token {
     pub id: String,
@@ -38,6 +42,7 @@ pub struct Token {
     pub last_used_at: Option<Timestamp>,
 }
 
+/// A console sign-in (stored by the hash of its cookie).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Session {
     pub id: String,
@@ -70,6 +75,7 @@ pub struct AuditRecord {
     pub outcome: String,
 }
 
+/// Filters for [`crate::Store::list_audit`]; `since`/`until` are inclusive.
 #[derive(Debug, Clone, Default)]
 pub struct AuditQuery {
     pub user: Option<String>,

@@ -1,3 +1,5 @@
+//! The store's request and response types: keys, list and watch queries, pages, watch events, options.
+
 use std::fmt;
 
 use model::{Kind, Resource};
@@ -51,6 +53,7 @@ pub struct ListQuery {
     pub continue_token: Option<String>,
 }
 
+/// One page of a list.
 #[derive(Debug, Clone)]
 pub struct ListPage {
     pub items: Vec<Resource>,
@@ -60,6 +63,7 @@ pub struct ListPage {
     pub revision: u64,
 }
 
+/// What to watch. `organization`/`project` narrow the scope as in [`ListQuery`].
 #[derive(Debug, Clone, Default)]
 pub struct WatchQuery {
     pub kind: Option<Kind>,
@@ -69,6 +73,7 @@ pub struct WatchQuery {
     pub from_revision: Option<u64>,
 }
 
+/// What happened to an object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum EventType {
     Added,
@@ -76,6 +81,7 @@ pub enum EventType {
     Deleted,
 }
 
+/// One committed change, as delivered to watchers.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct WatchEvent {
     #[serde(rename = "type")]
@@ -94,6 +100,7 @@ pub enum Deleted {
     Pending(Resource),
 }
 
+/// Store tuning.
 #[derive(Debug, Clone)]
 pub struct Options {
     /// How many events the log keeps before compaction; a watch older than that gets `Expired`.

@@ -27,7 +27,7 @@ use crate::{Key, ListPage, ListQuery, Options, Result, StoreError, WatchEvent};
 const MAX_BATCH: usize = 1024;
 /// Pending write requests before callers wait for room.
 const QUEUE: usize = 4096;
-/// Idle read connections kept open.
+/// Concurrent reads, and idle read connections kept open.
 const MAX_IDLE_READERS: usize = 8;
 /// How long a connection waits on a lock held by another connection before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -176,6 +176,8 @@ where
 struct ReadPool {
     path: PathBuf,
     idle: Mutex<Vec<Connection>>,
+    /// Bounds concurrent reads (and so open connections and blocking threads).
+    permits: tokio::sync::Semaphore,
 }
 
 impl ReadPool {
@@ -449,6 +451,7 @@ impl Sqlite {
             readers: Arc::new(ReadPool {
                 path,
                 idle: Mutex::new(Vec::new()),
+                permits: tokio::sync::Semaphore::new(MAX_IDLE_READERS),
             }),
         })
     }
@@ -477,6 +480,12 @@ impl Sqlite {
         F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
     {
         let pool = self.readers.clone();
+        let _permit = pool
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| StoreError::Backend("sqlite: the read pool is closed".into()))?;
+        let pool = pool.clone();
         tokio::task::spawn_blocking(move || {
             let mut conn = pool.take()?;
             let r = f(&mut conn);
