@@ -1235,8 +1235,8 @@ async fn many_watchers(b: Backend) {
     let p50 = latencies[n / 2];
     let p99 = latencies[n * 99 / 100];
     eprintln!("{b:?}: {n} watchers, commit-to-delivery p50 {p50:?}, p99 {p99:?}");
-    // The target is 100 ms; measured p99 is a few ms, so this leaves room for a busy machine.
-    assert!(p99 < Duration::from_millis(250), "p99 {p99:?}");
+    // Delivery latency is a benchmark figure (`cargo xtask bench`), not a test assertion: this test checks
+    // that every watcher received exactly the change.
 }
 
 async fn bulk_creates(b: Backend) {
@@ -1272,10 +1272,6 @@ async fn bulk_creates(b: Backend) {
         .await
         .unwrap();
     assert_eq!(all.items.len(), total);
-    assert!(
-        took < Duration::from_secs(10),
-        "{total} creates took {took:?}"
-    );
 }
 
 async fn users_tokens_sessions(b: Backend) {
