@@ -309,6 +309,11 @@ fn describe_shows_spec_and_conditions_and_delete_removes() {
     let missing = fails(s.kiln(&["describe", "component", "no-such-thing"]));
     assert!(missing.contains("not found"), "{missing}");
 
+    // A project that still holds components is not deleted.
+    let err = fails(s.kiln(&["delete", "project", "e-commerce-platform"]));
+    assert!(err.contains("delete them first"), "{err}");
+    ok(s.kiln(&["get", "project", "e-commerce-platform"]));
+
     let out = ok(s.kiln(&["delete", "component", "user-service"]));
     assert!(out.contains("component/user-service deleted"), "{out}");
     let gone = fails(s.kiln(&["get", "component", "user-service"]));
@@ -325,6 +330,14 @@ fn describe_shows_spec_and_conditions_and_delete_removes() {
     );
     let again = fails(s.kiln(&["delete", "-f", dp.to_str().unwrap()]));
     assert!(again.contains("not found"), "{again}");
+
+    // Manifests from standard input, applied and deleted.
+    let text = project("from-stdin", &[]);
+    let out = ok(s.kiln_as(&s.admin_token(), &["apply", "-f", "-"], Some(&text)));
+    assert_eq!(out.trim(), "project/from-stdin created");
+    let out = ok(s.kiln_as(&s.admin_token(), &["delete", "-f", "-"], Some(&text)));
+    assert_eq!(out.trim(), "project/from-stdin deleted");
+    fails(s.kiln_as(&s.admin_token(), &["get", "project", "from-stdin"], None));
 }
 
 #[test]
@@ -468,7 +481,8 @@ fn organizations_users_logins_and_tokens() {
         .lines()
         .find(|l| l.starts_with(&short_id))
         .unwrap_or_else(|| panic!("{short_id} in\n{tokens}"));
-    assert!(!row.contains(" - "), "the expiry is listed: {row}");
+    let expires = row.split_whitespace().nth(4).unwrap_or_default();
+    assert!(expires.starts_with("20"), "the expiry is listed: {row}");
 
     // A revoked token stops working at once and is listed as revoked.
     let (doomed, doomed_id) = create_token(
