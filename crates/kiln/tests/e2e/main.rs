@@ -3,6 +3,7 @@
 
 mod harness;
 
-mod smoke;
 mod cli;
+mod console;
 mod durability;
+mod smoke;

@@ -4,7 +4,6 @@ use model::{Condition, ConditionStatus, Kind, Resource};
 
 pub const CSS: &str = r#"
 *{box-sizing:border-box}
-html{scrollbar-gutter:stable}
 body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;color:#1d1d1f;background:#f6f4f2}
 header{background:#2b1d14;color:#fff;padding:0 1.5em;min-height:2.9em;display:flex;gap:1em;align-items:center}
 header a{color:#ffcf99;text-decoration:none;font-weight:600}
