@@ -8,12 +8,19 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
-    let Ok(resources) = model::decode_manifests(text) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(resources) = model::decode_manifests(text) else {
+        return;
+    };
     for r in resources {
         let _ = model::references(&r);
-        let Ok(normalized) = model::normalize(r) else { continue };
-        let again = model::normalize(normalized.clone()).expect("a normalized resource stays valid");
+        let Ok(normalized) = model::normalize(r) else {
+            continue;
+        };
+        let again =
+            model::normalize(normalized.clone()).expect("a normalized resource stays valid");
         assert_eq!(again, normalized, "normalize is not idempotent");
         let json = serde_json::to_string(&normalized).expect("resources serialize");
         let back = model::decode_manifests(&json).expect("a normalized resource decodes");
