@@ -1,1 +1,74 @@
-//! controllers
+//! Kiln's controllers: one reconciler per kind, built on the `runtime` crate, started together by
+//! [`spawn_all`].
+//!
+//! Architecture invariants:
+//! - Controllers write only `status` (through `Store::update_status`, based on the resourceVersion they read,
+//!   so a concurrent change makes the write fail and the object is reconciled again), and only when it changed.
+//! - A malformed spec never fails a reconcile: it becomes a condition that names the field.
+//! - Child failures surface on the parent's conditions.
+
+mod organization;
+mod project;
+mod status;
+
+use std::sync::Arc;
+
+use runtime::ControllerStats;
+use store::{Key, Store, StoreError};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+pub use organization::OrganizationController;
+pub use project::ProjectController;
+
+/// Why a reconcile failed (a store operation failed; everything else becomes a condition).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{what} {key}")]
+    Store {
+        /// What was being done, e.g. `writing the status of`.
+        what: &'static str,
+        key: Key,
+        #[source]
+        source: StoreError,
+    },
+}
+
+/// The running controllers: their stats, and a way to wait for them to stop.
+pub struct Controllers {
+    stats: Vec<Arc<ControllerStats>>,
+    tasks: JoinSet<()>,
+}
+
+impl Controllers {
+    /// Live stats of every controller, e.g. for `runtime::render_prometheus`.
+    pub fn stats(&self) -> &[Arc<ControllerStats>] {
+        &self.stats
+    }
+
+    /// Waits until every controller stopped (after the shutdown signal, once their reconciles in flight ended).
+    pub async fn wait(mut self) {
+        while let Some(done) = self.tasks.join_next().await {
+            if let Err(e) = done {
+                tracing::error!(error = %e, "a controller task failed");
+            }
+        }
+    }
+}
+
+/// Starts every controller on the current tokio runtime. They run until `shutdown` becomes `true` (or its sender
+/// is dropped); then [`Controllers::wait`] returns once their reconciles in flight ended.
+pub fn spawn_all(store: Store, shutdown: watch::Receiver<bool>) -> Controllers {
+    let mut tasks = JoinSet::new();
+    let organizations = organization::controller(store.clone());
+    let projects = project::controller(store);
+    let stats = vec![organizations.stats(), projects.stats()];
+    tasks.spawn(organizations.run(shutdown.clone()));
+    tasks.spawn(projects.run(shutdown));
+    Controllers { stats, tasks }
+}
+
+/// Runs every controller until `shutdown` (see [`spawn_all`]).
+pub async fn run_all(store: Store, shutdown: watch::Receiver<bool>) {
+    spawn_all(store, shutdown).wait().await;
+}

@@ -22,6 +22,7 @@ pub mod finalizer;
 mod queue;
 mod source;
 mod stats;
+mod store_source;
 mod watcher;
 
 pub use action::{Action, Context, Reconciler};
@@ -30,6 +31,7 @@ pub use controller::{Controller, Mapper};
 pub use finalizer::{finalizer, Event, FinalizerError, Updater};
 pub use source::{Cache, EventStream, Listing, Source};
 pub use stats::{render_prometheus, ControllerStats, StatsSnapshot};
+pub use store_source::StoreSource;
 
 /// Formats an error with its chain of sources, `outer: inner: innermost`, for log lines.
 pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));

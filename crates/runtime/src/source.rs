@@ -90,3 +90,12 @@ impl Cache {
         self.objects.read().unwrap_or_else(PoisonError::into_inner)
     }
 }
+
+/// A cache holding `items` (objects of unknown kind are skipped), e.g. to test a [`crate::Mapper`].
+impl FromIterator<Resource> for Cache {
+    fn from_iter<I: IntoIterator<Item = Resource>>(items: I) -> Self {
+        let cache = Cache::default();
+        cache.replace(items.into_iter().collect());
+        cache
+    }
+}
