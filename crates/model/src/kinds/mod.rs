@@ -15,7 +15,7 @@ mod workload;
 
 pub use component::{
     Build, ComponentSpec, ComponentType, Dependency, Endpoint, EndpointProtocol, GitSource, Source,
-    Visibility,
+    Visibility, MAX_REPLICAS,
 };
 pub use dataplane::{
     Cluster, DataPlaneSpec, DataPlaneType, DockerConfig, KubernetesConfig, NodeGroup, ProcessConfig,
@@ -24,7 +24,7 @@ pub use environment::{DeploymentPipelineSpec, EnvironmentSpec, PromotionPath, Pr
 pub use organization::{
     Communication, Isolation, NetworkPolicies, OrganizationSpec, ResourceQuotas,
 };
-pub use project::{ProjectComponent, ProjectSpec};
+pub use project::{ProjectComponent, ProjectSpec, DEFAULT_PIPELINE};
 pub use rbac::{
     builtin_roles, is_builtin_role, PolicyRule, RoleBindingSpec, RoleSpec, Subject, SubjectKind,
     Verb,
