@@ -169,8 +169,8 @@ impl<R: Reconciler> Controller<R> {
                 Some(done) = running.tasks.join_next_with_id() => {
                     self.finish(done, &mut running, &mut queue, &mut failures);
                 }
-                Some(key) = trigger_rx.recv() => queue.trigger(key),
                 () = sleep_until(deadline) => queue.fire_due(Instant::now()),
+                Some(key) = trigger_rx.recv() => queue.trigger(key),
             }
         }
 
