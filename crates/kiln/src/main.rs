@@ -9,7 +9,26 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// Output piped into a reader that stopped early (`kiln get … | head`) is not an error: exit quietly instead of
+/// the standard library's panic on a broken pipe.
+fn quiet_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.contains("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default(info);
+    }));
+}
+
 fn main() -> ExitCode {
+    quiet_broken_pipe();
     let cli = cli::Cli::parse();
     let runtime = match &cli.command {
         cli::Command::Server(_) => tokio::runtime::Builder::new_multi_thread()

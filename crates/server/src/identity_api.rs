@@ -162,11 +162,10 @@ async fn whoami(State(state): State<AppState>, p: Principal) -> ApiResult<Json<W
     let mut organizations = Vec::new();
     for name in orgs {
         let acc = rbac::org_access(&state.store, &p, &name).await?;
-        let roles = if p.user.superuser {
-            vec!["superuser".to_string()]
-        } else {
-            acc.roles()
-        };
+        let mut roles = acc.roles();
+        if p.user.superuser {
+            roles.push("superuser".to_string());
+        }
         organizations.push(OrgRoles { name, roles });
     }
     let authenticated_by = match p.credential {

@@ -198,13 +198,6 @@ pub async fn org_access(store: &Store, principal: &Principal, org: &str) -> ApiR
         Err(store::StoreError::NotFound(_)) => return Err(not_found()),
         Err(e) => return Err(e.into()),
     }
-    if principal.user.superuser {
-        return Ok(OrgAccess {
-            organization: org.to_string(),
-            superuser: true,
-            grants: vec![],
-        });
-    }
     let bindings = store
         .list(&ListQuery {
             kind: Some(Kind::RoleBinding),
@@ -256,12 +249,13 @@ pub async fn org_access(store: &Store, principal: &Principal, org: &str) -> ApiR
             rules,
         });
     }
-    if grants.is_empty() {
+    let superuser = principal.user.superuser;
+    if grants.is_empty() && !superuser {
         return Err(not_found());
     }
     Ok(OrgAccess {
         organization: org.to_string(),
-        superuser: false,
+        superuser,
         grants,
     })
 }

@@ -187,7 +187,7 @@ async fn list(
     }
     let allowed = move |r: &Resource| -> bool {
         if let Some(orgs) = &visible_orgs {
-            return orgs.iter().any(|o| *o == r.metadata.name);
+            return orgs.contains(&r.metadata.name);
         }
         match &acc {
             Some(a) => a.allows(verb, t.kind, object_project(r)),
