@@ -1,35 +1,23 @@
 //! Starting the controllers with the server and stopping them on shutdown.
 
-use std::sync::Arc;
-
-use runtime::ControllerStats;
 use store::Store;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 /// The running controllers.
-pub struct Handle {
-    tasks: Vec<JoinHandle<()>>,
-    stats: Vec<Arc<ControllerStats>>,
-}
+pub struct Handle(controllers::Controllers);
 
 impl Handle {
+    /// The controllers' counters in the Prometheus text format.
     pub fn render_metrics(&self) -> String {
-        runtime::render_prometheus(&self.stats)
+        runtime::render_prometheus(self.0.stats())
     }
 
     /// Waits for the controllers to finish their in-flight reconciles (they stop when shutdown flips).
     pub async fn stop(self) {
-        for t in self.tasks {
-            let _ = t.await;
-        }
+        self.0.wait().await;
     }
 }
 
 pub fn start(store: Store, shutdown: watch::Receiver<bool>) -> Handle {
-    let _ = (store, shutdown);
-    Handle {
-        tasks: Vec::new(),
-        stats: Vec::new(),
-    }
+    Handle(controllers::spawn_all(store, shutdown))
 }
