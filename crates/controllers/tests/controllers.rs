@@ -81,6 +81,22 @@ where
     }
 }
 
+/// Waits until the controller `name` has no reconcile running or queued. Called after observing a status
+/// write, it means the reconcile that wrote has returned (and recorded its events).
+async fn idle(controllers: &controllers::Controllers, name: &str) {
+    let stats = controllers
+        .stats()
+        .iter()
+        .find(|s| s.name == name)
+        .expect("a controller of that name")
+        .clone();
+    eventually(&format!("{name} to be idle"), || async {
+        let s = stats.snapshot();
+        (s.in_flight == 0 && s.queue_depth == 0).then_some(())
+    })
+    .await;
+}
+
 /// Waits until the object's condition `type_` has `status` and `reason`; returns the object.
 async fn condition(
     store: &Store,
@@ -147,6 +163,7 @@ async fn organization_becomes_ready_with_an_event() {
     let ready = obj.condition("Ready").unwrap();
     assert_eq!(ready.observed_generation, generation);
     assert_eq!(ready.last_transition_time, first_transition);
+    idle(&h.controllers, "organizations").await;
     let events = h
         .store
         .list_events("Organization", None, None, "acme", 10)
@@ -317,21 +334,23 @@ async fn project_waits_for_its_pipeline_and_reports_missing_components() {
     )
     .await;
 
-    let events = h
-        .store
-        .list_events("Project", org, None, "shop", 10)
-        .await
-        .unwrap();
-    let reasons: Vec<&str> = events.iter().map(|e| e.reason.as_str()).collect();
-    assert_eq!(
-        reasons,
-        [
-            "DeploymentPipelineNotFound",
-            "Ready",
-            "DeploymentPipelineNotFound"
-        ],
-        "newest first"
-    );
+    // Events are recorded just after the status write that makes the transition.
+    let expected = [
+        "DeploymentPipelineNotFound",
+        "Ready",
+        "DeploymentPipelineNotFound",
+    ];
+    let reasons = eventually("an event per Ready transition", || async {
+        let events = h
+            .store
+            .list_events("Project", org, None, "shop", 10)
+            .await
+            .ok()?;
+        let reasons: Vec<String> = events.into_iter().map(|e| e.reason).collect();
+        (reasons.len() >= expected.len()).then_some(reasons)
+    })
+    .await;
+    assert_eq!(reasons, expected, "newest first");
 
     h.stop_tx.send(true).unwrap();
     timeout(WITHIN, h.controllers.wait())
@@ -371,15 +390,18 @@ async fn a_malformed_project_spec_becomes_a_condition() {
         "spec.components[0].name must be a non-empty string"
     );
 
-    let stats: Vec<_> = h.controllers.stats().iter().map(|s| s.snapshot()).collect();
-    let names: Vec<&str> = stats.iter().map(|s| s.name.as_str()).collect();
-    assert_eq!(names, ["organizations", "projects"]);
-    assert!(
+    // The loop books a reconcile just after the reconciler returned.
+    let stats = eventually("both controllers to count their reconciles", || async {
+        let stats: Vec<_> = h.controllers.stats().iter().map(|s| s.snapshot()).collect();
         stats
             .iter()
-            .all(|s| s.reconciles_total >= 1 && s.errors_total == 0),
-        "{stats:?}"
-    );
+            .all(|s| s.reconciles_total >= 1)
+            .then_some(stats)
+    })
+    .await;
+    let names: Vec<&str> = stats.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["organizations", "projects"]);
+    assert!(stats.iter().all(|s| s.errors_total == 0), "{stats:?}");
     let text = runtime::render_prometheus(h.controllers.stats());
     assert!(
         text.contains("kiln_controller_reconciles_total{controller=\"projects\"}"),
