@@ -85,8 +85,8 @@ pub struct ServerArgs {
 pub struct LoginArgs {
     /// The server's URL, e.g. http://127.0.0.1:7080.
     pub server_url: String,
-    /// An API token; without it, log in with a username and password.
-    #[arg(long = "with-token", visible_alias = "token-value")]
+    /// An API token to store (`--token T` works as well); without one, log in with a username and password.
+    #[arg(long = "with-token")]
     pub with_token: Option<String>,
     #[arg(long, short = 'u')]
     pub username: Option<String>,

@@ -63,7 +63,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Login(args) => {
-            let token = match (&args.with_token, &args.username) {
+            // `kiln login URL --token T` works too: the global --token (or KILN_TOKEN) is the token to store.
+            let given = args.with_token.clone().or_else(|| cli.token.clone());
+            let token = match (&given, &args.username) {
                 (Some(t), _) => t.clone(),
                 (None, Some(user)) => {
                     if !args.password_stdin {

@@ -10,7 +10,7 @@ use crate::harness::*;
 
 /// The OpenChoreo example manifests the model crate's tests decode.
 fn seeds_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/seeds")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/openchoreo")
 }
 
 /// Asserts failure and returns stderr.

@@ -379,7 +379,7 @@ fn put_status(server: &Server, path: &str, status: Value) {
 }
 
 fn seeds_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/seeds")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/openchoreo")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use crate::{expect_file, files, fixtures_dir, normalize_all, read};
+use crate::{expect_file, files, fixtures_dir, normalize_all, read, seeds_dir};
 
 fn pretty(v: &impl serde::Serialize) -> String {
     serde_json::to_string_pretty(v).expect("resources serialize") + "\n"
@@ -11,8 +11,8 @@ fn pretty(v: &impl serde::Serialize) -> String {
 
 #[test]
 fn valid_fixtures_normalize_to_recorded_form() {
-    for sub in ["seeds", "valid"] {
-        for path in files(&fixtures_dir().join(sub), &["yaml", "json"]) {
+    for dir in [seeds_dir(), fixtures_dir().join("valid")] {
+        for path in files(&dir, &["yaml", "json"]) {
             let resources = normalize_all(&path);
             let stem = path
                 .file_stem()
@@ -55,7 +55,7 @@ fn invalid_fixtures_fail_with_recorded_messages() {
 }
 
 fn seed(name: &str) -> Value {
-    let resources = normalize_all(&fixtures_dir().join("seeds").join(name));
+    let resources = normalize_all(&seeds_dir().join(name));
     assert_eq!(resources.len(), 1, "{name}");
     serde_json::to_value(&resources[0]).expect("resources serialize")
 }
@@ -108,7 +108,7 @@ fn seed_project_organization_and_data_planes_get_defaults() {
 
 #[test]
 fn seeds_with_the_openchoreo_api_version_are_refused_by_name() {
-    for path in files(&fixtures_dir().join("seeds"), &["yaml"]) {
+    for path in files(&seeds_dir(), &["yaml"]) {
         let text = read(&path).replace("apiVersion: kiln.dev/v1", "apiVersion: choreo.dev/v1");
         let docs =
             model::decode_manifests(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));

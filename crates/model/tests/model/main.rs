@@ -1,5 +1,5 @@
-//! Integration tests of the model crate against the fixture files in `tests/fixtures` (shared with the server
-//! and CLI tests) and the fuzz seeds in `fuzz/seeds`.
+//! Integration tests of the model crate against the fixture files in `tests/fixtures`, the OpenChoreo seed
+//! manifests in `examples/openchoreo` (shared with the CLI and console tests) and the fuzz seeds in `fuzz/seeds`.
 //!
 //! Expected outputs live next to the inputs as files; run with `UPDATE_EXPECT=1` to rewrite them after an
 //! intended change, and review the diff.
@@ -15,6 +15,11 @@ use model::Resource;
 /// The crate's `tests/fixtures` folder.
 pub fn fixtures_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// The OpenChoreo seed manifests (with `apiVersion: kiln.dev/v1`), kept with the project's examples.
+pub fn seeds_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/openchoreo")
 }
 
 /// The files directly in `dir` with one of the given extensions, sorted by name.

@@ -96,7 +96,7 @@ fn check(text: &str) -> usize {
 fn inputs() -> Vec<Vec<u8>> {
     let fuzz_seeds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds/manifest");
     let dirs = [
-        fixtures_dir().join("seeds"),
+        crate::seeds_dir(),
         fixtures_dir().join("valid"),
         fixtures_dir().join("invalid"),
         fuzz_seeds,
