@@ -32,8 +32,9 @@ pub struct PolicyRule {
 
 /// An API verb.
 ///
-/// For Secrets, `get` is the verb that reveals values: `list` and `watch` return secrets with their keys but
-/// with values removed, so a role can show which secrets exist without disclosing them.
+/// The API never returns a Secret's values, whatever the verb: reads show names and keys only. `get` on
+/// secrets is still granted sparingly, since it is the verb that later consumers of values (workloads and
+/// pipeline steps that mount them) are checked against.
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[serde(rename_all = "lowercase")]
 pub enum Verb {
