@@ -99,6 +99,16 @@ impl Target {
         self.key().to_string()
     }
 
+    /// Tells the audit layer which object this request addresses.
+    fn audit(&self, slot: &AuditSlot) {
+        slot.set_target(
+            self.kind.as_str(),
+            self.governing_org(),
+            self.project.as_deref(),
+            self.name.as_deref(),
+        );
+    }
+
     /// The project access is checked against: the object's project, or for a Project, itself.
     fn rbac_project(&self) -> Option<&str> {
         if self.kind == Kind::Project {
@@ -513,12 +523,7 @@ async fn create(
     if t.name.is_none() {
         t.name = Some(obj.metadata.name.clone());
     }
-    slot.set_target(
-        t.kind.as_str(),
-        t.governing_org(),
-        t.project.as_deref(),
-        t.name.as_deref(),
-    );
+    t.audit(&slot);
     authorize_write(&state, &principal, &t, Verb::Create).await?;
     let obj = prepare(&t, obj)?;
     refuse_builtin(&t, None, Some(&obj))?;
@@ -536,12 +541,7 @@ async fn apply(
     t: Target,
     body: Body,
 ) -> ApiResult<Response> {
-    slot.set_target(
-        t.kind.as_str(),
-        t.governing_org(),
-        t.project.as_deref(),
-        t.name.as_deref(),
-    );
+    t.audit(&slot);
     let obj = decode_one(&read_body(&state, body).await?)?;
     let existing = match t.kind {
         // The organization must be visible before its existence is revealed.
@@ -596,12 +596,7 @@ async fn patch(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    slot.set_target(
-        t.kind.as_str(),
-        t.governing_org(),
-        t.project.as_deref(),
-        t.name.as_deref(),
-    );
+    t.audit(&slot);
     authorize_write(&state, &principal, &t, Verb::Patch).await?;
     let ct = headers
         .get(header::CONTENT_TYPE)
@@ -647,12 +642,7 @@ async fn delete(
     slot: AuditSlot,
     t: Target,
 ) -> ApiResult<Response> {
-    slot.set_target(
-        t.kind.as_str(),
-        t.governing_org(),
-        t.project.as_deref(),
-        t.name.as_deref(),
-    );
+    t.audit(&slot);
     authorize_write(&state, &principal, &t, Verb::Delete).await?;
     let existing = state.store.get(&t.key()).await?;
     refuse_builtin(&t, Some(&existing), None)?;
@@ -670,12 +660,7 @@ async fn put_status(
     t: Target,
     body: Body,
 ) -> ApiResult<Response> {
-    slot.set_target(
-        t.kind.as_str(),
-        t.governing_org(),
-        t.project.as_deref(),
-        t.name.as_deref(),
-    );
+    t.audit(&slot);
     authorize_write(&state, &principal, &t, Verb::Update).await?;
     let bytes = read_body(&state, body).await?;
     let obj: Value = serde_json::from_slice(&bytes)

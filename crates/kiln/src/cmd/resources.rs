@@ -142,6 +142,40 @@ pub async fn apply(ctx: &Ctx, args: &ApplyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The project of the object `name` of `kind`: the one given, or for a project-scoped kind without one, the
+/// project of the only object of that name (found by listing across projects).
+async fn locate_project(
+    ctx: &Ctx,
+    kind: Kind,
+    name: &str,
+    given: Option<&str>,
+) -> anyhow::Result<Option<String>> {
+    if kind.scope() != Scope::Project || given.is_some() {
+        return Ok(given.map(str::to_string));
+    }
+    let all = ctx
+        .client
+        .list_all(
+            kind,
+            &Scoped {
+                org: &ctx.org,
+                project: None,
+            },
+            None,
+        )
+        .await?;
+    let found: Vec<&str> = all
+        .iter()
+        .filter(|r| r.metadata.name == name)
+        .filter_map(|r| r.metadata.project.as_deref())
+        .collect();
+    match found.as_slice() {
+        [one] => Ok(Some(one.to_string())),
+        [] => bail!("{kind} {name} not found in organization {}", ctx.org),
+        _ => bail!("several projects have a {kind} named {name}; pass --project"),
+    }
+}
+
 pub async fn get(ctx: &Ctx, args: &GetArgs) -> anyhow::Result<()> {
     let kind = parse_kind(&args.kind)?;
     let scope = Scoped {
@@ -149,16 +183,18 @@ pub async fn get(ctx: &Ctx, args: &GetArgs) -> anyhow::Result<()> {
         project: args.project.as_deref(),
     };
     if let Some(name) = &args.name {
-        if kind.scope() == Scope::Project && args.project.is_none() {
-            let all = ctx.client.list_all(kind, &scope, None).await?;
-            let found: Vec<&Resource> = all.iter().filter(|r| &r.metadata.name == name).collect();
-            return match found.as_slice() {
-                [one] => output::print_one(kind, one, args.output),
-                [] => bail!("{kind} {name} not found in organization {}", ctx.org),
-                _ => bail!("several projects have a {kind} named {name}; pass --project"),
-            };
-        }
-        let obj = ctx.client.get(kind, &scope, name).await?;
+        let project = locate_project(ctx, kind, name, args.project.as_deref()).await?;
+        let obj = ctx
+            .client
+            .get(
+                kind,
+                &Scoped {
+                    org: &ctx.org,
+                    project: project.as_deref(),
+                },
+                name,
+            )
+            .await?;
         return output::print_one(kind, &obj, args.output);
     }
     let list = ctx
@@ -205,27 +241,7 @@ pub async fn get(ctx: &Ctx, args: &GetArgs) -> anyhow::Result<()> {
 
 pub async fn describe(ctx: &Ctx, args: &DescribeArgs) -> anyhow::Result<()> {
     let kind = parse_kind(&args.kind)?;
-    let mut project = args.project.clone();
-    if kind.scope() == Scope::Project && project.is_none() {
-        let all = ctx
-            .client
-            .list_all(
-                kind,
-                &Scoped {
-                    org: &ctx.org,
-                    project: None,
-                },
-                None,
-            )
-            .await?;
-        project = all
-            .iter()
-            .find(|r| r.metadata.name == args.name)
-            .and_then(|r| r.metadata.project.clone());
-        if project.is_none() {
-            bail!("{kind} {} not found in organization {}", args.name, ctx.org);
-        }
-    }
+    let project = locate_project(ctx, kind, &args.name, args.project.as_deref()).await?;
     let scope = Scoped {
         org: &ctx.org,
         project: project.as_deref(),
@@ -347,27 +363,7 @@ pub async fn delete(ctx: &Ctx, args: &DeleteArgs) -> anyhow::Result<()> {
             bail!("pass KIND NAME, or -f FILE")
         };
         let kind = parse_kind(kind)?;
-        let mut project = args.project.clone();
-        if kind.scope() == Scope::Project && project.is_none() {
-            let all = ctx
-                .client
-                .list_all(
-                    kind,
-                    &Scoped {
-                        org: &ctx.org,
-                        project: None,
-                    },
-                    None,
-                )
-                .await?;
-            project = all
-                .iter()
-                .find(|r| &r.metadata.name == name)
-                .and_then(|r| r.metadata.project.clone());
-            if project.is_none() {
-                bail!("{kind} {name} not found in organization {}", ctx.org);
-            }
-        }
+        let project = locate_project(ctx, kind, name, args.project.as_deref()).await?;
         targets.push((kind, name.clone(), project, ctx.org.clone()));
     }
     let mut failures = 0;
