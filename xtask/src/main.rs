@@ -1,1 +1,785 @@
-fn main() {}
+//! Project automation. `cargo run -p xtask --release -- bench` measures a release `kiln server` on SQLite and
+//! PostgreSQL side by side against the performance targets and prints a summary table; it exits non-zero when
+//! a target is missed. See docs/benchmarks.md.
+
+mod load;
+mod server;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use server::{Backend, Env};
+
+const USAGE: &str = "\
+usage: cargo run -p xtask --release -- bench [options]
+
+Measures a release `kiln server` on SQLite and PostgreSQL against the targets in docs/benchmarks.md.
+
+options:
+  --only NAME[,NAME]   run only these: startup, rss, get, create, watch
+  --backend B          sqlite, postgres or both (default: both)
+  --runs N             server starts per startup case (default: 10)
+  --get-secs S         length of the fixed-rate GET run (default: 10)
+  --load-gen G         auto, oha or builtin (default: auto: oha if installed, else built in)
+  --watchers N         watch streams to open (default: 1000; the target is stated for 1000)
+  --no-build           use target/release/kiln as it is
+  --out FILE           also write the summary table (Markdown) to FILE
+
+PostgreSQL: KILN_TEST_POSTGRES_URL (an admin URL); when unset, scripts/pg-test-env is run to get one.
+oha: $OHA, target/tools/bin/oha, or oha on PATH
+     (cargo install oha --locked --root target/tools).";
+
+const SCENARIOS: [&str; 5] = ["startup", "rss", "get", "create", "watch"];
+
+// Workload shapes (the targets are stated for these).
+const GET_RATE: u32 = 1_000;
+const GET_CONNS: u32 = 32;
+const CREATES: usize = 10_000;
+const CREATE_CONNS: usize = 32;
+const WATCHERS: usize = 1_000;
+const WATCH_CHANGES: usize = 50;
+const WATCH_SPACING: Duration = Duration::from_millis(100);
+const IDLE_SETTLE: Duration = Duration::from_secs(2);
+
+struct Opts {
+    only: Vec<String>,
+    backends: Vec<Backend>,
+    runs: usize,
+    get_secs: u64,
+    load_gen: String,
+    watchers: usize,
+    build: bool,
+    out: Option<PathBuf>,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let code = match args.first().map(String::as_str) {
+        Some("bench") => match parse(&args[1..]).and_then(bench) {
+            Ok(true) => 0,
+            Ok(false) => 1,
+            Err(e) => {
+                eprintln!("xtask bench: {e:#}");
+                2
+            }
+        },
+        Some("-h" | "--help" | "help") => {
+            println!("{USAGE}");
+            0
+        }
+        _ => {
+            eprintln!("{USAGE}");
+            2
+        }
+    };
+    std::process::exit(code);
+}
+
+fn parse(args: &[String]) -> Result<Opts> {
+    let mut o = Opts {
+        only: SCENARIOS.iter().map(|s| s.to_string()).collect(),
+        backends: vec![Backend::Sqlite, Backend::Postgres],
+        runs: 10,
+        get_secs: 10,
+        load_gen: "auto".into(),
+        watchers: WATCHERS,
+        build: true,
+        out: None,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut val = || it.next().with_context(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--only" => {
+                o.only = val()?.split(',').map(str::to_string).collect();
+                for s in &o.only {
+                    if !SCENARIOS.contains(&s.as_str()) {
+                        bail!("unknown scenario {s:?}; known: {}", SCENARIOS.join(", "));
+                    }
+                }
+            }
+            "--backend" => {
+                o.backends = match val()?.as_str() {
+                    "sqlite" => vec![Backend::Sqlite],
+                    "postgres" | "pg" => vec![Backend::Postgres],
+                    "both" => vec![Backend::Sqlite, Backend::Postgres],
+                    b => bail!("unknown backend {b:?}"),
+                }
+            }
+            "--runs" => o.runs = val()?.parse().context("--runs")?,
+            "--get-secs" => o.get_secs = val()?.parse().context("--get-secs")?,
+            "--load-gen" => o.load_gen = val()?.clone(),
+            "--watchers" => o.watchers = val()?.parse().context("--watchers")?,
+            "--no-build" => o.build = false,
+            "--out" => o.out = Some(PathBuf::from(val()?)),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            _ => bail!("unknown argument {a:?}\n\n{USAGE}"),
+        }
+    }
+    if o.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    Ok(o)
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+}
+
+/// The PostgreSQL admin URL: `KILN_TEST_POSTGRES_URL`, or what scripts/pg-test-env prints.
+fn postgres_admin_url(root: &Path) -> Result<String> {
+    if let Ok(u) = std::env::var("KILN_TEST_POSTGRES_URL") {
+        if !u.is_empty() {
+            return Ok(u);
+        }
+    }
+    let script = root.join("scripts/pg-test-env");
+    eprintln!("KILN_TEST_POSTGRES_URL unset; running {}", script.display());
+    let out = Command::new(&script)
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} failed: {} (or pass --backend sqlite)",
+            script.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("export KILN_TEST_POSTGRES_URL="))
+        .map(|u| u.trim_matches(['"', '\'']).to_string())
+        .context("scripts/pg-test-env printed no KILN_TEST_POSTGRES_URL")
+}
+
+fn find_oha(root: &Path) -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("OHA") {
+        return Some(PathBuf::from(p));
+    }
+    let local = target_dir(root).join("tools/bin/oha");
+    if local.is_file() {
+        return Some(local);
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("oha"))
+            .find(|p| p.is_file())
+    })
+}
+
+/// Raises this process's soft open-file limit (inherited by the servers it starts) to at least `want`, up to
+/// the hard limit, with util-linux `prlimit`. Warns when that is not possible.
+fn raise_fd_limit(want: u64) {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let Some((soft, hard)) = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| {
+            let mut f = l.split_whitespace().skip(3);
+            let parse = |s: Option<&str>| match s {
+                Some("unlimited") => Some(u64::MAX),
+                Some(s) => s.parse().ok(),
+                None => None,
+            };
+            Some((parse(f.next())?, parse(f.next())?))
+        })
+    else {
+        return;
+    };
+    if soft >= want {
+        return;
+    }
+    let new = want.max(65_536).min(hard);
+    let ok = Command::new("prlimit")
+        .arg("--pid")
+        .arg(std::process::id().to_string())
+        .arg(format!(
+            "--nofile={new}:{}",
+            if hard == u64::MAX {
+                "unlimited".to_string()
+            } else {
+                hard.to_string()
+            }
+        ))
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok || new < want {
+        eprintln!(
+            "warning: open-file limit is {soft} (hard {hard}); the watch run needs about {want}: raise it with `ulimit -n`"
+        );
+    }
+}
+
+/// How one figure is judged.
+#[derive(Clone, Copy)]
+enum Target {
+    /// Must be below this, on every backend.
+    Below(f64),
+    /// Must be below this on SQLite; reported for PostgreSQL.
+    SqliteBelow(f64),
+    /// Must be zero.
+    Zero,
+    /// Reported only.
+    Info,
+}
+
+struct Metric {
+    key: &'static str,
+    label: &'static str,
+    unit: &'static str,
+    target: Target,
+    decimals: usize,
+}
+
+const METRICS: &[Metric] = &[
+    Metric {
+        key: "startup.fresh.median",
+        label: "Startup to /readyz, fresh data dir, median",
+        unit: "ms",
+        target: Target::Below(300.0),
+        decimals: 1,
+    },
+    Metric {
+        key: "startup.fresh.max",
+        label: "Startup to /readyz, fresh data dir, max",
+        unit: "ms",
+        target: Target::Below(300.0),
+        decimals: 1,
+    },
+    Metric {
+        key: "startup.warm.median",
+        label: "Startup to /readyz, warm restart, median",
+        unit: "ms",
+        target: Target::Below(300.0),
+        decimals: 1,
+    },
+    Metric {
+        key: "startup.warm.max",
+        label: "Startup to /readyz, warm restart, max",
+        unit: "ms",
+        target: Target::Below(300.0),
+        decimals: 1,
+    },
+    Metric {
+        key: "rss.idle",
+        label: "Idle RSS, 2 s after ready",
+        unit: "MB",
+        target: Target::Below(40.0),
+        decimals: 1,
+    },
+    Metric {
+        key: "get.p50",
+        label: "GET one object at 1,000 req/s, 32 clients, p50",
+        unit: "ms",
+        target: Target::Info,
+        decimals: 2,
+    },
+    Metric {
+        key: "get.p99",
+        label: "GET one object at 1,000 req/s, 32 clients, p99",
+        unit: "ms",
+        target: Target::Below(5.0),
+        decimals: 2,
+    },
+    Metric {
+        key: "get.max",
+        label: "GET one object at 1,000 req/s, 32 clients, max",
+        unit: "ms",
+        target: Target::Info,
+        decimals: 2,
+    },
+    Metric {
+        key: "get.rps",
+        label: "GET achieved rate",
+        unit: "req/s",
+        target: Target::Info,
+        decimals: 0,
+    },
+    Metric {
+        key: "get.errors",
+        label: "GET errors (non-200 or failed)",
+        unit: "",
+        target: Target::Zero,
+        decimals: 0,
+    },
+    Metric {
+        key: "create.wall",
+        label: "10,000 creates via the API, 32 clients, wall time",
+        unit: "s",
+        target: Target::SqliteBelow(10.0),
+        decimals: 2,
+    },
+    Metric {
+        key: "create.rate",
+        label: "Creates per second",
+        unit: "/s",
+        target: Target::Info,
+        decimals: 0,
+    },
+    Metric {
+        key: "create.p99",
+        label: "Create request p99",
+        unit: "ms",
+        target: Target::Info,
+        decimals: 1,
+    },
+    Metric {
+        key: "create.settle",
+        label: "Background work after the creates (until the store revision stops moving)",
+        unit: "s",
+        target: Target::Info,
+        decimals: 1,
+    },
+    Metric {
+        key: "create.errors",
+        label: "Create errors",
+        unit: "",
+        target: Target::Zero,
+        decimals: 0,
+    },
+    Metric {
+        key: "watch.p50",
+        label: "Change to 1,000 watchers, p50",
+        unit: "ms",
+        target: Target::Info,
+        decimals: 1,
+    },
+    Metric {
+        key: "watch.p99",
+        label: "Change to 1,000 watchers, p99",
+        unit: "ms",
+        target: Target::Below(100.0),
+        decimals: 1,
+    },
+    Metric {
+        key: "watch.max",
+        label: "Change to 1,000 watchers, max",
+        unit: "ms",
+        target: Target::Info,
+        decimals: 1,
+    },
+    Metric {
+        key: "watch.write.p50",
+        label: "Write round trip during watch, p50",
+        unit: "ms",
+        target: Target::Info,
+        decimals: 1,
+    },
+    Metric {
+        key: "watch.missing",
+        label: "Watch deliveries missing",
+        unit: "",
+        target: Target::Zero,
+        decimals: 0,
+    },
+    Metric {
+        key: "rss.watchers",
+        label: "RSS with 1,000 watch streams open",
+        unit: "MB",
+        target: Target::Info,
+        decimals: 1,
+    },
+    Metric {
+        key: "rss.peak",
+        label: "Peak RSS over the whole run (VmHWM)",
+        unit: "MB",
+        target: Target::Info,
+        decimals: 1,
+    },
+];
+
+type Results = BTreeMap<(&'static str, &'static str), f64>;
+
+fn mb(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+fn median_max(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    (median, v[n - 1])
+}
+
+fn bench(o: Opts) -> Result<bool> {
+    let root = workspace_root();
+    let target = target_dir(&root);
+    if o.build {
+        eprintln!("building kiln (release)...");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let st = Command::new(cargo)
+            .args(["build", "--release", "-p", "kiln"])
+            .current_dir(&root)
+            .status()
+            .context("running cargo build")?;
+        if !st.success() {
+            bail!("cargo build --release -p kiln failed");
+        }
+    }
+    let kiln = target.join("release/kiln");
+    if !kiln.is_file() {
+        bail!("{} not found (drop --no-build)", kiln.display());
+    }
+    let pg_admin = if o.backends.contains(&Backend::Postgres) {
+        Some(postgres_admin_url(&root)?)
+    } else {
+        None
+    };
+    let wants = |s: &str| o.only.iter().any(|x| x == s);
+    let oha = match o.load_gen.as_str() {
+        _ if !wants("get") => None,
+        "builtin" => None,
+        "oha" => Some(
+            find_oha(&root)
+                .context("oha not found (cargo install oha --locked --root target/tools)")?,
+        ),
+        "auto" => find_oha(&root),
+        g => bail!("unknown load generator {g:?}"),
+    };
+    if wants("watch") {
+        raise_fd_limit(4 * o.watchers as u64);
+    }
+    let scratch = std::env::temp_dir().join(format!("kiln-bench-{}", std::process::id()));
+    let mut env = Env::new(kiln, scratch, pg_admin)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let mut results = Results::new();
+    let mut notes = Vec::new();
+    let started = Instant::now();
+    let outcome = (|| -> Result<()> {
+        for &b in &o.backends {
+            run_backend(
+                &o,
+                &mut env,
+                &rt,
+                b,
+                oha.as_deref(),
+                &mut results,
+                &mut notes,
+            )?;
+        }
+        Ok(())
+    })();
+    env.cleanup();
+    outcome?;
+
+    let (table, pass) = summary(&o.backends, &results);
+    let mut report = String::new();
+    let _ = writeln!(
+        report,
+        "\nkiln bench: {} cores, {:.0} s\n",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        started.elapsed().as_secs_f64()
+    );
+    report.push_str(&table);
+    for n in &notes {
+        let _ = writeln!(report, "\n- {n}");
+    }
+    let _ = writeln!(
+        report,
+        "\n{}",
+        if pass {
+            "All targets met."
+        } else {
+            "TARGETS MISSED (see FAIL above)."
+        }
+    );
+    println!("{report}");
+    if let Some(out) = &o.out {
+        std::fs::write(out, &report).with_context(|| format!("writing {}", out.display()))?;
+    }
+    Ok(pass)
+}
+
+fn run_backend(
+    o: &Opts,
+    env: &mut Env,
+    rt: &tokio::runtime::Runtime,
+    b: Backend,
+    oha: Option<&Path>,
+    results: &mut Results,
+    notes: &mut Vec<String>,
+) -> Result<()> {
+    let wants = |s: &str| o.only.iter().any(|x| x == s);
+    let label = b.label();
+    let mut put = |k: &'static str, v: f64| {
+        results.insert((k, label), v);
+    };
+
+    if wants("startup") {
+        // One untimed start first, so the binary and libraries are in the page cache for every timed run.
+        let inst = env.fresh(b)?;
+        drop(env.start(&inst)?.0);
+        let (mut fresh, mut warm) = (Vec::new(), Vec::new());
+        for i in 0..o.runs {
+            let inst = env.fresh(b)?;
+            let (mut s, t) = env.start(&inst)?;
+            s.stop();
+            let (mut s2, t2) = env.start(&inst)?;
+            s2.stop();
+            eprintln!(
+                "[{label}] startup run {}/{}: fresh {:.1} ms, warm {:.1} ms",
+                i + 1,
+                o.runs,
+                t.as_secs_f64() * 1e3,
+                t2.as_secs_f64() * 1e3
+            );
+            fresh.push(t.as_secs_f64() * 1e3);
+            warm.push(t2.as_secs_f64() * 1e3);
+        }
+        let note = format!(
+            "Startup: {} runs per case after one untimed start; time from spawning the process to the first \
+             200 from /readyz (polled every 1 ms). Fresh = new data directory (and new database for \
+             PostgreSQL); warm = restart on the same after SIGTERM.",
+            o.runs
+        );
+        if !notes.contains(&note) {
+            notes.push(note);
+        }
+        let (m, x) = median_max(fresh);
+        put("startup.fresh.median", m);
+        put("startup.fresh.max", x);
+        let (m, x) = median_max(warm);
+        put("startup.warm.median", m);
+        put("startup.warm.max", x);
+    }
+
+    if !["rss", "get", "create", "watch"].iter().any(|s| wants(s)) {
+        return Ok(());
+    }
+    let inst = env.fresh(b)?;
+    let (server, _) = env.start(&inst)?;
+    let base = server.url();
+    let token = server.admin_token()?;
+
+    if wants("rss") {
+        std::thread::sleep(IDLE_SETTLE);
+        let (rss, _) = server.rss()?;
+        eprintln!("[{label}] idle RSS {:.1} MB", mb(rss));
+        put("rss.idle", mb(rss));
+    }
+
+    if wants("get") {
+        rt.block_on(load::ensure_project(&base, &token, "p-1"))?;
+        let url = format!("{base}/api/v1/orgs/default/projects/p-1");
+        let warmup = 2;
+        let r = match oha {
+            Some(oha) => {
+                load::oha(oha, &url, &token, GET_RATE, GET_CONNS, warmup)?;
+                load::oha(oha, &url, &token, GET_RATE, GET_CONNS, o.get_secs)?
+            }
+            None => rt.block_on(async {
+                let d = |s| Duration::from_secs(s);
+                load::fixed_rate(&url, &token, GET_RATE, GET_CONNS, d(warmup)).await?;
+                load::fixed_rate(&url, &token, GET_RATE, GET_CONNS, d(o.get_secs)).await
+            })?,
+        };
+        eprintln!(
+            "[{label}] GET: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, {:.0} req/s, {} errors of {}",
+            r.latency.p50, r.latency.p99, r.latency.max, r.achieved_rps, r.errors, r.requests
+        );
+        put("get.p50", r.latency.p50);
+        put("get.p99", r.latency.p99);
+        put("get.max", r.latency.max);
+        put("get.rps", r.achieved_rps);
+        put("get.errors", r.errors as f64);
+        let note = format!(
+            "GET load: {} for {} s after a {warmup} s warm-up (latency corrected for coordinated omission).",
+            r.generator, o.get_secs
+        );
+        if !notes.contains(&note) {
+            notes.push(note);
+        }
+    }
+
+    if wants("create") {
+        let r = rt.block_on(load::creates(&base, &token, CREATES, CREATE_CONNS))?;
+        let secs = r.wall.as_secs_f64();
+        eprintln!(
+            "[{label}] {CREATES} creates in {secs:.2} s ({:.0}/s), p99 {:.1} ms, {} errors",
+            CREATES as f64 / secs,
+            r.latency.p99,
+            r.errors
+        );
+        if let Some(e) = &r.first_error {
+            eprintln!("[{label}] first create error: {e}");
+        }
+        put("create.wall", secs);
+        put("create.rate", CREATES as f64 / secs);
+        put("create.p99", r.latency.p99);
+        put("create.errors", r.errors as f64);
+    }
+
+    if wants("create") {
+        // Controllers react to the creates after they were acknowledged; measure how long until the store is
+        // quiet again, and start the watch run on a quiet server.
+        let (took, revs) = rt.block_on(load::settle(
+            &base,
+            Duration::from_secs(1),
+            Duration::from_secs(120),
+        ))?;
+        eprintln!(
+            "[{label}] store quiet {:.1} s after the creates ({revs} more revisions)",
+            took.as_secs_f64()
+        );
+        put("create.settle", took.as_secs_f64());
+    }
+
+    if wants("watch") {
+        let note = format!(
+            "Watch: {WATCH_CHANGES} creates {} ms apart, each timed from just before its request was sent to the \
+             arrival of its event line at each watcher; run after the store is quiet.",
+            WATCH_SPACING.as_millis()
+        );
+        if !notes.contains(&note) {
+            notes.push(note);
+        }
+        let pid = server.pid();
+        let r = rt.block_on(load::watch_fanout(
+            &base,
+            &token,
+            o.watchers,
+            WATCH_CHANGES,
+            WATCH_SPACING,
+            || server.rss().ok().map(|(rss, _)| rss),
+        ))?;
+        eprintln!(
+            "[{label}] watch (pid {pid}): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {}/{} delivered",
+            r.delivery.p50, r.delivery.p99, r.delivery.max, r.delivered, r.expected
+        );
+        if o.watchers != WATCHERS {
+            let note = format!(
+                "Watch run with {} watchers (not the 1,000 the target is stated for).",
+                o.watchers
+            );
+            if !notes.contains(&note) {
+                notes.push(note);
+            }
+        }
+        put("watch.p50", r.delivery.p50);
+        put("watch.p99", r.delivery.p99);
+        put("watch.max", r.delivery.max);
+        put("watch.write.p50", r.write.p50);
+        put("watch.missing", (r.expected - r.delivered) as f64);
+        if let Some(rss) = r.rss_open {
+            put("rss.watchers", mb(rss));
+        }
+    }
+    if let Ok((_, hwm)) = server.rss() {
+        put("rss.peak", mb(hwm));
+    }
+    drop(server);
+    Ok(())
+}
+
+fn fmt(v: Option<f64>, decimals: usize) -> String {
+    match v {
+        Some(v) if v.is_finite() => {
+            let s = format!("{v:.decimals$}");
+            // Thousands separators for the integer part of large figures.
+            let (int, frac) = s
+                .split_once('.')
+                .map_or((s.as_str(), None), |(i, f)| (i, Some(f)));
+            if int.len() <= 4 {
+                return s;
+            }
+            let mut out = String::new();
+            for (i, c) in int.chars().enumerate() {
+                if i > 0 && (int.len() - i) % 3 == 0 {
+                    out.push(',');
+                }
+                out.push(c);
+            }
+            frac.map_or(out.clone(), |f| format!("{out}.{f}"))
+        }
+        Some(_) => "n/a".into(),
+        None => "–".into(),
+    }
+}
+
+/// The summary as a Markdown table, and whether every target was met.
+fn summary(backends: &[Backend], results: &Results) -> (String, bool) {
+    let mut pass = true;
+    let mut t = String::from(
+        "| Measure | Target | SQLite | PostgreSQL | PostgreSQL/SQLite | Result |\n|---|---|---:|---:|---:|---|\n",
+    );
+    for m in METRICS {
+        let get = |b: Backend| results.get(&(m.key, b.label())).copied();
+        let (s, p) = (get(Backend::Sqlite), get(Backend::Postgres));
+        if s.is_none() && p.is_none() {
+            continue;
+        }
+        let unit = if m.unit.is_empty() {
+            String::new()
+        } else {
+            format!(" {}", m.unit)
+        };
+        let target = match m.target {
+            Target::Below(x) => format!("< {}{unit}", fmt(Some(x), 0)),
+            Target::SqliteBelow(x) => format!("< {}{unit} (SQLite)", fmt(Some(x), 0)),
+            Target::Zero => "0".into(),
+            Target::Info => String::new(),
+        };
+        let mut failed = Vec::new();
+        for &b in backends {
+            let Some(v) = get(b) else { continue };
+            let ok = match m.target {
+                Target::Below(x) => v < x,
+                Target::SqliteBelow(x) => b != Backend::Sqlite || v < x,
+                Target::Zero => v == 0.0,
+                Target::Info => true,
+            };
+            if !ok {
+                failed.push(b.label());
+            }
+        }
+        let result = match (m.target, failed.is_empty()) {
+            (Target::Info, _) => String::new(),
+            (_, true) => "pass".into(),
+            (_, false) => {
+                pass = false;
+                format!("FAIL ({})", failed.join(", "))
+            }
+        };
+        let ratio = match (s, p) {
+            (Some(s), Some(p)) if s != 0.0 => format!("{:.2}×", p / s),
+            _ => "–".into(),
+        };
+        let with_unit = |v: Option<f64>| match v {
+            Some(_) => format!("{}{unit}", fmt(v, m.decimals)),
+            None => "–".into(),
+        };
+        let _ = writeln!(
+            t,
+            "| {} | {target} | {} | {} | {ratio} | {result} |",
+            m.label,
+            with_unit(s),
+            with_unit(p)
+        );
+    }
+    (t, pass)
+}
