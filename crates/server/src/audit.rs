@@ -47,6 +47,15 @@ pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) 
         (None, None) => outcome_word(&method, status).to_string(),
     };
     let facts = slot.0.lock().map(|f| f.clone()).unwrap_or_default();
+    // A change to access made here is visible to the very next request, before the watch delivers it.
+    if resp.status().is_success()
+        && facts
+            .kind
+            .as_deref()
+            .is_some_and(|k| k == "User" || crate::rbac::AccessCache::affected_by(k))
+    {
+        state.access.invalidate();
+    }
     let record = AuditRecord {
         id: 0,
         time: jiff::Timestamp::now(),

@@ -161,7 +161,7 @@ async fn whoami(State(state): State<AppState>, p: Principal) -> ApiResult<Json<W
     };
     let mut organizations = Vec::new();
     for name in orgs {
-        let acc = rbac::org_access(&state.store, &p, &name).await?;
+        let acc = rbac::org_access(&state, &p, &name).await?;
         let mut roles = acc.roles();
         if p.user.superuser {
             roles.push("superuser".to_string());
@@ -252,7 +252,7 @@ async fn create_user(
     let role = req.role.clone().unwrap_or_else(|| "viewer".into());
     match &req.organization {
         Some(org) => {
-            let acc = rbac::org_access(&state.store, &p, org).await?;
+            let acc = rbac::org_access(&state, &p, org).await?;
             acc.check(
                 Verb::Create,
                 Kind::RoleBinding,
@@ -346,7 +346,7 @@ async fn visible_user_names(state: &AppState, p: &Principal) -> ApiResult<Option
         .await?
         .unwrap_or_default()
     {
-        let acc = rbac::org_access(&state.store, p, &org).await?;
+        let acc = rbac::org_access(state, p, &org).await?;
         if !acc.allows(Verb::List, Kind::RoleBinding, None) {
             continue;
         }
@@ -437,7 +437,7 @@ async fn manages(state: &AppState, p: &Principal, target: &User) -> ApiResult<bo
         return Ok(false);
     }
     for org in orgs {
-        match rbac::org_access(&state.store, p, &org).await {
+        match rbac::org_access(state, p, &org).await {
             Ok(acc) if acc.roles().iter().any(|r| r == "owner") => {}
             _ => return Ok(false),
         }
@@ -739,7 +739,7 @@ async fn list_audit(
                 "only superusers may read the whole audit log; pass an organization you administer",
             ));
         };
-        let acc = rbac::org_access(&state.store, &p, org).await?;
+        let acc = rbac::org_access(&state, &p, org).await?;
         acc.check(
             Verb::Delete,
             Kind::RoleBinding,
@@ -787,7 +787,7 @@ async fn list_events(
 ) -> ApiResult<Json<serde_json::Value>> {
     let kind = Kind::parse_loose(&q.kind)
         .ok_or_else(|| ApiError::bad_request(format!("kind: unknown kind {:?}", q.kind)))?;
-    let acc = rbac::org_access(&state.store, &p, &org).await?;
+    let acc = rbac::org_access(&state, &p, &org).await?;
     acc.check(
         Verb::Get,
         kind,

@@ -79,6 +79,8 @@ pub struct AppState {
     token_uses: Arc<Mutex<HashMap<String, jiff::Timestamp>>>,
     dummy_hash: Arc<OnceLock<String>>,
     controllers: Arc<Mutex<Option<ctrl::Handle>>>,
+    /// Callers' access per organization (see [`rbac::AccessCache`]).
+    pub access: Arc<rbac::AccessCache>,
 }
 
 impl AppState {
@@ -93,6 +95,7 @@ impl AppState {
             token_uses: Arc::default(),
             dummy_hash: Arc::default(),
             controllers: Arc::default(),
+            access: Arc::default(),
         }
     }
 
@@ -332,6 +335,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
     let handle = ctrl::start(store.clone(), shutdown_rx.clone());
+    let access_watch = tokio::spawn(rbac::watch_access_changes(
+        state.clone(),
+        shutdown_rx.clone(),
+    ));
     if let Ok(mut c) = state.controllers.lock() {
         *c = Some(handle);
     }
@@ -399,6 +406,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         h.stop().await;
     }
     let _ = flusher.await;
+    let _ = access_watch.await;
     state.flush_token_uses().await;
     Ok(())
 }

@@ -13,6 +13,7 @@ use store::{Key, ListQuery, Store};
 
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult};
+use crate::AppState;
 
 /// What a request wants to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,9 +184,34 @@ pub fn binding_names_user(spec: &Value, user: &str) -> bool {
         })
 }
 
-/// Computes the caller's access to `org`. Fails with 404 if the organization does not exist or the caller has no
-/// binding in it (the two are indistinguishable to the caller).
-pub async fn org_access(store: &Store, principal: &Principal, org: &str) -> ApiResult<OrgAccess> {
+/// The caller's access to `org`, from the access cache when it holds it. Fails with 404 if the organization does
+/// not exist or the caller has no binding in it (the two are indistinguishable to the caller).
+pub async fn org_access(
+    state: &AppState,
+    principal: &Principal,
+    org: &str,
+) -> ApiResult<OrgAccess> {
+    let key = (
+        principal.user.id.clone(),
+        principal.user.superuser,
+        org.to_string(),
+    );
+    if let Some(hit) = state.access.get(&key) {
+        return Ok(hit);
+    }
+    let generation = state.access.generation();
+    let access = compute_org_access(&state.store, principal, org).await?;
+    state.access.put(key, access.clone(), generation);
+    Ok(access)
+}
+
+/// Computes the caller's access to `org` from the store: the organization, the caller's bindings there and the
+/// roles they name.
+pub async fn compute_org_access(
+    store: &Store,
+    principal: &Principal,
+    org: &str,
+) -> ApiResult<OrgAccess> {
     let not_found = || ApiError::not_found(format!("Organization {org} not found"));
     let org_key = Key {
         kind: Kind::Organization,
@@ -343,5 +369,119 @@ mod tests {
             serde_json::json!({"roleRef": "viewer", "subjects": [{"kind": "User", "name": "ann"}]});
         assert!(binding_names_user(&spec, "ann"));
         assert!(!binding_names_user(&spec, "bob"));
+    }
+}
+
+/// Key of a cached access: user id, whether a superuser, organization.
+type AccessKey = (String, bool, String);
+
+/// Each caller's access per organization, computed once and reused until a Role, RoleBinding or Organization
+/// changes. Changes made through this server invalidate it before the response is sent; changes made by other
+/// servers arrive through the store's watch (see `watch_access_changes`). While that watch is not running the
+/// cache is bypassed, so it never serves what it cannot invalidate.
+#[derive(Default)]
+pub struct AccessCache {
+    entries: std::sync::Mutex<std::collections::HashMap<AccessKey, OrgAccess>>,
+    generation: std::sync::atomic::AtomicU64,
+    live: std::sync::atomic::AtomicBool,
+}
+
+/// More entries than this and the cache starts over (users × organizations is normally far less).
+const ACCESS_CACHE_MAX: usize = 10_000;
+
+impl AccessCache {
+    fn get(&self, key: &AccessKey) -> Option<OrgAccess> {
+        if !self.live.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
+        self.entries.lock().ok()?.get(key).cloned()
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Stores an access computed at `generation`, unless an invalidation happened since.
+    fn put(&self, key: AccessKey, access: OrgAccess, generation: u64) {
+        if !self.live.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        if let Ok(mut m) = self.entries.lock() {
+            if self.generation() != generation {
+                return;
+            }
+            if m.len() >= ACCESS_CACHE_MAX {
+                m.clear();
+            }
+            m.insert(key, access);
+        }
+    }
+
+    /// Forgets every cached access.
+    pub fn invalidate(&self) {
+        if let Ok(mut m) = self.entries.lock() {
+            self.generation
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            m.clear();
+        }
+    }
+
+    /// Whether a change to this object can change someone's access.
+    pub fn affected_by(kind: &str) -> bool {
+        kind == Kind::Role.as_str()
+            || kind == Kind::RoleBinding.as_str()
+            || kind == Kind::Organization.as_str()
+    }
+
+    /// Whether the cache is in use (its invalidating watch runs).
+    pub fn is_live(&self) -> bool {
+        self.live.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn set_live(&self, live: bool) {
+        self.invalidate();
+        self.live.store(live, std::sync::atomic::Ordering::Release);
+        self.invalidate();
+    }
+}
+
+/// Follows the store's changes and invalidates the access cache on every change to access; enables the cache
+/// while it runs. Returns when `shutdown` flips.
+pub async fn watch_access_changes(
+    state: AppState,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        match state.store.watch(&store::WatchQuery::default()).await {
+            Ok(mut events) => {
+                state.access.set_live(true);
+                loop {
+                    tokio::select! {
+                        _ = shutdown.changed() => {
+                            state.access.set_live(false);
+                            return;
+                        }
+                        ev = events.next_event() => match ev {
+                            Some(Ok(ev)) => {
+                                if AccessCache::affected_by(&ev.object.kind) {
+                                    state.access.invalidate();
+                                }
+                            }
+                            Some(Err(e)) => {
+                                tracing::warn!(error = %e, "access cache: watch failed; bypassing the cache until it resumes");
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                }
+                state.access.set_live(false);
+            }
+            Err(e) => tracing::warn!(error = %e, "access cache: cannot watch the store"),
+        }
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+        }
     }
 }

@@ -135,7 +135,7 @@ async fn access(
     t: &Target,
 ) -> ApiResult<Option<OrgAccess>> {
     match t.governing_org() {
-        Some(org) => Ok(Some(rbac::org_access(&state.store, principal, org).await?)),
+        Some(org) => Ok(Some(rbac::org_access(state, principal, org).await?)),
         None => Ok(None),
     }
 }

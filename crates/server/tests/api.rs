@@ -998,3 +998,105 @@ async fn secrets_values_are_never_returned_and_audit_records_writes() {
     let (_, audit) = call(&e.app, Method::GET, "/api/v1/audit?user=anonymous", t, None).await;
     assert_eq!(audit["items"][0]["status"], 401);
 }
+
+#[tokio::test]
+async fn access_cache_follows_changes_to_bindings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = store::Store::open_sqlite(&tmp.path().join("kiln.db"), store::Options::default())
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let state = server::AppState::new(
+        store.clone(),
+        server::Config {
+            data_dir: tmp.path().to_path_buf(),
+            ..Default::default()
+        },
+        rx.clone(),
+    );
+    server::bootstrap::first_start(&state, tmp.path())
+        .await
+        .unwrap();
+    state.set_ready(true);
+    let watcher = tokio::spawn(server::rbac::watch_access_changes(state.clone(), rx));
+    let access = state.access.clone();
+    let admin = std::fs::read_to_string(tmp.path().join("admin-token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let e = Env {
+        app: server::app(state),
+        admin,
+        _tmp: tmp,
+        _shutdown: tx,
+    };
+    let t = Some(e.admin.as_str());
+    call(
+        &e.app,
+        Method::PUT,
+        "/api/v1/orgs/default/projects/shop",
+        t,
+        Some(manifest(Kind::Project, "shop")),
+    )
+    .await;
+    let viewer = user_with_role(&e, "val", "default", "viewer", None).await;
+    let get = |token: String| {
+        let app = e.app.clone();
+        async move {
+            call(
+                &app,
+                Method::GET,
+                "/api/v1/orgs/default/projects/shop",
+                Some(&token),
+                None,
+            )
+            .await
+            .0
+        }
+    };
+    assert_eq!(get(viewer.clone()).await, StatusCode::OK);
+    assert_eq!(
+        get(viewer.clone()).await,
+        StatusCode::OK,
+        "served again (from the cache once the watch runs)"
+    );
+    // A change through the API is visible to the very next request.
+    let (s, b) = call(
+        &e.app,
+        Method::DELETE,
+        "/api/v1/orgs/default/rolebindings/val-viewer",
+        t,
+        None,
+    )
+    .await;
+    assert!(s.is_success(), "{b}");
+    assert_eq!(get(viewer.clone()).await, StatusCode::NOT_FOUND);
+    // A change written to the store by someone else (another server) arrives through the watch: first a new
+    // binding, then its removal while the caller's access is cached.
+    let binding: model::Resource = serde_json::from_value(json!({
+        "apiVersion": "kiln.dev/v1", "kind": "RoleBinding",
+        "metadata": {"name": "val-again", "organization": "default"},
+        "spec": {"roleRef": "viewer", "subjects": [{"kind": "User", "name": "val"}]}
+    }))
+    .unwrap();
+    let binding = store
+        .create(model::normalize(binding).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(get(viewer.clone()).await, StatusCode::OK);
+    assert_eq!(get(viewer.clone()).await, StatusCode::OK);
+    store
+        .delete(&store::Key::of(&binding).unwrap(), None)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while get(viewer.clone()).await != StatusCode::NOT_FOUND {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a removed binding kept granting access"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let _ = e._shutdown.send(true);
+    watcher.await.unwrap();
+}

@@ -191,7 +191,7 @@ async fn org_page(
         Err(r) => return r.into_response(),
     };
     let result: Result<String, ApiError> = async {
-        let acc = rbac::org_access(&state.store, &p, &org).await?;
+        let acc = rbac::org_access(&state, &p, &org).await?;
         let mut body = html::crumbs(&[("/", "Organizations")], &org);
         body.push_str(&format!("<h1>Organization {}</h1>", esc(&org)));
         body.push_str(&html::org_tabs(&org, "overview"));
@@ -266,7 +266,7 @@ async fn environments_page(
         Err(r) => return r.into_response(),
     };
     let result: Result<String, ApiError> = async {
-        let acc = rbac::org_access(&state.store, &p, &org).await?;
+        let acc = rbac::org_access(&state, &p, &org).await?;
         let envs = visible(&state, &acc, Kind::Environment, &org, None).await?;
         let planes = visible(&state, &acc, Kind::DataPlane, &org, None).await?;
         let mut body = html::crumbs(
@@ -316,7 +316,7 @@ async fn project_page(
         Err(r) => return r.into_response(),
     };
     // Past this point the organization exists and is visible, so error pages may link back to it.
-    let acc = match rbac::org_access(&state.store, &p, &org).await {
+    let acc = match rbac::org_access(&state, &p, &org).await {
         Ok(acc) => acc,
         Err(e) => return error_page(Some(&p.user.name), e, &[]),
     };

@@ -67,14 +67,13 @@ fn constraint(e: tokio_postgres::Error, duplicate: &str, missing: &str) -> Store
 
 impl Postgres {
     async fn user_where(&self, cond: &str, arg: &str) -> Result<Option<User>> {
-        let c = self.pool.get().await?;
+        let mut c = self.pool.get().await?;
         let row = c
-            .query_opt(
+            .query_opt_cached(
                 &format!("SELECT {USER_COLS} FROM kiln_users WHERE {cond} = $1"),
                 &[&arg],
             )
-            .await
-            .map_err(pg_err)?;
+            .await?;
         row.as_ref().map(to_user).transpose()
     }
 
@@ -184,14 +183,13 @@ impl Postgres {
     }
 
     pub async fn token_by_hash(&self, hash: &str) -> Result<Option<Token>> {
-        let c = self.pool.get().await?;
+        let mut c = self.pool.get().await?;
         let row = c
-            .query_opt(
+            .query_opt_cached(
                 &format!("SELECT {TOKEN_COLS} FROM kiln_tokens WHERE hash = $1"),
                 &[&hash],
             )
-            .await
-            .map_err(pg_err)?;
+            .await?;
         row.as_ref().map(to_token).transpose()
     }
 
@@ -273,14 +271,13 @@ impl Postgres {
     }
 
     pub async fn session_by_hash(&self, hash: &str) -> Result<Option<Session>> {
-        let c = self.pool.get().await?;
+        let mut c = self.pool.get().await?;
         let row = c
-            .query_opt(
+            .query_opt_cached(
                 &format!("SELECT {SESSION_COLS} FROM kiln_sessions WHERE hash = $1"),
                 &[&hash],
             )
-            .await
-            .map_err(pg_err)?;
+            .await?;
         row.as_ref().map(to_session).transpose()
     }
 

@@ -147,17 +147,8 @@ pub(crate) fn row_event(r: &Row) -> Result<WatchEvent> {
     })
 }
 
-async fn get_row(c: &impl GenericClient, key: &Key) -> Result<Option<Resource>> {
-    let (kind, org, project, name) = plan::key_columns(key);
-    let row = c
-        .query_opt(
-            "SELECT body FROM kiln_resources WHERE kind = $1 AND organization = $2 AND project = $3 AND name = $4",
-            &[&kind, &org, &project, &name],
-        )
-        .await
-        .map_err(pg_err)?;
-    row.map(|r| plan::parse_body(col(&r, 0)?)).transpose()
-}
+/// One object by key.
+const GET_SQL: &str = "SELECT body FROM kiln_resources WHERE kind = $1 AND organization = $2 AND project = $3 AND name = $4";
 
 async fn scalar(c: &impl GenericClient, sql: &str) -> Result<u64> {
     let row = c.query_one(sql, &[]).await.map_err(pg_err)?;
@@ -238,9 +229,13 @@ impl Postgres {
     }
 
     pub async fn get(&self, key: &Key) -> Result<Resource> {
-        let c = self.pool.get().await?;
-        get_row(&*c, key)
-            .await?
+        let mut c = self.pool.get().await?;
+        let (kind, org, project, name) = plan::key_columns(key);
+        let row = c
+            .query_opt_cached(GET_SQL, &[&kind, &org, &project, &name])
+            .await?;
+        row.map(|r| plan::parse_body(col(&r, 0)?))
+            .transpose()?
             .ok_or_else(|| StoreError::NotFound(key.clone()))
     }
 
