@@ -1054,12 +1054,17 @@ async fn access_cache_follows_changes_to_bindings() {
             .0
         }
     };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !access.is_live() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the access cache never went live"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // Computed once, then served from the cache.
     assert_eq!(get(viewer.clone()).await, StatusCode::OK);
-    assert_eq!(
-        get(viewer.clone()).await,
-        StatusCode::OK,
-        "served again (from the cache once the watch runs)"
-    );
+    assert_eq!(get(viewer.clone()).await, StatusCode::OK);
     // A change through the API is visible to the very next request.
     let (s, b) = call(
         &e.app,
