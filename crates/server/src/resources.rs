@@ -492,11 +492,12 @@ fn created(obj: Resource, status: StatusCode, result: &'static str) -> Response 
     resp
 }
 
-async fn authorize_write(
-    state: &AppState,
+/// Checks `verb` on the target with the caller's already-resolved access (`None`: no organization governs it).
+fn authorize(
     principal: &Principal,
     t: &Target,
     verb: Verb,
+    acc: Option<&OrgAccess>,
 ) -> ApiResult<()> {
     if t.kind == Kind::Organization && verb == Verb::Create {
         if !principal.user.superuser {
@@ -506,10 +507,24 @@ async fn authorize_write(
         }
         return Ok(());
     }
-    if let Some(a) = access(state, principal, t).await? {
+    if let Some(a) = acc {
         a.check(verb, t.kind, t.rbac_project(), &t.describe())?;
     }
     Ok(())
+}
+
+/// Resolves the caller's access and checks `verb` on the target.
+async fn authorize_write(
+    state: &AppState,
+    principal: &Principal,
+    t: &Target,
+    verb: Verb,
+) -> ApiResult<()> {
+    if t.kind == Kind::Organization && verb == Verb::Create {
+        return authorize(principal, t, verb, None);
+    }
+    let acc = access(state, principal, t).await?;
+    authorize(principal, t, verb, acc.as_ref())
 }
 
 async fn create(
@@ -543,29 +558,24 @@ async fn apply(
 ) -> ApiResult<Response> {
     t.audit(&slot);
     let obj = decode_one(&read_body(&state, body).await?)?;
-    let existing = match t.kind {
-        // The organization must be visible before its existence is revealed.
-        Kind::Organization if !principal.user.superuser => {
-            authorize_write(&state, &principal, &t, Verb::Update).await?;
-            Some(state.store.get(&t.key()).await?)
-        }
-        _ => {
-            if t.kind != Kind::Organization {
-                access(&state, &principal, &t).await?;
-            }
-            match state.store.get(&t.key()).await {
-                Ok(o) => Some(o),
-                Err(StoreError::NotFound(_)) => None,
-                Err(e) => return Err(e.into()),
-            }
-        }
+    // Access is resolved before the object is read, so that whether it exists is not revealed to callers who
+    // cannot see its organization. Superusers see every organization, existing or not.
+    let acc = if t.kind == Kind::Organization && principal.user.superuser {
+        None
+    } else {
+        access(&state, &principal, &t).await?
+    };
+    let existing = match state.store.get(&t.key()).await {
+        Ok(o) => Some(o),
+        Err(StoreError::NotFound(_)) => None,
+        Err(e) => return Err(e.into()),
     };
     let verb = if existing.is_some() {
         Verb::Update
     } else {
         Verb::Create
     };
-    authorize_write(&state, &principal, &t, verb).await?;
+    authorize(&principal, &t, verb, acc.as_ref())?;
     let obj = prepare(&t, obj)?;
     refuse_builtin(&t, existing.as_ref(), Some(&obj))?;
     check_references(&state, &obj).await?;
