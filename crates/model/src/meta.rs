@@ -79,6 +79,8 @@ kinds! {
     Role => "Role", "roles", [], Organization;
     RoleBinding => "RoleBinding", "rolebindings", ["rb"], Organization;
     Component => "Component", "components", ["comp"], Project;
+    Release => "Release", "releases", ["rel"], Project;
+    ReleaseBinding => "ReleaseBinding", "releasebindings", ["binding", "bindings"], Project;
 }
 
 impl fmt::Display for Kind {

@@ -3,7 +3,7 @@
 
 use crate::kinds::{
     is_builtin_role, ComponentSpec, DeploymentPipelineSpec, EnvironmentSpec, ProjectSpec,
-    RoleBindingSpec,
+    ReleaseBindingSpec, ReleaseSpec, RoleBindingSpec,
 };
 use crate::names::{field, index};
 use crate::{decode_spec, Kind, Resource};
@@ -30,7 +30,9 @@ pub struct Reference {
 ///   roles, which always exist); RoleBinding `spec.project` → Project;
 /// - not required: Project `spec.deploymentPipelineRef` → DeploymentPipeline; DeploymentPipeline source and
 ///   target environments → Environment; Component dependencies on an endpoint → Component (in the named
-///   project, else the component's own).
+///   project, else the component's own);
+/// - required: Release `spec.component` → Component; ReleaseBinding `spec.component` → Component,
+///   `spec.environment` → Environment, `spec.release` → Release.
 ///
 /// A resource whose kind is unknown or whose spec does not decode has none.
 pub fn references(res: &Resource) -> Vec<Reference> {
@@ -98,6 +100,44 @@ pub fn references(res: &Resource) -> Vec<Reference> {
                         out.push(r(Kind::Component, c, project, path, false));
                     }
                 }
+            }
+        }
+        Some(Kind::Release) => {
+            if let Ok(s) = decode_spec::<ReleaseSpec>(&res.spec) {
+                let project = res.metadata.project.clone();
+                out.push(r(
+                    Kind::Component,
+                    &s.component,
+                    project,
+                    "spec.component".into(),
+                    true,
+                ));
+            }
+        }
+        Some(Kind::ReleaseBinding) => {
+            if let Ok(s) = decode_spec::<ReleaseBindingSpec>(&res.spec) {
+                let project = res.metadata.project.clone();
+                out.push(r(
+                    Kind::Component,
+                    &s.component,
+                    project.clone(),
+                    "spec.component".into(),
+                    true,
+                ));
+                out.push(r(
+                    Kind::Environment,
+                    &s.environment,
+                    None,
+                    "spec.environment".into(),
+                    true,
+                ));
+                out.push(r(
+                    Kind::Release,
+                    &s.release,
+                    project,
+                    "spec.release".into(),
+                    true,
+                ));
             }
         }
         _ => {}

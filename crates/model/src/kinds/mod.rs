@@ -10,6 +10,7 @@ mod environment;
 mod organization;
 mod project;
 mod rbac;
+mod release;
 mod secret;
 mod workload;
 
@@ -28,6 +29,9 @@ pub use project::{ProjectComponent, ProjectSpec, DEFAULT_PIPELINE};
 pub use rbac::{
     builtin_roles, is_builtin_role, PolicyRule, RoleBindingSpec, RoleSpec, Subject, SubjectKind,
     Verb,
+};
+pub use release::{
+    BindingState, ReleaseBindingSpec, ReleaseSnapshot, ReleaseSpec, RELEASE_HASH_LEN,
 };
 pub use secret::SecretSpec;
 pub use workload::{
@@ -134,6 +138,8 @@ macro_rules! with_spec_type {
             $crate::Kind::Role => $f::<$crate::kinds::RoleSpec>($($arg),*),
             $crate::Kind::RoleBinding => $f::<$crate::kinds::RoleBindingSpec>($($arg),*),
             $crate::Kind::Component => $f::<$crate::kinds::ComponentSpec>($($arg),*),
+            $crate::Kind::Release => $f::<$crate::kinds::ReleaseSpec>($($arg),*),
+            $crate::Kind::ReleaseBinding => $f::<$crate::kinds::ReleaseBindingSpec>($($arg),*),
         }
     };
 }
