@@ -80,6 +80,8 @@ fn wide_columns(kind: Kind) -> &'static [&'static str] {
         Kind::DataPlane => &["TYPE"],
         Kind::RoleBinding => &["ROLE", "SUBJECTS", "SCOPE"],
         Kind::Secret => &["TYPE", "KEYS"],
+        Kind::Release => &["COMPONENT", "GENERATION"],
+        Kind::ReleaseBinding => &["COMPONENT", "ENVIRONMENT", "RELEASE", "STATE"],
         _ => &[],
     }
 }
@@ -137,6 +139,13 @@ fn wide_values(kind: Kind, r: &Resource) -> Vec<String> {
                 },
             ]
         }
+        Kind::Release => vec![s(spec, "/component"), s(spec, "/componentGeneration")],
+        Kind::ReleaseBinding => vec![
+            s(spec, "/component"),
+            s(spec, "/environment"),
+            s(spec, "/release"),
+            s(spec, "/state"),
+        ],
         _ => vec![],
     }
 }
