@@ -18,6 +18,8 @@ use std::pin::Pin;
 
 use serde::{Deserialize, Serialize};
 
+pub mod noop;
+
 /// Label naming the workload a process or container belongs to (its [`WorkloadId`] as a string).
 pub const LABEL_WORKLOAD: &str = "kiln.dev/workload";
 /// Label naming the release a replica runs.
