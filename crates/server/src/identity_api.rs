@@ -161,7 +161,12 @@ async fn whoami(State(state): State<AppState>, p: Principal) -> ApiResult<Json<W
     };
     let mut organizations = Vec::new();
     for name in orgs {
-        let acc = rbac::org_access(&state, &p, &name).await?;
+        let acc = match rbac::org_access(&state, &p, &name).await {
+            Ok(acc) => acc,
+            // Bound only through bindings whose roles are gone: no access there.
+            Err(e) if e.status == StatusCode::NOT_FOUND => continue,
+            Err(e) => return Err(e),
+        };
         let mut roles = acc.roles();
         if p.user.superuser {
             roles.push("superuser".to_string());
@@ -265,12 +270,58 @@ async fn create_user(
                 project: None,
                 name: role.clone(),
             };
-            if let Err(StoreError::NotFound(_)) = state.store.get(&role_key).await {
-                return Err(ApiError::invalid(
-                    "",
-                    model::Invalid::one(
-                        "role",
-                        format!("Role {role} does not exist in organization {org}"),
+            let role_obj = match state.store.get(&role_key).await {
+                Ok(r) => r,
+                Err(StoreError::NotFound(_)) => {
+                    return Err(ApiError::invalid(
+                        "",
+                        model::Invalid::one(
+                            "role",
+                            format!("Role {role} does not exist in organization {org}"),
+                        ),
+                    ))
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if let Some(pr) = &req.project {
+                let project_key = store::Key {
+                    kind: Kind::Project,
+                    organization: Some(org.clone()),
+                    project: None,
+                    name: pr.clone(),
+                };
+                match state.store.get(&project_key).await {
+                    Ok(_) => {}
+                    Err(StoreError::NotFound(_)) => {
+                        return Err(ApiError::invalid(
+                            "",
+                            model::Invalid::one(
+                                "project",
+                                format!("Project {pr} does not exist in organization {org}"),
+                            ),
+                        ))
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            // The new user's binding may grant only what the caller holds (the password is the caller's choice).
+            if let Some((verb, kind)) =
+                acc.missing_for_grant(&role_obj.spec, req.project.as_deref())
+            {
+                return Err(ApiError::forbidden(format!(
+                    "role {role} would grant {verb} on {} in organization {org}, which you do not hold",
+                    kind.plural()
+                )));
+            }
+            // A name already bound somewhere would inherit those bindings, which the caller may not hold: only
+            // superusers may create such a user.
+            if !p.user.superuser && name_is_bound(&state, &req.name).await? {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "already-exists",
+                    format!(
+                        "the user name {:?} is already in use; choose another",
+                        req.name
                     ),
                 ));
             }
@@ -335,6 +386,21 @@ async fn create_user(
     Ok((StatusCode::CREATED, Json(info)).into_response())
 }
 
+/// Does any RoleBinding, in any organization, name this user?
+async fn name_is_bound(state: &AppState, name: &str) -> ApiResult<bool> {
+    let bindings = state
+        .store
+        .list(&store::ListQuery {
+            kind: Some(Kind::RoleBinding),
+            ..Default::default()
+        })
+        .await?;
+    Ok(bindings
+        .items
+        .iter()
+        .any(|b| binding_names_user(&b.spec, name)))
+}
+
 /// Users the caller may see: everyone for superusers; else themselves and the users bound in organizations where
 /// the caller may list role bindings.
 async fn visible_user_names(state: &AppState, p: &Principal) -> ApiResult<Option<Vec<String>>> {
@@ -346,7 +412,11 @@ async fn visible_user_names(state: &AppState, p: &Principal) -> ApiResult<Option
         .await?
         .unwrap_or_default()
     {
-        let acc = rbac::org_access(state, p, &org).await?;
+        let acc = match rbac::org_access(state, p, &org).await {
+            Ok(acc) => acc,
+            Err(e) if e.status == StatusCode::NOT_FOUND => continue,
+            Err(e) => return Err(e),
+        };
         if !acc.allows(Verb::List, Kind::RoleBinding, None) {
             continue;
         }
@@ -788,17 +858,19 @@ async fn list_events(
     let kind = Kind::parse_loose(&q.kind)
         .ok_or_else(|| ApiError::bad_request(format!("kind: unknown kind {:?}", q.kind)))?;
     let acc = rbac::org_access(&state, &p, &org).await?;
-    acc.check(
-        Verb::Get,
-        kind,
-        q.project.as_deref(),
-        &format!("{kind} {}", q.name),
-    )?;
-    let (org_filter, project) = if kind == Kind::Organization {
-        (None, None)
-    } else {
-        (Some(org.as_str()), q.project.as_deref())
+    let what = format!("{kind} {}", q.name);
+    // The project access is checked against, and the one the events are filed under.
+    let (rbac_project, project) = match kind.scope() {
+        _ if kind == Kind::Project => (Some(q.name.as_str()), None),
+        model::Scope::Project => (q.project.as_deref(), q.project.as_deref()),
+        _ => (None, None),
     };
+    // Only the organization the path names: any other is invisible from here, existing or not.
+    if kind == Kind::Organization && q.name != org {
+        return Err(ApiError::not_found(format!("{what} not found")));
+    }
+    acc.check(Verb::Get, kind, rbac_project, &what)?;
+    let org_filter = (kind != Kind::Organization).then_some(org.as_str());
     let items = state
         .store
         .list_events(

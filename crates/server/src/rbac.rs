@@ -131,6 +131,34 @@ impl OrgAccess {
         r
     }
 
+    /// A permission that granting the Role with spec `role_spec` (organization-wide, or limited to `project`)
+    /// would give and that the caller does not hold here, if any. Roles and bindings may grant only what their
+    /// author holds, so that no one can raise their own (or anyone's) access above their own.
+    pub fn missing_for_grant(
+        &self,
+        role_spec: &Value,
+        project: Option<&str>,
+    ) -> Option<(Verb, Kind)> {
+        if self.superuser {
+            return None;
+        }
+        let granted = OrgAccess {
+            organization: self.organization.clone(),
+            superuser: false,
+            grants: vec![Grant {
+                role: String::new(),
+                project: project.map(str::to_string),
+                rules: rules_of(role_spec),
+            }],
+        };
+        Kind::ALL.iter().find_map(|&kind| {
+            ALL_VERBS.iter().find_map(|&verb| {
+                (granted.allows(verb, kind, project) && !self.allows(verb, kind, project))
+                    .then_some((verb, kind))
+            })
+        })
+    }
+
     /// Fails with 404 when the caller cannot see the object and 403 when they see it but may not do `verb`.
     pub fn check(
         &self,
@@ -171,6 +199,31 @@ fn strings(v: Option<&Value>) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// The rules of a Role's spec.
+fn rules_of(spec: &Value) -> Vec<Rule> {
+    spec.get("rules")
+        .and_then(Value::as_array)
+        .map(|rs| {
+            rs.iter()
+                .map(|r| Rule {
+                    kinds: strings(r.get("kinds")),
+                    verbs: strings(r.get("verbs")),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+const ALL_VERBS: [Verb; 7] = [
+    Verb::Get,
+    Verb::List,
+    Verb::Watch,
+    Verb::Create,
+    Verb::Update,
+    Verb::Patch,
+    Verb::Delete,
+];
 
 /// Does a RoleBinding's spec name this user among its subjects?
 pub fn binding_names_user(spec: &Value, user: &str) -> bool {
@@ -251,19 +304,7 @@ pub async fn compute_org_access(
             Err(store::StoreError::NotFound(_)) => continue,
             Err(e) => return Err(e.into()),
         };
-        let rules = role
-            .spec
-            .get("rules")
-            .and_then(Value::as_array)
-            .map(|rs| {
-                rs.iter()
-                    .map(|r| Rule {
-                        kinds: strings(r.get("kinds")),
-                        verbs: strings(r.get("verbs")),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let rules = rules_of(&role.spec);
         let project = b
             .spec
             .get("project")
@@ -361,6 +402,33 @@ mod tests {
             .check(Verb::Create, Kind::Project, None, &"Project x")
             .unwrap_err();
         assert_eq!(err.status, axum::http::StatusCode::FORBIDDEN);
+    }
+
+    #[test]
+    fn grants_are_bounded_by_what_the_caller_holds() {
+        let admin_like = access(vec![Grant {
+            role: "admin".into(),
+            project: None,
+            rules: vec![
+                rule(&["projects", "components", "rolebindings"], &["*"]),
+                rule(&["organizations"], &["get"]),
+            ],
+        }]);
+        let everything = serde_json::json!({"rules": [{"kinds": ["*"], "verbs": ["*"]}]});
+        assert!(admin_like.missing_for_grant(&everything, None).is_some());
+        let components = serde_json::json!({"rules": [{"kinds": ["components"], "verbs": ["*"]}]});
+        assert_eq!(admin_like.missing_for_grant(&components, None), None);
+        // Limited to a project, only what the grant gives there counts.
+        let shop_only = access(vec![Grant {
+            role: "developer".into(),
+            project: Some("shop".into()),
+            rules: vec![rule(&["*"], &["*"])],
+        }]);
+        assert_eq!(shop_only.missing_for_grant(&everything, Some("shop")), None);
+        assert!(shop_only
+            .missing_for_grant(&everything, Some("other"))
+            .is_some());
+        assert!(shop_only.missing_for_grant(&components, None).is_some());
     }
 
     #[test]

@@ -485,6 +485,61 @@ fn refuse_builtin(
     Ok(())
 }
 
+/// Refuses a Role or RoleBinding that would grant more than the caller holds in the organization (see
+/// [`OrgAccess::missing_for_grant`]). `acc` is `None` only where no organization governs the write.
+async fn refuse_escalation(
+    state: &AppState,
+    acc: Option<&OrgAccess>,
+    obj: &Resource,
+) -> ApiResult<()> {
+    let Some(acc) = acc else {
+        return Ok(());
+    };
+    let (role_spec, project, what) = match obj.kind() {
+        Some(Kind::Role) => (
+            obj.spec.clone(),
+            None,
+            format!("Role {}", obj.metadata.name),
+        ),
+        Some(Kind::RoleBinding) => {
+            let Some(role_name) = obj.spec.get("roleRef").and_then(Value::as_str) else {
+                return Ok(());
+            };
+            let key = Key {
+                kind: Kind::Role,
+                organization: obj.metadata.organization.clone(),
+                project: None,
+                name: role_name.to_string(),
+            };
+            let role = match state.store.get(&key).await {
+                Ok(r) => r,
+                // A missing role is refused by the reference check; it grants nothing meanwhile.
+                Err(StoreError::NotFound(_)) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            };
+            let project = obj
+                .spec
+                .get("project")
+                .and_then(Value::as_str)
+                .map(str::to_string);
+            (
+                role.spec,
+                project,
+                format!("RoleBinding {} (role {role_name})", obj.metadata.name),
+            )
+        }
+        _ => return Ok(()),
+    };
+    match acc.missing_for_grant(&role_spec, project.as_deref()) {
+        None => Ok(()),
+        Some((verb, kind)) => Err(ApiError::forbidden(format!(
+            "{what} would grant {verb} on {} in organization {}, which you do not hold; a Role or RoleBinding may grant only what its author holds",
+            kind.plural(),
+            acc.organization
+        ))),
+    }
+}
+
 fn created(obj: Resource, status: StatusCode, result: &'static str) -> Response {
     let mut resp = (status, Json(present(obj))).into_response();
     resp.headers_mut()
@@ -513,18 +568,20 @@ fn authorize(
     Ok(())
 }
 
-/// Resolves the caller's access and checks `verb` on the target.
+/// Resolves the caller's access and checks `verb` on the target; returns the access.
 async fn authorize_write(
     state: &AppState,
     principal: &Principal,
     t: &Target,
     verb: Verb,
-) -> ApiResult<()> {
+) -> ApiResult<Option<OrgAccess>> {
     if t.kind == Kind::Organization && verb == Verb::Create {
-        return authorize(principal, t, verb, None);
+        authorize(principal, t, verb, None)?;
+        return Ok(None);
     }
     let acc = access(state, principal, t).await?;
-    authorize(principal, t, verb, acc.as_ref())
+    authorize(principal, t, verb, acc.as_ref())?;
+    Ok(acc)
 }
 
 async fn create(
@@ -539,10 +596,11 @@ async fn create(
         t.name = Some(obj.metadata.name.clone());
     }
     t.audit(&slot);
-    authorize_write(&state, &principal, &t, Verb::Create).await?;
+    let acc = authorize_write(&state, &principal, &t, Verb::Create).await?;
     let obj = prepare(&t, obj)?;
     refuse_builtin(&t, None, Some(&obj))?;
     check_references(&state, &obj).await?;
+    refuse_escalation(&state, acc.as_ref(), &obj).await?;
     let obj = state.store.create(obj).await?;
     crate::bootstrap::after_create(&state, &principal, &obj).await?;
     Ok(created(obj, StatusCode::CREATED, "created"))
@@ -579,6 +637,7 @@ async fn apply(
     let obj = prepare(&t, obj)?;
     refuse_builtin(&t, existing.as_ref(), Some(&obj))?;
     check_references(&state, &obj).await?;
+    refuse_escalation(&state, acc.as_ref(), &obj).await?;
     match existing {
         None => {
             let obj = state.store.create(obj).await?;
@@ -607,7 +666,7 @@ async fn patch(
     body: Body,
 ) -> ApiResult<Response> {
     t.audit(&slot);
-    authorize_write(&state, &principal, &t, Verb::Patch).await?;
+    let acc = authorize_write(&state, &principal, &t, Verb::Patch).await?;
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -625,26 +684,40 @@ async fn patch(
     if !patch.is_object() {
         return Err(ApiError::bad_request("a merge patch must be a JSON object"));
     }
-    let existing = state.store.get(&t.key()).await?;
-    refuse_builtin(&t, Some(&existing), None)?;
-    let target = t.clone();
-    let obj = state
-        .store
-        .patch(&t.key(), &patch, move |merged| {
-            prepare(&target, merged).map_err(problem_to_invalid)
-        })
-        .await?;
-    check_references(&state, &obj).await?;
-    Ok(Json(present(obj)).into_response())
-}
-
-fn problem_to_invalid(e: ApiError) -> model::Invalid {
-    if e.errors.is_empty() {
-        model::Invalid::one("", e.detail)
-    } else {
-        model::Invalid { errors: e.errors }
+    // The merged object is checked in full (references, built-in roles, escalation) before it is written, and
+    // written only over the version it was merged from; a concurrent change starts over.
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let current = state.store.get(&t.key()).await?;
+        refuse_builtin(&t, Some(&current), None)?;
+        let mut doc = serde_json::to_value(&current).map_err(ApiError::internal)?;
+        store::merge_patch(&mut doc, &patch);
+        let patched: Resource = serde_json::from_value(doc).map_err(|e| {
+            ApiError::invalid(
+                "",
+                model::Invalid::one("", format!("the patched object is malformed: {e}")),
+            )
+        })?;
+        let mut next = current.clone();
+        next.spec = patched.spec;
+        next.metadata.labels = patched.metadata.labels;
+        next.metadata.annotations = patched.metadata.annotations;
+        next.metadata.finalizers = patched.metadata.finalizers;
+        let next = prepare(&t, next)?;
+        refuse_builtin(&t, None, Some(&next))?;
+        check_references(&state, &next).await?;
+        refuse_escalation(&state, acc.as_ref(), &next).await?;
+        match state.store.update(next).await {
+            Err(StoreError::Conflict { .. }) if attempt < PATCH_ATTEMPTS => continue,
+            Err(e) => return Err(e.into()),
+            Ok(obj) => return Ok(Json(present(obj)).into_response()),
+        }
     }
 }
+
+/// How often a merge patch is re-applied when the object changes under it.
+const PATCH_ATTEMPTS: u32 = 5;
 
 async fn delete(
     state: AppState,

@@ -15,6 +15,7 @@ use tower::ServiceExt;
 struct Env {
     app: Router,
     admin: String,
+    store: store::Store,
     _tmp: tempfile::TempDir,
     _shutdown: tokio::sync::watch::Sender<bool>,
 }
@@ -56,7 +57,7 @@ async fn env() -> Env {
         data_dir: tmp.path().to_path_buf(),
         ..Default::default()
     };
-    let state = server::AppState::new(store, config, rx);
+    let state = server::AppState::new(store.clone(), config, rx);
     server::bootstrap::first_start(&state, tmp.path())
         .await
         .unwrap()
@@ -69,6 +70,7 @@ async fn env() -> Env {
     Env {
         app: server::app(state),
         admin,
+        store,
         _tmp: tmp,
         _shutdown: tx,
     }
@@ -1027,6 +1029,7 @@ async fn access_cache_follows_changes_to_bindings() {
     let e = Env {
         app: server::app(state),
         admin,
+        store: store.clone(),
         _tmp: tmp,
         _shutdown: tx,
     };
@@ -1104,4 +1107,391 @@ async fn access_cache_follows_changes_to_bindings() {
     }
     let _ = e._shutdown.send(true);
     watcher.await.unwrap();
+}
+
+/// A merge patch as `token`.
+async fn patch_json(e: &Env, path: &str, token: &str, body: Value) -> (StatusCode, Value) {
+    let req = Request::builder()
+        .method(Method::PATCH)
+        .uri(path)
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", "application/merge-patch+json")
+        .body(Body::from(serde_json::to_vec(&body).unwrap()))
+        .unwrap();
+    let resp = e.app.clone().oneshot(req).await.unwrap();
+    let st = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (st, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+fn binding(name: &str, role: &str, user: &str, project: Option<&str>) -> Value {
+    let mut spec = json!({"roleRef": role, "subjects": [{"kind": "User", "name": user}]});
+    if let Some(p) = project {
+        spec["project"] = json!(p);
+    }
+    json!({"apiVersion": "kiln.dev/v1", "kind": "RoleBinding", "metadata": {"name": name}, "spec": spec})
+}
+
+fn role_manifest(name: &str, kinds: &[&str], verbs: &[&str]) -> Value {
+    json!({"apiVersion": "kiln.dev/v1", "kind": "Role", "metadata": {"name": name},
+           "spec": {"rules": [{"kinds": kinds, "verbs": verbs}]}})
+}
+
+#[tokio::test]
+async fn roles_and_bindings_cannot_grant_more_than_the_caller_holds() {
+    let e = env().await;
+    seed_org(&e, "alpha").await;
+    let admin = user_with_role(&e, "ada", "alpha", "admin", None).await;
+    let owner = user_with_role(&e, "olga", "alpha", "owner", None).await;
+    let a = Some(admin.as_str());
+    // An admin may not bind anyone (themselves included) to `owner`, by any write.
+    let (s, b) = call(
+        &e.app,
+        Method::POST,
+        "/api/v1/orgs/alpha/rolebindings",
+        a,
+        Some(binding("ada-owner", "owner", "ada", None)),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
+    let (s, b) = call(
+        &e.app,
+        Method::PUT,
+        "/api/v1/orgs/alpha/rolebindings/ada-owner",
+        a,
+        Some(binding("ada-owner", "owner", "ada", None)),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
+    let (s, b) = patch_json(
+        &e,
+        "/api/v1/orgs/alpha/rolebindings/fixture",
+        &admin,
+        json!({"spec": {"roleRef": "owner", "subjects": [{"kind": "User", "name": "ada"}]}}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
+    // Nor define a role holding more than they do, or widen one they are bound to.
+    let (s, b) = call(
+        &e.app,
+        Method::PUT,
+        "/api/v1/orgs/alpha/roles/everything",
+        a,
+        Some(role_manifest("everything", &["*"], &["*"])),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
+    let (s, b) = call(
+        &e.app,
+        Method::PUT,
+        "/api/v1/orgs/alpha/roles/readers",
+        a,
+        Some(role_manifest("readers", &["projects"], &["get"])),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let (s, b) = call(
+        &e.app,
+        Method::PUT,
+        "/api/v1/orgs/alpha/rolebindings/ada-readers",
+        a,
+        Some(binding("ada-readers", "readers", "ada", None)),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let (s, b) = patch_json(
+        &e,
+        "/api/v1/orgs/alpha/roles/readers",
+        &admin,
+        json!({"spec": {"rules": [{"kinds": ["organizations"], "verbs": ["delete"]}]}}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
+    let (s, b) = call(
+        &e.app,
+        Method::PUT,
+        "/api/v1/orgs/alpha/roles/readers",
+        a,
+        Some(role_manifest("readers", &["*"], &["*"])),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
+    // Nor create a user bound to `owner` (with a password the admin chose).
+    let (s, b) = call(
+        &e.app,
+        Method::POST,
+        "/api/v1/users",
+        a,
+        Some(json!({"name": "sock", "organization": "alpha", "role": "owner", "password": "password-123"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
+    let (s, _) = call(
+        &e.app,
+        Method::POST,
+        "/api/v1/login",
+        None,
+        Some(json!({"username": "sock", "password": "password-123"})),
+    )
+    .await;
+    assert_eq!(
+        s,
+        StatusCode::UNAUTHORIZED,
+        "the refused user was not created"
+    );
+    // So the admin still cannot delete the organization.
+    let (s, _) = call(&e.app, Method::DELETE, "/api/v1/orgs/alpha", a, None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    // What the caller holds they may grant: an admin grants admin and developer; an owner grants owner.
+    for (role, token) in [("admin", &admin), ("developer", &admin), ("owner", &owner)] {
+        let name = format!("grant-{role}");
+        let (s, b) = call(
+            &e.app,
+            Method::PUT,
+            &format!("/api/v1/orgs/alpha/rolebindings/{name}"),
+            Some(token),
+            Some(binding(&name, role, "nobody", None)),
+        )
+        .await;
+        assert_eq!(s, StatusCode::CREATED, "{role}: {b}");
+    }
+    let (s, b) = call(
+        &e.app,
+        Method::PUT,
+        "/api/v1/orgs/alpha/roles/everything",
+        Some(&owner),
+        Some(role_manifest("everything", &["*"], &["*"])),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+}
+
+#[tokio::test]
+async fn project_limited_grants_stay_within_what_the_caller_holds() {
+    let e = env().await;
+    seed_org(&e, "alpha").await;
+    let (s, b) = call(
+        &e.app,
+        Method::PUT,
+        "/api/v1/orgs/alpha/roles/binder",
+        Some(&e.admin),
+        Some(role_manifest(
+            "binder",
+            &["rolebindings", "components"],
+            &["*"],
+        )),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    // Organization-wide: may write bindings and components, nothing else.
+    let binder = user_with_role(&e, "bea", "alpha", "binder", None).await;
+    // A binding to a role granting more (owner, even limited to one project) is refused...
+    let (s, b) = call(
+        &e.app,
+        Method::PUT,
+        "/api/v1/orgs/alpha/rolebindings/bea-shop-owner",
+        Some(&binder),
+        Some(binding("bea-shop-owner", "owner", "bea", Some("shop"))),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
+    // ...while one to the caller's own role, limited to a project, is fine.
+    let (s, b) = call(
+        &e.app,
+        Method::PUT,
+        "/api/v1/orgs/alpha/rolebindings/nobody-binder-shop",
+        Some(&binder),
+        Some(binding(
+            "nobody-binder-shop",
+            "binder",
+            "nobody",
+            Some("shop"),
+        )),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+}
+
+#[tokio::test]
+async fn users_cannot_be_created_under_names_bound_elsewhere() {
+    let e = env().await;
+    seed_org(&e, "alpha").await;
+    seed_org(&e, "beta").await;
+    let admin = user_with_role(&e, "ada", "alpha", "admin", None).await;
+    // Beta binds a user who does not exist yet.
+    let (s, b) = call(
+        &e.app,
+        Method::PUT,
+        "/api/v1/orgs/beta/rolebindings/dave-viewer",
+        Some(&e.admin),
+        Some(binding("dave-viewer", "viewer", "dave", None)),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    // An admin of alpha creating `dave` with a password of their choosing would gain beta through it.
+    let (s, b) = call(
+        &e.app,
+        Method::POST,
+        "/api/v1/users",
+        Some(&admin),
+        Some(json!({"name": "dave", "organization": "alpha", "role": "viewer", "password": "password-123"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{b}");
+    let (s, _) = call(
+        &e.app,
+        Method::POST,
+        "/api/v1/login",
+        None,
+        Some(json!({"username": "dave", "password": "password-123"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // A fresh name is fine; a superuser may create the pre-bound one.
+    let (s, b) = call(
+        &e.app,
+        Method::POST,
+        "/api/v1/users",
+        Some(&admin),
+        Some(json!({"name": "erin", "organization": "alpha", "role": "viewer"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let (s, b) = call(
+        &e.app,
+        Method::POST,
+        "/api/v1/users",
+        Some(&e.admin),
+        Some(json!({"name": "dave"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+}
+
+#[tokio::test]
+async fn events_of_other_organizations_are_hidden() {
+    let e = env().await;
+    seed_org(&e, "alpha").await;
+    seed_org(&e, "beta").await;
+    for (kind, org, project, name) in [
+        ("Organization", None, None, "beta"),
+        ("Project", Some("alpha"), None, "shop"),
+    ] {
+        e.store
+            .record_event(store::Event {
+                time: jiff::Timestamp::now(),
+                kind: kind.into(),
+                organization: org.map(str::to_string),
+                project,
+                name: name.into(),
+                type_: "Normal".into(),
+                reason: "Ready".into(),
+                message: format!("{name} is ready"),
+            })
+            .await
+            .unwrap();
+    }
+    let viewer = user_with_role(&e, "val", "alpha", "viewer", None).await;
+    let (s, b) = call(
+        &e.app,
+        Method::GET,
+        "/api/v1/orgs/alpha/events?kind=Organization&name=beta",
+        Some(&viewer),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{b}");
+    // A project-limited caller reads its own project's events.
+    let dev = user_with_role(&e, "dev", "alpha", "developer", Some("shop")).await;
+    let (s, b) = call(
+        &e.app,
+        Method::GET,
+        "/api/v1/orgs/alpha/events?kind=Project&name=shop",
+        Some(&dev),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["items"][0]["reason"], "Ready", "{b}");
+}
+
+#[tokio::test]
+async fn patch_is_checked_before_it_is_written() {
+    let e = env().await;
+    seed_org(&e, "alpha").await;
+    let t = e.admin.clone();
+    // A dangling reference is refused and not stored.
+    let (s, b) = patch_json(
+        &e,
+        "/api/v1/orgs/alpha/environments/fixture",
+        &t,
+        json!({"spec": {"dataPlaneRef": "missing"}}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{b}");
+    let (_, got) = call(
+        &e.app,
+        Method::GET,
+        "/api/v1/orgs/alpha/environments/fixture",
+        Some(&t),
+        None,
+    )
+    .await;
+    assert_eq!(got["spec"]["dataPlaneRef"], "local", "{got}");
+    // A role cannot be patched into a (then immutable) built-in one.
+    let (s, b) = patch_json(
+        &e,
+        "/api/v1/orgs/alpha/roles/custom",
+        &t,
+        json!({"metadata": {"labels": {"kiln.dev/builtin": "true"}}}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
+    let (s, b) = call(
+        &e.app,
+        Method::DELETE,
+        "/api/v1/orgs/alpha/roles/custom",
+        Some(&t),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+}
+
+#[tokio::test]
+async fn a_binding_to_a_deleted_role_does_not_break_identity_endpoints() {
+    let e = env().await;
+    seed_org(&e, "alpha").await;
+    let viewer = user_with_role(&e, "val", "alpha", "viewer", None).await;
+    let (s, b) = call(
+        &e.app,
+        Method::PUT,
+        "/api/v1/orgs/alpha/rolebindings/val-custom",
+        Some(&e.admin),
+        Some(binding("val-custom", "custom", "val", None)),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let (s, b) = call(
+        &e.app,
+        Method::DELETE,
+        "/api/v1/orgs/alpha/rolebindings/val-viewer",
+        Some(&e.admin),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let (s, b) = call(
+        &e.app,
+        Method::DELETE,
+        "/api/v1/orgs/alpha/roles/custom",
+        Some(&e.admin),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    for path in ["/api/v1/whoami", "/api/v1/users", "/api/v1/users/val"] {
+        let (s, b) = call(&e.app, Method::GET, path, Some(&viewer), None).await;
+        assert_eq!(s, StatusCode::OK, "{path}: {b}");
+    }
 }
