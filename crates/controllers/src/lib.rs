@@ -7,6 +7,7 @@
 //! - A malformed spec never fails a reconcile: it becomes a condition that names the field.
 //! - Child failures surface on the parent's conditions.
 
+pub mod component;
 mod organization;
 mod project;
 mod status;
@@ -61,10 +62,12 @@ impl Controllers {
 pub fn spawn_all(store: Store, shutdown: watch::Receiver<bool>) -> Controllers {
     let mut tasks = JoinSet::new();
     let organizations = organization::controller(store.clone());
-    let projects = project::controller(store);
-    let stats = vec![organizations.stats(), projects.stats()];
+    let projects = project::controller(store.clone());
+    let components = component::controller(store);
+    let stats = vec![organizations.stats(), projects.stats(), components.stats()];
     tasks.spawn(organizations.run(shutdown.clone()));
-    tasks.spawn(projects.run(shutdown));
+    tasks.spawn(projects.run(shutdown.clone()));
+    tasks.spawn(components.run(shutdown));
     Controllers { stats, tasks }
 }
 

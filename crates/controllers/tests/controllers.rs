@@ -395,16 +395,285 @@ async fn a_malformed_project_spec_becomes_a_condition() {
         let stats: Vec<_> = h.controllers.stats().iter().map(|s| s.snapshot()).collect();
         stats
             .iter()
+            .filter(|s| s.name != "components")
             .all(|s| s.reconciles_total >= 1)
             .then_some(stats)
     })
     .await;
     let names: Vec<&str> = stats.iter().map(|s| s.name.as_str()).collect();
-    assert_eq!(names, ["organizations", "projects"]);
+    assert_eq!(names, ["organizations", "projects", "components"]);
     assert!(stats.iter().all(|s| s.errors_total == 0), "{stats:?}");
     let text = runtime::render_prometheus(h.controllers.stats());
     assert!(
         text.contains("kiln_controller_reconciles_total{controller=\"projects\"}"),
         "{text}"
     );
+}
+
+fn in_project(kind: Kind, name: &str) -> Key {
+    Key {
+        kind,
+        organization: Some("acme".into()),
+        project: Some("shop".into()),
+        name: name.into(),
+    }
+}
+
+/// Organization `acme` with project `shop`, environments dev → staging and the default pipeline.
+async fn delivery_fixture(h: &Harness) {
+    let s = &h.store;
+    s.create(resource(Kind::Organization, None, None, "acme", json!({})))
+        .await
+        .unwrap();
+    s.create(resource(
+        Kind::DataPlane,
+        Some("acme"),
+        None,
+        "local",
+        json!({"type": "process"}),
+    ))
+    .await
+    .unwrap();
+    for env in ["dev", "staging"] {
+        s.create(resource(
+            Kind::Environment,
+            Some("acme"),
+            None,
+            env,
+            json!({"dataPlaneRef": "local"}),
+        ))
+        .await
+        .unwrap();
+    }
+    s.create(resource(
+        Kind::Project,
+        Some("acme"),
+        None,
+        "shop",
+        json!({}),
+    ))
+    .await
+    .unwrap();
+    let pipeline = json!({"promotionPaths": [{"sourceEnvironmentRef": "dev", "targetEnvironmentRefs": [{"name": "staging"}]}]});
+    s.create(resource(
+        Kind::DeploymentPipeline,
+        Some("acme"),
+        None,
+        "default",
+        pipeline,
+    ))
+    .await
+    .unwrap();
+}
+
+fn web(replicas: u32) -> Value {
+    json!({"type": "web-application", "workload": {"command": ["./web"]}, "replicas": replicas, "endpoints": [{"name": "http", "port": 8080}]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_component_gets_content_addressed_releases_bound_in_the_first_environment() {
+    let h = start().await;
+    delivery_fixture(&h).await;
+    let comp = model::normalize(resource(
+        Kind::Component,
+        Some("acme"),
+        Some("shop"),
+        "web",
+        web(1),
+    ))
+    .unwrap();
+    h.store.create(comp).await.unwrap();
+    let ck = in_project(Kind::Component, "web");
+    let c = condition(
+        &h.store,
+        &ck,
+        "Deployed",
+        ConditionStatus::True,
+        "AutoDeployed",
+    )
+    .await;
+    let first = c.status["latestRelease"].as_str().unwrap().to_string();
+    assert!(
+        first.starts_with("web-") && first.len() == "web-".len() + 10,
+        "{first}"
+    );
+    let release = h
+        .store
+        .get(&in_project(Kind::Release, &first))
+        .await
+        .unwrap();
+    assert_eq!(release.spec["snapshot"]["replicas"], 1);
+    assert_eq!(release.metadata.labels["kiln.dev/component"], "web");
+    let binding = h
+        .store
+        .get(&in_project(Kind::ReleaseBinding, "web-dev"))
+        .await
+        .unwrap();
+    assert_eq!(binding.spec["release"], first.as_str());
+    assert_eq!(binding.spec["environment"], "dev");
+
+    // A change that does not touch what runs makes no new release.
+    let mut current = h.store.get(&ck).await.unwrap();
+    current.spec["autoDeploy"] = json!(true);
+    current.metadata.labels.insert("team".into(), "web".into());
+    h.store.update(current).await.unwrap();
+    idle(&h.controllers, "components").await;
+    let releases = h
+        .store
+        .list(&store::ListQuery {
+            kind: Some(Kind::Release),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(releases.items.len(), 1);
+
+    // A change to what runs makes a new release, and auto-deploy re-points the dev binding at it.
+    let mut current = h.store.get(&ck).await.unwrap();
+    current.spec = model::normalize(resource(
+        Kind::Component,
+        Some("acme"),
+        Some("shop"),
+        "web",
+        web(2),
+    ))
+    .unwrap()
+    .spec;
+    h.store.update(current).await.unwrap();
+    let second = eventually("a second release bound in dev", || async {
+        let b = h
+            .store
+            .get(&in_project(Kind::ReleaseBinding, "web-dev"))
+            .await
+            .ok()?;
+        let r = b.spec["release"].as_str()?.to_string();
+        (r != first).then_some(r)
+    })
+    .await;
+    let release = h
+        .store
+        .get(&in_project(Kind::Release, &second))
+        .await
+        .unwrap();
+    assert_eq!(release.spec["snapshot"]["replicas"], 2);
+    // The first release is still there: releases are history.
+    h.store
+        .get(&in_project(Kind::Release, &first))
+        .await
+        .unwrap();
+    assert!(
+        h.store
+            .get(&in_project(Kind::ReleaseBinding, "web-staging"))
+            .await
+            .is_err(),
+        "only the first environment is auto-deployed"
+    );
+    let _ = h.stop_tx.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_component_with_nothing_to_run_or_no_pipeline_says_why() {
+    let h = start().await;
+    let s = &h.store;
+    s.create(resource(Kind::Organization, None, None, "acme", json!({})))
+        .await
+        .unwrap();
+    s.create(resource(
+        Kind::Project,
+        Some("acme"),
+        None,
+        "shop",
+        json!({}),
+    ))
+    .await
+    .unwrap();
+    let source_only =
+        json!({"type": "service", "source": {"git": {"repository": "github.com/acme/api"}}});
+    s.create(
+        model::normalize(resource(
+            Kind::Component,
+            Some("acme"),
+            Some("shop"),
+            "api",
+            source_only,
+        ))
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    let c = condition(
+        s,
+        &in_project(Kind::Component, "api"),
+        "Released",
+        ConditionStatus::False,
+        "NoArtifact",
+    )
+    .await;
+    assert!(c
+        .condition("Released")
+        .unwrap()
+        .message
+        .contains("spec.workload"));
+    s.create(
+        model::normalize(resource(
+            Kind::Component,
+            Some("acme"),
+            Some("shop"),
+            "web",
+            web(1),
+        ))
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    let c = condition(
+        s,
+        &in_project(Kind::Component, "web"),
+        "Deployed",
+        ConditionStatus::False,
+        "DeploymentPipelineNotFound",
+    )
+    .await;
+    assert_eq!(
+        c.condition("Released").unwrap().status,
+        ConditionStatus::True
+    );
+    // Creating the pipeline (and its first environment) deploys without touching the component.
+    s.create(resource(
+        Kind::DataPlane,
+        Some("acme"),
+        None,
+        "local",
+        json!({"type": "process"}),
+    ))
+    .await
+    .unwrap();
+    s.create(resource(
+        Kind::Environment,
+        Some("acme"),
+        None,
+        "dev",
+        json!({"dataPlaneRef": "local"}),
+    ))
+    .await
+    .unwrap();
+    let pipeline = json!({"promotionPaths": [{"sourceEnvironmentRef": "dev", "targetEnvironmentRefs": [{"name": "prod"}]}]});
+    s.create(resource(
+        Kind::DeploymentPipeline,
+        Some("acme"),
+        None,
+        "default",
+        pipeline,
+    ))
+    .await
+    .unwrap();
+    condition(
+        s,
+        &in_project(Kind::Component, "web"),
+        "Deployed",
+        ConditionStatus::True,
+        "AutoDeployed",
+    )
+    .await;
+    let _ = h.stop_tx.send(true);
 }
