@@ -169,9 +169,62 @@ fn list_kind_name(kind: Kind) -> String {
     format!("{}List", kind.as_str())
 }
 
+/// Which objects of a list or watch the caller may see, from their access at the time it was resolved.
+struct Visibility {
+    verb: Verb,
+    kind: Kind,
+    acc: Option<OrgAccess>,
+    /// For organizations listed by a caller who is not a superuser: the ones they are bound in.
+    orgs: Option<Vec<String>>,
+}
+
+impl Visibility {
+    /// Resolves the caller's access for a list or watch of `t` (404/403 as for any request).
+    async fn resolve(
+        state: &AppState,
+        principal: &Principal,
+        t: &Target,
+        verb: Verb,
+    ) -> ApiResult<Visibility> {
+        let acc = access(state, principal, t).await?;
+        let orgs = match (&acc, t.kind) {
+            (None, Kind::Organization) => rbac::visible_orgs(&state.store, principal).await?,
+            _ => None,
+        };
+        if let Some(a) = &acc {
+            if (t.kind.scope() != Scope::Project && t.kind != Kind::Project) || t.project.is_some()
+            {
+                a.check(
+                    verb,
+                    t.kind,
+                    t.project.as_deref(),
+                    &format!("{} in {}", t.kind.plural(), t.describe_scope()),
+                )?;
+            }
+        }
+        Ok(Visibility {
+            verb,
+            kind: t.kind,
+            acc,
+            orgs,
+        })
+    }
+
+    fn allows(&self, r: &Resource) -> bool {
+        if let Some(orgs) = &self.orgs {
+            return orgs.contains(&r.metadata.name);
+        }
+        match &self.acc {
+            Some(a) => a.allows(self.verb, self.kind, object_project(r)),
+            None => true,
+        }
+    }
+}
+
 async fn list(
     state: AppState,
     principal: Principal,
+    headers: HeaderMap,
     t: Target,
     params: ListParams,
 ) -> ApiResult<Response> {
@@ -180,32 +233,17 @@ async fn list(
     } else {
         Verb::List
     };
-    let acc = access(&state, &principal, &t).await?;
-    let visible_orgs = match (&acc, t.kind) {
-        (None, Kind::Organization) => rbac::visible_orgs(&state.store, &principal).await?,
-        _ => None,
-    };
-    if let Some(a) = &acc {
-        if (t.kind.scope() != Scope::Project && t.kind != Kind::Project) || t.project.is_some() {
-            a.check(
-                verb,
-                t.kind,
-                t.project.as_deref(),
-                &format!("{} in {}", t.kind.plural(), t.describe_scope()),
-            )?;
-        }
-    }
-    let allowed = move |r: &Resource| -> bool {
-        if let Some(orgs) = &visible_orgs {
-            return orgs.contains(&r.metadata.name);
-        }
-        match &acc {
-            Some(a) => a.allows(verb, t.kind, object_project(r)),
-            None => true,
-        }
-    };
+    let vis = Visibility::resolve(&state, &principal, &t, verb).await?;
     if params.watch == Some(true) {
-        return watch(state, t, params.resource_version, allowed).await;
+        let ctx = WatchCtx {
+            state: state.clone(),
+            principal,
+            headers,
+            t: t.clone(),
+            vis,
+            checked: std::time::Instant::now(),
+        };
+        return watch(ctx, params.resource_version).await;
     }
     let q = ListQuery {
         kind: Some(t.kind),
@@ -219,7 +257,7 @@ async fn list(
     let items: Vec<Resource> = page
         .items
         .into_iter()
-        .filter(|r| allowed(r))
+        .filter(|r| vis.allows(r))
         .map(present)
         .collect();
     let mut meta = json!({"resourceVersion": page.revision.to_string()});
@@ -239,49 +277,87 @@ impl Target {
     }
 }
 
-/// Streams watch events as newline-delimited JSON until the client goes away or the server shuts down.
-async fn watch(
+/// How long a watch stream trusts the credentials and access it was opened with before checking them again.
+const WATCH_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// What a watch stream needs to check, while it runs, that its caller may still see what it sends.
+struct WatchCtx {
     state: AppState,
+    principal: Principal,
+    headers: HeaderMap,
     t: Target,
-    from: Option<u64>,
-    allowed: impl Fn(&Resource) -> bool + Send + 'static,
-) -> ApiResult<Response> {
+    vis: Visibility,
+    checked: std::time::Instant,
+}
+
+impl WatchCtx {
+    /// Re-authenticates the caller and re-resolves their access when the last check is older than
+    /// [`WATCH_RECHECK`]; `false` when the credentials were revoked or expired, or the access is gone.
+    async fn recheck(&mut self) -> bool {
+        if self.checked.elapsed() < WATCH_RECHECK {
+            return true;
+        }
+        let bearer = crate::auth::bearer_token(&self.headers);
+        let principal = match crate::auth::authenticate(&self.state, &self.headers, bearer).await {
+            Ok(Some(p)) if p.user.id == self.principal.user.id => p,
+            _ => return false,
+        };
+        match Visibility::resolve(&self.state, &principal, &self.t, self.vis.verb).await {
+            Ok(vis) => {
+                self.vis = vis;
+                self.principal = principal;
+                self.checked = std::time::Instant::now();
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+/// Streams watch events as newline-delimited JSON until the client goes away, the server shuts down, or the
+/// caller's credentials or access to what is watched go away.
+async fn watch(ctx: WatchCtx, from: Option<u64>) -> ApiResult<Response> {
     let q = WatchQuery {
-        kind: Some(t.kind),
-        organization: t.org.clone(),
-        project: t.project.clone(),
+        kind: Some(ctx.t.kind),
+        organization: ctx.t.org.clone(),
+        project: ctx.t.project.clone(),
         from_revision: from,
     };
-    let stream = state.store.watch(&q).await?;
-    let shutdown = state.shutdown.clone();
-    let gauge = WatchGauge::new(state.clone());
-    let body = futures_util::stream::unfold(
-        (stream, gauge, allowed),
-        move |(mut s, g, allowed)| {
-            let mut shutdown = shutdown.clone();
-            async move {
-                loop {
-                    tokio::select! {
-                        _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => return None,
-                        ev = s.next() => match ev {
-                            None => return None,
-                            Some(Err(e)) => {
-                                let line = json!({"type": "Error", "error": e.to_string()});
-                                return Some((Ok::<_, Infallible>(Bytes::from(format!("{line}\n"))), (s, g, allowed)));
-                            }
-                            Some(Ok(mut ev)) => {
-                                if !allowed(&ev.object) { continue; }
-                                ev.object = present(ev.object);
-                                let mut line = serde_json::to_vec(&ev).unwrap_or_default();
-                                line.push(b'\n');
-                                return Some((Ok(Bytes::from(line)), (s, g, allowed)));
-                            }
+    let stream = ctx.state.store.watch(&q).await?;
+    let shutdown = ctx.state.shutdown.clone();
+    let gauge = WatchGauge::new(ctx.state.clone());
+    let body = futures_util::stream::unfold((stream, gauge, ctx), move |(mut s, g, mut ctx)| {
+        let mut shutdown = shutdown.clone();
+        async move {
+            loop {
+                tokio::select! {
+                    _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => return None,
+                    ev = s.next() => match ev {
+                        None => return None,
+                        Some(Err(e)) => {
+                            let error = match e {
+                                StoreError::Expired { .. } => e.to_string(),
+                                e => {
+                                    tracing::error!(error = %e, "watch stream failed");
+                                    "internal server error; see the server log".to_string()
+                                }
+                            };
+                            let line = json!({"type": "Error", "error": error});
+                            return Some((Ok::<_, Infallible>(Bytes::from(format!("{line}\n"))), (s, g, ctx)));
+                        }
+                        Some(Ok(mut ev)) => {
+                            if !ctx.recheck().await { return None; }
+                            if !ctx.vis.allows(&ev.object) { continue; }
+                            ev.object = present(ev.object);
+                            let mut line = serde_json::to_vec(&ev).unwrap_or_default();
+                            line.push(b'\n');
+                            return Some((Ok(Bytes::from(line)), (s, g, ctx)));
                         }
                     }
                 }
             }
-        },
-    );
+        }
+    });
     let mut resp = Response::new(Body::from_stream(body));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -469,6 +545,17 @@ fn is_builtin(r: &Resource) -> bool {
         .is_some_and(|v| v == "true")
 }
 
+/// A Release's spec never changes once created.
+fn refuse_release_change(existing: &Resource, incoming: &Resource) -> Result<(), model::Invalid> {
+    if existing.kind == Kind::Release.as_str() && existing.spec != incoming.spec {
+        return Err(model::Invalid::one(
+            "spec",
+            "a Release is immutable; change the Component to make a new release",
+        ));
+    }
+    Ok(())
+}
+
 fn refuse_builtin(
     t: &Target,
     existing: Option<&Resource>,
@@ -645,6 +732,7 @@ async fn apply(
             Ok(created(obj, StatusCode::CREATED, "created"))
         }
         Some(old) => {
+            refuse_release_change(&old, &obj).map_err(|e| ApiError::invalid("", e))?;
             let before = old.metadata.resource_version.clone();
             let obj = state.store.update(obj).await?;
             let result = if obj.metadata.resource_version == before {
@@ -705,6 +793,7 @@ async fn patch(
         next.metadata.annotations = patched.metadata.annotations;
         next.metadata.finalizers = patched.metadata.finalizers;
         let next = prepare(&t, next)?;
+        refuse_release_change(&current, &next).map_err(|e| ApiError::invalid("", e))?;
         refuse_builtin(&t, None, Some(&next))?;
         check_references(&state, &next).await?;
         refuse_escalation(&state, acc.as_ref(), &next).await?;
@@ -794,8 +883,8 @@ pub fn register(mut api: Api) -> Api {
                 .returns(200, Some("ResourceList"))
         };
         api = api
-            .op(list_op(&coll, format!("list{k}"), format!("List {plural}")), move |State(s): State<AppState>, pr: Principal, Path(p): P, Query(q): Query<ListParams>| async move {
-                list(s, pr, Target::from_params(kind, &p), q).await
+            .op(list_op(&coll, format!("list{k}"), format!("List {plural}")), move |State(s): State<AppState>, pr: Principal, headers: HeaderMap, Path(p): P, Query(q): Query<ListParams>| async move {
+                list(s, pr, headers, Target::from_params(kind, &p), q).await
             })
             .op(
                 Op::new(Method::POST, &coll, format!("create{k}"), "resources", format!("Create a {k}")).body("Resource").returns(201, Some("Resource")),
@@ -838,9 +927,10 @@ pub fn register(mut api: Api) -> Api {
                 ),
                 move |State(s): State<AppState>,
                       pr: Principal,
+                      headers: HeaderMap,
                       Path(p): P,
                       Query(q): Query<ListParams>| async move {
-                    list(s, pr, Target::from_params(kind, &p), q).await
+                    list(s, pr, headers, Target::from_params(kind, &p), q).await
                 },
             );
         }
