@@ -545,6 +545,17 @@ fn is_builtin(r: &Resource) -> bool {
         .is_some_and(|v| v == "true")
 }
 
+/// A Release's spec never changes once created.
+fn refuse_release_change(existing: &Resource, incoming: &Resource) -> Result<(), model::Invalid> {
+    if existing.kind == Kind::Release.as_str() && existing.spec != incoming.spec {
+        return Err(model::Invalid::one(
+            "spec",
+            "a Release is immutable; change the Component to make a new release",
+        ));
+    }
+    Ok(())
+}
+
 fn refuse_builtin(
     t: &Target,
     existing: Option<&Resource>,
@@ -721,6 +732,7 @@ async fn apply(
             Ok(created(obj, StatusCode::CREATED, "created"))
         }
         Some(old) => {
+            refuse_release_change(&old, &obj).map_err(|e| ApiError::invalid("", e))?;
             let before = old.metadata.resource_version.clone();
             let obj = state.store.update(obj).await?;
             let result = if obj.metadata.resource_version == before {
@@ -781,6 +793,7 @@ async fn patch(
         next.metadata.annotations = patched.metadata.annotations;
         next.metadata.finalizers = patched.metadata.finalizers;
         let next = prepare(&t, next)?;
+        refuse_release_change(&current, &next).map_err(|e| ApiError::invalid("", e))?;
         refuse_builtin(&t, None, Some(&next))?;
         check_references(&state, &next).await?;
         refuse_escalation(&state, acc.as_ref(), &next).await?;

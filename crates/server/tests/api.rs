@@ -91,13 +91,27 @@ fn manifest(kind: Kind, name: &str) -> Value {
         Kind::Component => {
             json!({"type": "service", "workload": {"image": "nginx:1"}, "endpoints": [{"name": "http", "port": 8080}]})
         }
+        Kind::Release => json!({
+            "component": "fixture",
+            "hash": format!("{}{}", &RELEASE_HASH, "0".repeat(54)),
+            "snapshot": {"type": "service", "workload": {"image": "nginx:1"}, "replicas": 1}
+        }),
+        Kind::ReleaseBinding => json!({
+            "component": "fixture",
+            "environment": "fixture",
+            "release": format!("fixture-{RELEASE_HASH}")
+        }),
     };
     json!({"apiVersion": "kiln.dev/v1", "kind": kind.as_str(), "metadata": {"name": name}, "spec": spec})
 }
 
+/// The content hash (its first ten digits) of the fixture Release.
+const RELEASE_HASH: &str = "0123456789";
+
 /// The object each kind's item routes address in the RBAC table (present in both organizations).
 fn fixture_name(kind: Kind) -> &'static str {
     match kind {
+        Kind::Release => "fixture-0123456789",
         Kind::DataPlane => "local",
         Kind::Project => "shop",
         Kind::DeploymentPipeline => "default",
@@ -1494,6 +1508,46 @@ async fn a_binding_to_a_deleted_role_does_not_break_identity_endpoints() {
         let (s, b) = call(&e.app, Method::GET, path, Some(&viewer), None).await;
         assert_eq!(s, StatusCode::OK, "{path}: {b}");
     }
+}
+
+#[tokio::test]
+async fn a_release_never_changes() {
+    let e = env().await;
+    seed_org(&e, "alpha").await;
+    let t = Some(e.admin.as_str());
+    let path = item_path(Kind::Release, "alpha", fixture_name(Kind::Release));
+    let mut changed = manifest(Kind::Release, fixture_name(Kind::Release));
+    changed["spec"]["snapshot"]["replicas"] = json!(3);
+    let (s, b) = call(&e.app, Method::PUT, &path, t, Some(changed)).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{b}");
+    assert!(
+        b["detail"]
+            .as_str()
+            .unwrap()
+            .contains("spec: a Release is immutable"),
+        "{b}"
+    );
+    let req = Request::builder()
+        .method(Method::PATCH)
+        .uri(&path)
+        .header("authorization", format!("Bearer {}", e.admin))
+        .header("content-type", "application/merge-patch+json")
+        .body(Body::from(r#"{"spec":{"snapshot":{"replicas":5}}}"#))
+        .unwrap();
+    let resp = e.app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    // Labels may still change, and re-applying the same spec is accepted.
+    let (s, b) = call(
+        &e.app,
+        Method::PUT,
+        &path,
+        t,
+        Some(manifest(Kind::Release, fixture_name(Kind::Release))),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let (_, got) = call(&e.app, Method::GET, &path, t, None).await;
+    assert_eq!(got["spec"]["snapshot"]["replicas"], 1);
 }
 
 /// The next NDJSON line of a watch body, or `None` when the stream ended; panics after 5 s of silence.
