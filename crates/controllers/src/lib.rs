@@ -7,6 +7,7 @@
 //! - A malformed spec never fails a reconcile: it becomes a condition that names the field.
 //! - Child failures surface on the parent's conditions.
 
+pub mod binding;
 pub mod component;
 mod organization;
 mod project;
@@ -19,6 +20,7 @@ use store::{Key, Store, StoreError};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+pub use binding::{BindingController, Drivers};
 pub use organization::OrganizationController;
 pub use project::ProjectController;
 
@@ -59,19 +61,26 @@ impl Controllers {
 
 /// Starts every controller on the current tokio runtime. They run until `shutdown` becomes `true` (or its sender
 /// is dropped); then [`Controllers::wait`] returns once their reconciles in flight ended.
-pub fn spawn_all(store: Store, shutdown: watch::Receiver<bool>) -> Controllers {
+pub fn spawn_all(store: Store, drivers: Drivers, shutdown: watch::Receiver<bool>) -> Controllers {
     let mut tasks = JoinSet::new();
     let organizations = organization::controller(store.clone());
     let projects = project::controller(store.clone());
-    let components = component::controller(store);
-    let stats = vec![organizations.stats(), projects.stats(), components.stats()];
+    let components = component::controller(store.clone());
+    let bindings = binding::controller(store, drivers);
+    let stats = vec![
+        organizations.stats(),
+        projects.stats(),
+        components.stats(),
+        bindings.stats(),
+    ];
     tasks.spawn(organizations.run(shutdown.clone()));
     tasks.spawn(projects.run(shutdown.clone()));
-    tasks.spawn(components.run(shutdown));
+    tasks.spawn(components.run(shutdown.clone()));
+    tasks.spawn(bindings.run(shutdown));
     Controllers { stats, tasks }
 }
 
 /// Runs every controller until `shutdown` (see [`spawn_all`]).
-pub async fn run_all(store: Store, shutdown: watch::Receiver<bool>) {
-    spawn_all(store, shutdown).wait().await;
+pub async fn run_all(store: Store, drivers: Drivers, shutdown: watch::Receiver<bool>) {
+    spawn_all(store, drivers, shutdown).wait().await;
 }

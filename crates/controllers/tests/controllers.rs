@@ -15,6 +15,8 @@ const WITHIN: Duration = Duration::from_secs(20);
 
 struct Harness {
     store: Store,
+    /// The driver behind `process` data planes: the no-op one, which runs nothing and reports ready.
+    noop: std::sync::Arc<dataplane::noop::NoopDriver>,
     stop_tx: watch::Sender<bool>,
     controllers: controllers::Controllers,
     _dir: tempfile::TempDir,
@@ -26,9 +28,15 @@ async fn start() -> Harness {
         .await
         .expect("open sqlite");
     let (stop_tx, stop_rx) = watch::channel(false);
-    let controllers = controllers::spawn_all(store.clone(), stop_rx);
+    let noop = std::sync::Arc::new(dataplane::noop::NoopDriver::new());
+    let drivers = controllers::Drivers {
+        process: Some(noop.clone()),
+        docker: None,
+    };
+    let controllers = controllers::spawn_all(store.clone(), drivers, stop_rx);
     Harness {
         store,
+        noop,
         stop_tx,
         controllers,
         _dir: dir,
@@ -395,13 +403,16 @@ async fn a_malformed_project_spec_becomes_a_condition() {
         let stats: Vec<_> = h.controllers.stats().iter().map(|s| s.snapshot()).collect();
         stats
             .iter()
-            .filter(|s| s.name != "components")
+            .filter(|s| s.name == "organizations" || s.name == "projects")
             .all(|s| s.reconciles_total >= 1)
             .then_some(stats)
     })
     .await;
     let names: Vec<&str> = stats.iter().map(|s| s.name.as_str()).collect();
-    assert_eq!(names, ["organizations", "projects", "components"]);
+    assert_eq!(
+        names,
+        ["organizations", "projects", "components", "releasebindings"]
+    );
     assert!(stats.iter().all(|s| s.errors_total == 0), "{stats:?}");
     let text = runtime::render_prometheus(h.controllers.stats());
     assert!(
@@ -675,5 +686,132 @@ async fn a_component_with_nothing_to_run_or_no_pipeline_says_why() {
         "AutoDeployed",
     )
     .await;
+    let _ = h.stop_tx.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binding_runs_its_release_on_the_data_plane_and_cleans_up() {
+    use dataplane::DataPlane;
+    let h = start().await;
+    delivery_fixture(&h).await;
+    let comp = model::normalize(resource(
+        Kind::Component,
+        Some("acme"),
+        Some("shop"),
+        "web",
+        web(2),
+    ))
+    .unwrap();
+    h.store.create(comp).await.unwrap();
+    let bk = in_project(Kind::ReleaseBinding, "web-dev");
+    let b = condition(&h.store, &bk, "Ready", ConditionStatus::True, "Ready").await;
+    assert_eq!(b.status["readyReplicas"], 2);
+    assert_eq!(b.metadata.finalizers, ["kiln.dev/workload"]);
+    let id = dataplane::WorkloadId {
+        organization: "acme".into(),
+        project: "shop".into(),
+        environment: "dev".into(),
+        component: "web".into(),
+    };
+    let running = h
+        .noop
+        .status(&id)
+        .await
+        .unwrap()
+        .expect("the workload was applied");
+    assert_eq!(running.desired, 2);
+    assert_eq!(
+        running.replicas[0].release,
+        b.spec["release"].as_str().unwrap()
+    );
+
+    // Undeployed: nothing runs, the binding stays.
+    let mut undeployed = b.clone();
+    undeployed.spec["state"] = json!("undeployed");
+    undeployed.metadata.resource_version = None;
+    h.store.update(undeployed).await.unwrap();
+    condition(&h.store, &bk, "Ready", ConditionStatus::False, "Undeployed").await;
+    assert!(h.noop.status(&id).await.unwrap().is_none());
+
+    // Deleting the binding removes the workload first, then the binding.
+    let mut active = h.store.get(&bk).await.unwrap();
+    active.spec["state"] = json!("active");
+    h.store.update(active).await.unwrap();
+    condition(&h.store, &bk, "Ready", ConditionStatus::True, "Ready").await;
+    h.store.delete(&bk, None).await.unwrap();
+    eventually("the binding to be gone", || async {
+        h.store.get(&bk).await.is_err().then_some(())
+    })
+    .await;
+    assert!(
+        h.noop.status(&id).await.unwrap().is_none(),
+        "the workload is removed with its binding"
+    );
+    let _ = h.stop_tx.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binding_on_a_data_plane_without_a_driver_says_so() {
+    let h = start().await;
+    delivery_fixture(&h).await;
+    let s = &h.store;
+    s.create(resource(
+        Kind::DataPlane,
+        Some("acme"),
+        None,
+        "cluster",
+        json!({"type": "kubernetes"}),
+    ))
+    .await
+    .unwrap();
+    s.create(resource(
+        Kind::Environment,
+        Some("acme"),
+        None,
+        "prod",
+        json!({"dataPlaneRef": "cluster"}),
+    ))
+    .await
+    .unwrap();
+    let comp = model::normalize(resource(
+        Kind::Component,
+        Some("acme"),
+        Some("shop"),
+        "web",
+        web(1),
+    ))
+    .unwrap();
+    s.create(comp).await.unwrap();
+    let dev = condition(
+        s,
+        &in_project(Kind::ReleaseBinding, "web-dev"),
+        "Ready",
+        ConditionStatus::True,
+        "Ready",
+    )
+    .await;
+    let spec = json!({"component": "web", "environment": "prod", "release": dev.spec["release"]});
+    s.create(resource(
+        Kind::ReleaseBinding,
+        Some("acme"),
+        Some("shop"),
+        "web-prod",
+        spec,
+    ))
+    .await
+    .unwrap();
+    let prod = condition(
+        s,
+        &in_project(Kind::ReleaseBinding, "web-prod"),
+        "Ready",
+        ConditionStatus::False,
+        "DataPlaneUnavailable",
+    )
+    .await;
+    assert!(prod
+        .condition("Ready")
+        .unwrap()
+        .message
+        .contains("kubernetes data planes are not available yet"));
     let _ = h.stop_tx.send(true);
 }

@@ -18,6 +18,10 @@ impl Handle {
     }
 }
 
-pub fn start(store: Store, shutdown: watch::Receiver<bool>) -> Handle {
-    Handle(controllers::spawn_all(store, shutdown))
+pub fn start(
+    store: Store,
+    drivers: controllers::Drivers,
+    shutdown: watch::Receiver<bool>,
+) -> Handle {
+    Handle(controllers::spawn_all(store, drivers, shutdown))
 }

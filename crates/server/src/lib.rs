@@ -334,7 +334,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
-    let handle = ctrl::start(store.clone(), shutdown_rx.clone());
+    let handle = ctrl::start(
+        store.clone(),
+        controllers::Drivers::default(),
+        shutdown_rx.clone(),
+    );
     let access_watch = tokio::spawn(rbac::watch_access_changes(
         state.clone(),
         shutdown_rx.clone(),
