@@ -18,6 +18,7 @@ use std::pin::Pin;
 
 use serde::{Deserialize, Serialize};
 
+pub mod docker;
 pub mod noop;
 
 /// Label naming the workload a process or container belongs to (its [`WorkloadId`] as a string).
