@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod docker;
 pub mod noop;
+pub mod process;
 
 /// Label naming the workload a process or container belongs to (its [`WorkloadId`] as a string).
 pub const LABEL_WORKLOAD: &str = "kiln.dev/workload";
