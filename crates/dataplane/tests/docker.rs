@@ -596,8 +596,19 @@ async fn logs_tail_filter_and_follow() {
         stream.map(|l| l.unwrap()).collect::<Vec<_>>().await
     };
 
-    // Everything: both replicas, both streams merged in time order.
-    let all = collect(LogOptions::default()).await;
+    // Everything: both replicas, both streams merged in time order. (The Engine writes what a container prints
+    // to its log a moment later: read until the last request shows.)
+    let mut all = Vec::new();
+    for _ in 0..50 {
+        all = collect(LogOptions::default()).await;
+        if (0..2).all(|r| {
+            all.iter()
+                .any(|l| l.replica == r && l.line == "GET /env/LINE2")
+        }) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     for r in 0..2 {
         assert!(
             all.iter()
@@ -629,11 +640,18 @@ async fn logs_tail_filter_and_follow() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     let since = jiff::Timestamp::now();
     get(endpoint(&s, 0), "/env/AFTER").await;
-    let recent = collect(LogOptions {
-        since: Some(since),
-        ..Default::default()
-    })
-    .await;
+    let mut recent = Vec::new();
+    for _ in 0..50 {
+        recent = collect(LogOptions {
+            since: Some(since),
+            ..Default::default()
+        })
+        .await;
+        if recent.iter().any(|l| l.line == "GET /env/AFTER") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(recent.iter().all(|l| l.time >= since));
     assert!(
         recent.iter().any(|l| l.line == "GET /env/AFTER"),
@@ -743,4 +761,37 @@ async fn a_missing_image_is_a_clear_error() {
     let err = t.driver.apply(&w).await.unwrap_err();
     assert!(matches!(err, dataplane::Error::Unsupported(_)), "{err}");
     assert!(containers(&id).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_failing_its_liveness_probe_is_restarted() {
+    let Some(t) = setup("live").await else { return };
+    let id = t.id("shop", "dev", "sick");
+    let mut w = t.workload(&id, "r1", 1);
+    // A file that exists in the image: /healthz answers 503 from the start.
+    w.env
+        .insert("UNHEALTHY_FILE".into(), "/kiln-testsvc".into());
+    w.readiness = Some(ProbeSpec {
+        probe: Probe::Tcp {
+            port: "http".into(),
+        },
+        period_secs: 1,
+        failure_threshold: 1,
+        initial_delay_secs: 0,
+    });
+    w.liveness = Some(ProbeSpec {
+        probe: Probe::Http {
+            port: "http".into(),
+            path: "/healthz".into(),
+        },
+        period_secs: 1,
+        failure_threshold: 2,
+        initial_delay_secs: 0,
+    });
+    t.driver.apply(&w).await.unwrap();
+    t.wait(&id, "liveness restarts", |s| {
+        s.replicas.len() == 1 && s.replicas[0].restarts >= 2
+    })
+    .await;
+    assert_eq!(containers(&id).len(), 1, "restarted in place");
 }

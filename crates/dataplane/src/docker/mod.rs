@@ -16,6 +16,7 @@
 mod api;
 mod engine_types;
 mod events;
+mod liveness;
 mod logs;
 mod probe;
 mod spec;
@@ -37,7 +38,8 @@ use crate::{
 use api::{query_escape, ApiError, Engine};
 use engine_types::ContainerSummary;
 pub use spec::{
-    LABEL_ENVIRONMENT, LABEL_NETWORK, LABEL_PORTS, LABEL_READINESS, LABEL_REPLICA, LABEL_SPEC_HASH,
+    LABEL_ENVIRONMENT, LABEL_LIVENESS, LABEL_NETWORK, LABEL_PORTS, LABEL_READINESS, LABEL_REPLICA,
+    LABEL_SPEC_HASH,
 };
 
 /// Settings of the docker driver.
@@ -66,10 +68,11 @@ impl Default for DockerConfig {
     }
 }
 
-/// The docker data plane. Dropping it stops its event watcher; the containers keep running.
+/// The docker data plane. Dropping it stops its event watcher and liveness checks; the containers keep running.
 pub struct DockerDriver {
     inner: Arc<Inner>,
-    watcher: tokio::task::JoinHandle<()>,
+    /// The event watcher and the liveness checker.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 struct Inner {
@@ -78,7 +81,8 @@ struct Inner {
     changes_tx: broadcast::Sender<WorkloadId>,
     /// Replica counts from `apply` (an adopted workload's count is the number of its containers).
     desired: Mutex<HashMap<WorkloadId, u32>>,
-    /// Times the driver started a container again after it was stopped behind its back, per container id.
+    /// Times the driver started a container again (stopped behind its back, or failing its liveness probe), per
+    /// container id; added to the Engine's restart count.
     revived: Mutex<HashMap<String, u32>>,
     /// The last readiness seen per container id, to announce changes of it.
     ready: Mutex<HashMap<String, bool>>,
@@ -111,8 +115,11 @@ impl DockerDriver {
             revived: Mutex::new(HashMap::new()),
             ready: Mutex::new(HashMap::new()),
         });
-        let watcher = tokio::spawn(events::watch(inner.clone()));
-        Ok(DockerDriver { inner, watcher })
+        let tasks = vec![
+            tokio::spawn(events::watch(inner.clone())),
+            tokio::spawn(liveness::check(inner.clone())),
+        ];
+        Ok(DockerDriver { inner, tasks })
     }
 
     /// The Engine's socket.
@@ -128,7 +135,9 @@ impl DockerDriver {
 
 impl Drop for DockerDriver {
     fn drop(&mut self) {
-        self.watcher.abort();
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 }
 
@@ -239,9 +248,12 @@ impl Inner {
                     self.start(&id).await?;
                 }
                 Some(c) if c.label(LABEL_SPEC_HASH) == Some(hash.as_str()) => {
-                    // Adopted or current. One stopped behind our back while no driver watched is started again.
-                    if c.state == "exited" {
-                        self.revive(&c.id).await?;
+                    // Adopted or current. One stopped behind our back while no driver watched is started again;
+                    // one whose start failed last time is started now.
+                    match c.state.as_str() {
+                        "exited" => self.revive(&c.id).await?,
+                        "created" => self.start(&c.id).await?,
+                        _ => {}
                     }
                 }
                 Some(old) => self.replace(w, index, image, old).await?,

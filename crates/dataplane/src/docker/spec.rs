@@ -14,6 +14,8 @@ pub const LABEL_SPEC_HASH: &str = "kiln.dev/spec-hash";
 pub const LABEL_NETWORK: &str = "kiln.dev/network";
 /// Label holding the readiness probe (JSON), so that status works the same for adopted containers.
 pub const LABEL_READINESS: &str = "kiln.dev/readiness";
+/// Label holding the liveness probe (JSON): the driver restarts a replica that fails it.
+pub const LABEL_LIVENESS: &str = "kiln.dev/liveness";
 /// Label holding the named ports (`name=port,...`), in the workload's order.
 pub const LABEL_PORTS: &str = "kiln.dev/ports";
 /// Label on the networks the driver creates: the project-environment (`org/project/env`).
@@ -132,11 +134,16 @@ pub fn container_body(w: &Workload, index: u32, image: &str, host: &HostOptions)
             .collect::<Vec<_>>()
             .join(","),
     );
-    if let Some(r) = &w.readiness {
-        labels.insert(
-            LABEL_READINESS.into(),
-            serde_json::to_string(r).expect("a ProbeSpec serializes"),
-        );
+    for (label, probe) in [
+        (LABEL_READINESS, &w.readiness),
+        (LABEL_LIVENESS, &w.liveness),
+    ] {
+        if let Some(p) = probe {
+            labels.insert(
+                label.into(),
+                serde_json::to_string(p).expect("a ProbeSpec serializes"),
+            );
+        }
     }
 
     let mut exposed = serde_json::Map::new();

@@ -140,16 +140,7 @@ impl Inner {
                 return false;
             }
         }
-        match &readiness.probe {
-            Probe::Http { port, path } => match endpoints.get(port) {
-                Some(addr) => probe::http(*addr, path).await,
-                None => false,
-            },
-            Probe::Tcp { port } => match endpoints.get(port) {
-                Some(addr) => probe::tcp(*addr).await,
-                None => false,
-            },
-        }
+        run_probe(&readiness.probe, &endpoints).await
     }
 
     async fn last_logs(&self, container: &str) -> Vec<String> {
@@ -260,6 +251,20 @@ fn replica_lines(
     })
 }
 
+/// One check of a probe against a replica's endpoints; a port the replica does not publish fails it.
+pub(super) async fn run_probe(p: &Probe, endpoints: &BTreeMap<String, SocketAddr>) -> bool {
+    match p {
+        Probe::Http { port, path } => match endpoints.get(port) {
+            Some(addr) => probe::http(*addr, path).await,
+            None => false,
+        },
+        Probe::Tcp { port } => match endpoints.get(port) {
+            Some(addr) => probe::tcp(*addr).await,
+            None => false,
+        },
+    }
+}
+
 /// `exited with code 3 (out of memory): <Engine error>`.
 fn exit_message(c: &ContainerInspect) -> String {
     let s = &c.state;
@@ -275,7 +280,7 @@ fn exit_message(c: &ContainerInspect) -> String {
 }
 
 /// Each named port's published address, from the container's port bindings.
-fn endpoints(c: &ContainerInspect) -> BTreeMap<String, SocketAddr> {
+pub(super) fn endpoints(c: &ContainerInspect) -> BTreeMap<String, SocketAddr> {
     let mut out = BTreeMap::new();
     let Some(ports) = c.label(spec::LABEL_PORTS).map(spec::parse_ports_label) else {
         return out;
