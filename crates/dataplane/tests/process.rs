@@ -721,3 +721,26 @@ async fn a_new_driver_adopts_running_replicas_instead_of_starting_duplicates() {
     f.driver().remove(&w.id).await.unwrap();
     assert!(pids.iter().all(|&(_, pid)| !alive(pid)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removal_cut_short_by_a_restart_is_finished_by_the_next_driver() {
+    let mut f = Fixture::new();
+    let w = workload("doomed", 1);
+    f.driver().apply(&w).await.unwrap();
+    ready(f.driver(), &w.id, 1, "r1").await;
+    let [(0, pid)] = f.driver().pids(&w.id)[..] else {
+        panic!("one replica")
+    };
+    // `remove` deletes the spec first; the server dies right after.
+    f.driver = None;
+    let dir = f.state.path().join(w.id.slug());
+    std::fs::remove_file(dir.join("workload.json")).unwrap();
+
+    f.driver = Some(Fixture::driver_on(f.state.path()));
+    assert!(f.driver().list().await.unwrap().is_empty());
+    wait_for(
+        "the leftover process stopped and its files gone",
+        || async { (!alive(pid) && !dir.exists()).then_some(()) },
+    )
+    .await;
+}

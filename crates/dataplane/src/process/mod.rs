@@ -352,21 +352,29 @@ fn adopt(shared: &Arc<Shared>) -> std::io::Result<()> {
             r.boot_id == shared.boot_id && procfs::is_alive(r.pid, r.start_time)
         };
 
-        let spec = std::fs::read(workload_path(&dir))
-            .ok()
-            .and_then(|bytes| serde_json::from_slice::<Workload>(&bytes).ok());
-        let Some(spec) = spec else {
-            // No spec: a removal was under way (or the directory is not ours). Stop what it recorded.
-            let pids: Vec<_> = instances
-                .values()
-                .flatten()
-                .filter(|r| alive(r))
-                .cloned()
-                .collect();
-            if !pids.is_empty() || !instances.is_empty() {
-                tokio::spawn(stop_leftovers(dir, pids, shared.opts.stop_grace));
+        let spec = match std::fs::read(workload_path(&dir)) {
+            Ok(bytes) => match serde_json::from_slice::<Workload>(&bytes) {
+                Ok(spec) => spec,
+                Err(e) => {
+                    // Not ours to judge (a newer format?): leave its processes alone rather than kill them.
+                    tracing::warn!(dir = %dir.display(), error = %e, "unreadable workload spec; not adopting");
+                    continue;
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // No spec: `remove` deletes it first, so a removal was under way. Finish it.
+                let live: Vec<_> = instances
+                    .values()
+                    .flatten()
+                    .filter(|r| alive(r))
+                    .cloned()
+                    .collect();
+                if !instances.is_empty() {
+                    tokio::spawn(stop_leftovers(dir, live, shared.opts.stop_grace));
+                }
+                continue;
             }
-            continue;
+            Err(e) => return Err(e),
         };
         let spec = Arc::new(spec);
         let entry = Arc::new(Entry::new(spec.id.clone(), dir.clone(), Some(spec.clone())));
