@@ -274,6 +274,25 @@ fn observe(
     all_ready
 }
 
+/// How many past releases a binding remembers (for `kiln releases` and rollback).
+pub const HISTORY_LEN: usize = 20;
+
+/// Records that `release` started deploying: `status.history` lists releases newest first, with when.
+fn push_history(status: &mut Value, release: &str) {
+    let Value::Object(map) = status else { return };
+    let mut history: Vec<Value> = map
+        .get("history")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    history.insert(
+        0,
+        json!({"release": release, "since": jiff::Timestamp::now().to_string()}),
+    );
+    history.truncate(HISTORY_LEN);
+    map.insert("history".into(), Value::Array(history));
+}
+
 fn not_ready(status: &mut Value, reason: &str, message: String, generation: Option<u64>) {
     set_condition(
         status,
@@ -483,6 +502,7 @@ impl Reconciler for BindingController {
         };
         let ready = observe(&mut status, ws.as_ref(), &spec.release, generation);
         if before.as_deref() != Some(spec.release.as_str()) {
+            push_history(&mut status, &spec.release);
             let message = format!(
                 "release {} deploying to environment {} on the {} data plane",
                 spec.release,

@@ -706,6 +706,7 @@ async fn a_binding_runs_its_release_on_the_data_plane_and_cleans_up() {
     let bk = in_project(Kind::ReleaseBinding, "web-dev");
     let b = condition(&h.store, &bk, "Ready", ConditionStatus::True, "Ready").await;
     assert_eq!(b.status["readyReplicas"], 2);
+    assert_eq!(b.status["history"][0]["release"], b.spec["release"]);
     assert_eq!(b.metadata.finalizers, ["kiln.dev/workload"]);
     let id = dataplane::WorkloadId {
         organization: "acme".into(),

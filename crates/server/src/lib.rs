@@ -12,6 +12,7 @@ pub mod auth;
 pub mod bootstrap;
 mod console;
 mod ctrl;
+mod delivery;
 pub mod error;
 mod identity_api;
 mod metrics;
@@ -186,7 +187,8 @@ pub fn api() -> Api {
             openapi_handler,
         );
     let api = resources::register(api);
-    identity_api::register(api)
+    let api = identity_api::register(api);
+    delivery::register(api)
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {

@@ -36,6 +36,10 @@ pub fn all() -> Value {
     add::<crate::identity_api::PasswordRequest>(&mut gen, "PasswordRequest", &mut out);
     add::<crate::identity_api::CreateTokenRequest>(&mut gen, "CreateTokenRequest", &mut out);
     add::<crate::identity_api::TokenInfo>(&mut gen, "TokenInfo", &mut out);
+    add::<crate::delivery::PromoteRequest>(&mut gen, "PromoteRequest", &mut out);
+    add::<crate::delivery::ApproveRequest>(&mut gen, "ApproveRequest", &mut out);
+    add::<crate::delivery::RollbackRequest>(&mut gen, "RollbackRequest", &mut out);
+    add::<crate::delivery::DeliveryResult>(&mut gen, "DeliveryResult", &mut out);
     for (name, def) in gen.definitions() {
         out.entry(name.clone())
             .or_insert_with(|| serde_json::to_value(def).unwrap_or(Value::Null));

@@ -350,6 +350,13 @@ fn verb_of(method: &Method, path: &str) -> &'static str {
     }
 }
 
+/// The delivery actions on a component (promote, approve, rollback, releases).
+fn is_delivery(path: &str) -> bool {
+    ["promote", "approve", "rollback", "releases"]
+        .iter()
+        .any(|s| path.ends_with(&format!("/components/{{name}}/{s}")))
+}
+
 fn kind_of_path(path: &str) -> Option<Kind> {
     let segs: Vec<&str> = path
         .split('/')
@@ -417,7 +424,9 @@ async fn rbac_every_route_by_role_and_organization() {
                         (s, b, "forbidden")
                     }
                     (p, Some(kind))
-                        if p.starts_with("/api/v1/orgs/{org}") && !p.ends_with("/events") =>
+                        if p.starts_with("/api/v1/orgs/{org}")
+                            && !p.ends_with("/events")
+                            && !is_delivery(p) =>
                     {
                         let verb = verb_of(&op.method, p);
                         let name = if verb == "create" {
@@ -629,6 +638,19 @@ async fn identity_case(
             )
             .await
         }
+        (_, p) if is_delivery(p) => {
+            let concrete = p
+                .replace("{org}", org)
+                .replace("{project}", "shop")
+                .replace("{name}", "fixture");
+            let body = match p.rsplit('/').next() {
+                Some("promote") => Some(json!({"from": "fixture", "to": "fixture"})),
+                Some("approve") => Some(json!({"environment": "fixture"})),
+                Some("rollback") => Some(json!({"environment": "fixture"})),
+                _ => None,
+            };
+            call(&e.app, m, &concrete, Some(token), body).await
+        }
         _ => panic!("{method} {path}: add this route to the RBAC table in tests/api.rs"),
     }
 }
@@ -666,6 +688,15 @@ fn identity_expectation(method: &Method, path: &str, role: &str, same_org: bool)
             }
         }
         ("GET", "/api/v1/orgs/{org}/events") if !same_org => "hidden",
+        (_, p) if is_delivery(p) && !same_org => "hidden",
+        // Re-pointing bindings takes `update` on releasebindings; reading history, `list`.
+        ("POST", p) if is_delivery(p) => {
+            if admin_like {
+                "allowed"
+            } else {
+                "forbidden"
+            }
+        }
         _ => "allowed",
     }
 }
@@ -1639,5 +1670,310 @@ async fn watch_streams_end_when_credentials_or_access_go() {
         next_line(&mut body).await,
         None,
         "a removed binding kept watching"
+    );
+}
+
+/// A server state with the controllers running, `process` data planes served by the no-op driver.
+async fn env_with_controllers() -> (Env, tokio::sync::watch::Receiver<bool>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = store::Store::open_sqlite(&tmp.path().join("kiln.db"), store::Options::default())
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let state = server::AppState::new(
+        store.clone(),
+        server::Config {
+            data_dir: tmp.path().to_path_buf(),
+            ..Default::default()
+        },
+        rx.clone(),
+    );
+    server::bootstrap::first_start(&state, tmp.path())
+        .await
+        .unwrap();
+    state.set_ready(true);
+    let noop: std::sync::Arc<dyn dataplane::DataPlane> =
+        std::sync::Arc::new(dataplane::noop::NoopDriver::new());
+    let drivers = controllers::Drivers {
+        process: Some(noop),
+        docker: None,
+    };
+    std::mem::forget(controllers::spawn_all(store.clone(), drivers, rx.clone()));
+    let admin = std::fs::read_to_string(tmp.path().join("admin-token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    (
+        Env {
+            app: server::app(state),
+            admin,
+            store,
+            _tmp: tmp,
+            _shutdown: tx,
+        },
+        rx,
+    )
+}
+
+async fn until<T>(
+    what: &str,
+    mut f: impl FnMut() -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<T>> + Send>>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// The release bound in `env`, once its binding is Ready.
+async fn ready_release(e: &Env, env: &str) -> String {
+    let app = e.app.clone();
+    let admin = e.admin.clone();
+    let path = format!("/api/v1/orgs/default/projects/shop/releasebindings/web-{env}");
+    until(&format!("web to be ready in {env}"), move || {
+        let (app, admin, path) = (app.clone(), admin.clone(), path.clone());
+        Box::pin(async move {
+            let (s, b) = call(&app, Method::GET, &path, Some(&admin), None).await;
+            let ready = b["status"]["conditions"]
+                .as_array()?
+                .iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True");
+            (s == StatusCode::OK && ready && b["status"]["release"] == b["spec"]["release"])
+                .then(|| b["spec"]["release"].as_str().unwrap().to_string())
+        })
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promotion_follows_the_pipeline_waits_for_approval_and_rolls_back() {
+    let (e, _rx) = env_with_controllers().await;
+    let t = Some(e.admin.as_str());
+    let put = |path: String, body: Value| {
+        let app = e.app.clone();
+        let admin = e.admin.clone();
+        async move {
+            let (s, b) = call(&app, Method::PUT, &path, Some(&admin), Some(body)).await;
+            assert!(s.is_success(), "{path}: {b}");
+        }
+    };
+    put(
+        "/api/v1/orgs/default/dataplanes/local".into(),
+        manifest(Kind::DataPlane, "local"),
+    )
+    .await;
+    for env in ["dev", "staging", "prod"] {
+        put(
+            format!("/api/v1/orgs/default/environments/{env}"),
+            manifest(Kind::Environment, env),
+        )
+        .await;
+    }
+    let mut pipeline = manifest(Kind::DeploymentPipeline, "default");
+    pipeline["spec"] = json!({"promotionPaths": [
+        {"sourceEnvironmentRef": "dev", "targetEnvironmentRefs": [{"name": "staging"}]},
+        {"sourceEnvironmentRef": "staging", "targetEnvironmentRefs": [{"name": "prod", "requiresApproval": true}]}
+    ]});
+    put(
+        "/api/v1/orgs/default/deploymentpipelines/default".into(),
+        pipeline,
+    )
+    .await;
+    put(
+        "/api/v1/orgs/default/projects/shop".into(),
+        manifest(Kind::Project, "shop"),
+    )
+    .await;
+    let mut web = manifest(Kind::Component, "web");
+    web["spec"] = json!({"type": "service", "workload": {"command": ["./web"]}, "endpoints": [{"name": "http", "port": 8080}]});
+    put(
+        "/api/v1/orgs/default/projects/shop/components/web".into(),
+        web.clone(),
+    )
+    .await;
+    let first = ready_release(&e, "dev").await;
+
+    let base = "/api/v1/orgs/default/projects/shop/components/web";
+    let (s, b) = call(
+        &e.app,
+        Method::POST,
+        &format!("{base}/promote"),
+        t,
+        Some(json!({"from": "dev", "to": "prod"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    assert!(
+        b["detail"]
+            .as_str()
+            .unwrap()
+            .contains("no promotion path dev → prod; allowed from dev: staging"),
+        "{b}"
+    );
+
+    let (s, b) = call(
+        &e.app,
+        Method::POST,
+        &format!("{base}/promote"),
+        t,
+        Some(json!({"from": "dev", "to": "staging"})),
+    )
+    .await;
+    assert_eq!(
+        (s, b["result"].as_str()),
+        (StatusCode::OK, Some("promoted")),
+        "{b}"
+    );
+    assert_eq!(ready_release(&e, "staging").await, first);
+
+    // staging → prod needs an approval from someone other than the requester.
+    let alice = user_with_role(&e, "alice", "default", "admin", None).await;
+    let bob = user_with_role(&e, "bob", "default", "admin", None).await;
+    let dev = user_with_role(&e, "dana", "default", "developer", None).await;
+    let (s, b) = call(
+        &e.app,
+        Method::POST,
+        &format!("{base}/promote"),
+        Some(&alice),
+        Some(json!({"from": "staging", "to": "prod"})),
+    )
+    .await;
+    assert_eq!(
+        (s, b["result"].as_str()),
+        (StatusCode::ACCEPTED, Some("pending-approval")),
+        "{b}"
+    );
+    let (s, b) = call(
+        &e.app,
+        Method::GET,
+        "/api/v1/orgs/default/projects/shop/releasebindings/web-prod",
+        t,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        b["spec"]["state"], "undeployed",
+        "nothing runs in prod before the approval"
+    );
+    let (s, _) = call(
+        &e.app,
+        Method::POST,
+        &format!("{base}/approve"),
+        Some(&alice),
+        Some(json!({"environment": "prod"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "the requester cannot approve");
+    let (s, _) = call(
+        &e.app,
+        Method::POST,
+        &format!("{base}/approve"),
+        Some(&dev),
+        Some(json!({"environment": "prod"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "a developer may not approve");
+    let (s, b) = call(
+        &e.app,
+        Method::POST,
+        &format!("{base}/approve"),
+        Some(&bob),
+        Some(json!({"environment": "prod"})),
+    )
+    .await;
+    assert_eq!(
+        (s, b["result"].as_str()),
+        (StatusCode::OK, Some("approved")),
+        "{b}"
+    );
+    assert_eq!(ready_release(&e, "prod").await, first);
+
+    // A new release reaches dev by itself, staging by promotion; rolling staging back returns to the first.
+    web["spec"]["replicas"] = json!(2);
+    put(
+        "/api/v1/orgs/default/projects/shop/components/web".into(),
+        web,
+    )
+    .await;
+    let second = until("a second release in dev", || {
+        let e_app = e.app.clone();
+        let admin = e.admin.clone();
+        let first = first.clone();
+        Box::pin(async move {
+            let (_, b) = call(
+                &e_app,
+                Method::GET,
+                "/api/v1/orgs/default/projects/shop/releasebindings/web-dev",
+                Some(&admin),
+                None,
+            )
+            .await;
+            let r = b["spec"]["release"].as_str()?.to_string();
+            (r != first).then_some(r)
+        })
+    })
+    .await;
+    let (s, _) = call(
+        &e.app,
+        Method::POST,
+        &format!("{base}/promote"),
+        t,
+        Some(json!({"from": "dev", "to": "staging"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(ready_release(&e, "staging").await, second);
+    let (s, b) = call(
+        &e.app,
+        Method::POST,
+        &format!("{base}/rollback"),
+        t,
+        Some(json!({"environment": "staging"})),
+    )
+    .await;
+    assert_eq!(
+        (s, b["release"].as_str()),
+        (StatusCode::OK, Some(first.as_str())),
+        "{b}"
+    );
+    assert_eq!(ready_release(&e, "staging").await, first);
+    let (s, _) = call(
+        &e.app,
+        Method::POST,
+        &format!("{base}/rollback"),
+        t,
+        Some(json!({"environment": "staging", "to": "web-0000000000"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+
+    let (_, hist) = call(&e.app, Method::GET, &format!("{base}/releases"), t, None).await;
+    assert_eq!(hist["releases"].as_array().unwrap().len(), 2, "{hist}");
+    let envs: Vec<&str> = hist["environments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|x| x["environment"].as_str())
+        .collect();
+    assert_eq!(envs.len(), 3, "{hist}");
+    let (_, audit) = call(&e.app, Method::GET, "/api/v1/audit?kind=Component", t, None).await;
+    let actions: Vec<&str> = audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a["action"].as_str())
+        .collect();
+    assert!(
+        actions.iter().any(|a| a.ends_with("/approve"))
+            && actions.iter().any(|a| a.ends_with("/rollback")),
+        "{actions:?}"
     );
 }
