@@ -325,6 +325,25 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+/// The data plane drivers this server deploys with: supervised processes (state in `<data-dir>/workloads`)
+/// always; Docker when its Engine answers (otherwise environments on docker data planes say it is unavailable).
+async fn data_plane_drivers(config: &Config) -> anyhow::Result<controllers::Drivers> {
+    let process = dataplane::process::ProcessDriver::new(config.data_dir.join("workloads"))
+        .context("starting the process data plane")?;
+    let docker: Option<Arc<dyn dataplane::DataPlane>> =
+        match dataplane::docker::DockerDriver::connect().await {
+            Ok(d) => Some(Arc::new(d)),
+            Err(e) => {
+                tracing::info!(error = %e, "docker data planes are unavailable");
+                None
+            }
+        };
+    Ok(controllers::Drivers {
+        process: Some(Arc::new(process)),
+        docker,
+    })
+}
+
 /// Runs the server until SIGTERM or Ctrl-C, then drains in-flight requests and returns.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     create_data_dir(&config.data_dir)?;
@@ -336,11 +355,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
-    let handle = ctrl::start(
-        store.clone(),
-        controllers::Drivers::default(),
-        shutdown_rx.clone(),
-    );
+    let drivers = data_plane_drivers(&config).await?;
+    let handle = ctrl::start(store.clone(), drivers, shutdown_rx.clone());
     let access_watch = tokio::spawn(rbac::watch_access_changes(
         state.clone(),
         shutdown_rx.clone(),
