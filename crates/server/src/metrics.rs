@@ -20,6 +20,10 @@ pub struct Metrics {
     latency_sum_micros: AtomicU64,
     pub audit_failures: AtomicU64,
     pub watch_streams: AtomicU64,
+    /// Gateway (proxied) requests by status class.
+    gateway_requests: [AtomicU64; 5],
+    /// Gateway requests whose backend could not be reached or failed mid-exchange.
+    pub gateway_upstream_errors: AtomicU64,
 }
 
 impl Metrics {
@@ -39,6 +43,12 @@ impl Metrics {
         self.latency_count.fetch_add(1, Ordering::Relaxed);
         self.latency_sum_micros
             .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Counts a request the gateway answered (proxied, or refused with an error page).
+    pub fn observe_gateway(&self, status: u16) {
+        let c = usize::from(status / 100).clamp(1, 5) - 1;
+        self.gateway_requests[c].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Renders every metric, plus the extra lines the caller passes (store and controller figures).
@@ -94,6 +104,21 @@ impl Metrics {
             out,
             "kiln_audit_write_failures_total {}",
             self.audit_failures.load(Ordering::Relaxed)
+        );
+        out.push_str(
+            "# HELP kiln_gateway_requests_total Requests answered by the gateway, by status class.\n",
+        );
+        out.push_str("# TYPE kiln_gateway_requests_total counter\n");
+        for (ci, c) in CLASSES.iter().enumerate() {
+            let v = self.gateway_requests[ci].load(Ordering::Relaxed);
+            let _ = writeln!(out, "kiln_gateway_requests_total{{code=\"{c}\"}} {v}");
+        }
+        out.push_str("# HELP kiln_gateway_upstream_errors_total Gateway requests whose backend could not be reached or failed.\n");
+        out.push_str("# TYPE kiln_gateway_upstream_errors_total counter\n");
+        let _ = writeln!(
+            out,
+            "kiln_gateway_upstream_errors_total {}",
+            self.gateway_upstream_errors.load(Ordering::Relaxed)
         );
         out.push_str(extra);
         out

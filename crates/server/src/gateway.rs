@@ -1,0 +1,1233 @@
+//! The gateway: every endpoint with visibility `public` in the release a ReleaseBinding runs gets URLs on the
+//! server itself, in two forms:
+//!
+//! - path form: `/x/<org>/<project>/<env>/<component>/<endpoint>/<rest>` → `<endpoint path>/<rest>` (query kept,
+//!   `X-Forwarded-Prefix` set to the stripped prefix);
+//! - subdomain form: `Host: <endpoint>--<component>--<project>--<env>.<base-domain>` → `<endpoint path>/<path>`.
+//!   The organization is not in the host: it is the one organization with such a binding (two or more: 409).
+//!
+//! Requests are balanced round-robin over the ready replicas the binding's status lists
+//! (`status.endpoints`, written by the ReleaseBinding controller). Routing reads an in-memory table, never the
+//! store: [`spawn_gateway_table`] lists the bindings, then follows their changes, reading each release once
+//! (releases are immutable). Until the first list has loaded, gateway requests answer 503.
+//!
+//! Proxying is HTTP/1.1 over TCP with bodies streamed both ways, idle backend connections kept for reuse, and
+//! WebSocket (any `Upgrade`) passed through. Failures are pages a person can act on: 404 (no such public
+//! endpoint), 503 (no ready replica, with the binding's Ready message), 502 (the backend could not be reached,
+//! after trying one other ready replica).
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use model::kinds::Visibility;
+use model::kinds::{BindingState, Endpoint, EndpointProtocol, ReleaseBindingSpec, ReleaseSpec};
+use model::{Kind, Resource};
+use serde_json::Value;
+use store::{EventType, Key, ListQuery, Store, StoreError, WatchQuery};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::AppState;
+
+/// How long connecting to a backend may take before the next replica is tried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Idle connections kept per backend address.
+const MAX_IDLE_PER_BACKEND: usize = 64;
+/// How often bindings whose release could not be read are retried.
+const RETRY_EVERY: Duration = Duration::from_secs(1);
+/// More cached releases than this and the cache starts over.
+const RELEASE_CACHE_MAX: usize = 50_000;
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
+
+/// The gateway's routing table and backend connections. One per server, shared through [`AppState`].
+#[derive(Default)]
+pub struct Gateway {
+    table: RwLock<Table>,
+    loaded: AtomicBool,
+    pool: Arc<Pool>,
+}
+
+impl Gateway {
+    /// Whether the routing table has been loaded (gateway requests answer 503 until then).
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.load(Ordering::Acquire)
+    }
+
+    /// How many (organization, project, environment, component, endpoint) routes the table holds.
+    pub fn routes(&self) -> usize {
+        self.table.read().map(|t| t.routes.len()).unwrap_or(0)
+    }
+}
+
+/// One endpoint of one binding: where its requests go.
+struct Route {
+    org: String,
+    project: String,
+    env: String,
+    component: String,
+    endpoint: String,
+    visibility: Visibility,
+    protocol: EndpointProtocol,
+    /// The endpoint's base path on the workload.
+    path: String,
+    /// Addresses of the ready replicas.
+    backends: Vec<SocketAddr>,
+    ready: u64,
+    total: u64,
+    /// The binding's `Ready` condition message.
+    message: String,
+    next: AtomicUsize,
+}
+
+/// The routes, indexed the ways requests look them up.
+#[derive(Default)]
+struct Table {
+    /// `org/project/env/component/endpoint` → route.
+    routes: HashMap<String, Arc<Route>>,
+    /// `project/env/component/endpoint` → the organizations that have it (subdomain lookups).
+    hosts: HashMap<String, Vec<String>>,
+    /// `org/project/env/component` → how many bindings deploy it (for telling "no such endpoint" apart).
+    deployed: HashMap<String, usize>,
+    /// `org/project/binding` → what that binding contributed.
+    bindings: HashMap<String, Contribution>,
+}
+
+struct Contribution {
+    deployed_key: String,
+    routes: Vec<Arc<Route>>,
+}
+
+fn route_key(org: &str, project: &str, env: &str, component: &str, endpoint: &str) -> String {
+    format!("{org}/{project}/{env}/{component}/{endpoint}")
+}
+
+fn host_key(project: &str, env: &str, component: &str, endpoint: &str) -> String {
+    format!("{project}/{env}/{component}/{endpoint}")
+}
+
+impl Table {
+    fn remove(&mut self, binding: &str) {
+        let Some(old) = self.bindings.remove(binding) else {
+            return;
+        };
+        if let Some(n) = self.deployed.get_mut(&old.deployed_key) {
+            *n -= 1;
+            if *n == 0 {
+                self.deployed.remove(&old.deployed_key);
+            }
+        }
+        for r in old.routes {
+            let rk = route_key(&r.org, &r.project, &r.env, &r.component, &r.endpoint);
+            if self.routes.get(&rk).is_some_and(|cur| Arc::ptr_eq(cur, &r)) {
+                self.routes.remove(&rk);
+            }
+            let hk = host_key(&r.project, &r.env, &r.component, &r.endpoint);
+            if let Some(orgs) = self.hosts.get_mut(&hk) {
+                if let Some(i) = orgs.iter().position(|o| *o == r.org) {
+                    orgs.swap_remove(i);
+                }
+                if orgs.is_empty() {
+                    self.hosts.remove(&hk);
+                }
+            }
+        }
+    }
+
+    fn insert(&mut self, binding: String, deployed_key: String, routes: Vec<Arc<Route>>) {
+        self.remove(&binding);
+        *self.deployed.entry(deployed_key.clone()).or_default() += 1;
+        for r in &routes {
+            let rk = route_key(&r.org, &r.project, &r.env, &r.component, &r.endpoint);
+            self.routes.insert(rk, r.clone());
+            let hk = host_key(&r.project, &r.env, &r.component, &r.endpoint);
+            self.hosts.entry(hk).or_default().push(r.org.clone());
+        }
+        self.bindings.insert(
+            binding,
+            Contribution {
+                deployed_key,
+                routes,
+            },
+        );
+    }
+}
+
+// ---- the table's maintenance ----
+
+/// Starts the task that keeps the gateway's routing table: it lists the ReleaseBindings, then follows their
+/// changes (re-listing when the watch breaks), until `shutdown` flips.
+pub fn spawn_gateway_table(state: AppState, shutdown: watch::Receiver<bool>) -> JoinHandle<()> {
+    tokio::spawn(maintain(
+        state.store.clone(),
+        state.gateway.clone(),
+        shutdown,
+    ))
+}
+
+enum Stopped {
+    Shutdown,
+}
+
+async fn maintain(store: Store, gw: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
+    let mut sync = Sync {
+        store,
+        gw,
+        releases: HashMap::new(),
+        pending: HashMap::new(),
+    };
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        match sync.run(&mut shutdown).await {
+            Ok(Stopped::Shutdown) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "gateway: following release bindings failed; re-listing");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stopped(&mut shutdown) => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Resolves once the server shuts down (or the shutdown signal's sender is gone).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
+struct Sync {
+    store: Store,
+    gw: Arc<Gateway>,
+    /// `org/project/release` → the release's endpoints.
+    releases: HashMap<String, Arc<Vec<Endpoint>>>,
+    /// Bindings whose release could not be read yet, retried every [`RETRY_EVERY`].
+    pending: HashMap<String, Resource>,
+}
+
+fn binding_key(obj: &Resource) -> String {
+    format!(
+        "{}/{}/{}",
+        obj.metadata.organization.as_deref().unwrap_or(""),
+        obj.metadata.project.as_deref().unwrap_or(""),
+        obj.metadata.name
+    )
+}
+
+impl Sync {
+    async fn run(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<Stopped, StoreError> {
+        let mut q = ListQuery {
+            kind: Some(Kind::ReleaseBinding),
+            ..Default::default()
+        };
+        let mut items = Vec::new();
+        let mut revision = None;
+        loop {
+            let page = self.store.list(&q).await?;
+            revision.get_or_insert(page.revision);
+            items.extend(page.items);
+            match page.continue_token {
+                Some(t) => q.continue_token = Some(t),
+                None => break,
+            }
+        }
+        let revision = revision.unwrap_or(0);
+        let mut table = Table::default();
+        self.pending.clear();
+        for obj in items {
+            if let Some((bkey, dkey, routes)) = self.routes_of(&obj).await {
+                table.insert(bkey, dkey, routes);
+            }
+        }
+        let n = table.routes.len();
+        if let Ok(mut t) = self.gw.table.write() {
+            *t = table;
+        }
+        self.gw.loaded.store(true, Ordering::Release);
+        tracing::debug!(routes = n, revision, "gateway: routing table loaded");
+        let mut events = self
+            .store
+            .watch(&WatchQuery {
+                kind: Some(Kind::ReleaseBinding),
+                from_revision: Some(revision),
+                ..Default::default()
+            })
+            .await?;
+        let mut retry = tokio::time::interval(RETRY_EVERY);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stopped(shutdown) => return Ok(Stopped::Shutdown),
+                ev = events.next_event() => match ev {
+                    Some(Ok(ev)) => self.apply(ev.type_, ev.object).await,
+                    Some(Err(e)) => return Err(e),
+                    None => return Err(StoreError::Backend("the watch ended".into())),
+                },
+                _ = retry.tick(), if !self.pending.is_empty() => {
+                    let pending: Vec<Resource> = self.pending.drain().map(|(_, o)| o).collect();
+                    for obj in pending {
+                        self.apply(EventType::Modified, obj).await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn apply(&mut self, type_: EventType, obj: Resource) {
+        if type_ == EventType::Deleted {
+            let bkey = binding_key(&obj);
+            self.pending.remove(&bkey);
+            if let Ok(mut t) = self.gw.table.write() {
+                t.remove(&bkey);
+            }
+            return;
+        }
+        if let Some((bkey, dkey, routes)) = self.routes_of(&obj).await {
+            if let Ok(mut t) = self.gw.table.write() {
+                t.insert(bkey, dkey, routes);
+            }
+        }
+    }
+
+    /// The routes a binding makes: one per endpoint of the release it runs. `None` when the release cannot be
+    /// read (the binding is then retried) or the binding is malformed (it has no routes).
+    async fn routes_of(&mut self, obj: &Resource) -> Option<(String, String, Vec<Arc<Route>>)> {
+        let bkey = binding_key(obj);
+        let spec: ReleaseBindingSpec = match model::typed_spec(obj) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(binding = %bkey, error = %e, "gateway: ignoring a malformed binding");
+                if let Ok(mut t) = self.gw.table.write() {
+                    t.remove(&bkey);
+                }
+                return None;
+            }
+        };
+        let org = obj.metadata.organization.clone().unwrap_or_default();
+        let project = obj.metadata.project.clone().unwrap_or_default();
+        let status = &obj.status;
+        // The release whose replicas `status.endpoints` lists; the spec's until the controller has reported.
+        let release = status
+            .get("release")
+            .and_then(Value::as_str)
+            .unwrap_or(&spec.release)
+            .to_owned();
+        let endpoints = match self.release_endpoints(&org, &project, &release).await {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::debug!(binding = %bkey, release, error = %e, "gateway: release not readable yet; retrying");
+                self.pending.insert(bkey, obj.clone());
+                return None;
+            }
+        };
+        self.pending.remove(&bkey);
+        let undeployed = spec.state == BindingState::Undeployed;
+        let ready = status
+            .get("readyReplicas")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        let total = status.get("replicas").and_then(Value::as_u64).unwrap_or(0);
+        let message = obj
+            .conditions()
+            .into_iter()
+            .find(|c| c.type_ == "Ready")
+            .map(|c| c.message)
+            .unwrap_or_else(|| "the binding has not been reconciled yet".into());
+        let addrs = status.get("endpoints");
+        let routes = endpoints
+            .iter()
+            .map(|ep| {
+                let backends = if undeployed {
+                    Vec::new()
+                } else {
+                    addrs
+                        .and_then(|a| a.get(&ep.name))
+                        .and_then(Value::as_array)
+                        .map(|list| {
+                            list.iter()
+                                .filter_map(Value::as_str)
+                                .filter_map(|s| s.parse::<SocketAddr>().ok())
+                                .collect()
+                        })
+                        .unwrap_or_default()
+                };
+                Arc::new(Route {
+                    org: org.clone(),
+                    project: project.clone(),
+                    env: spec.environment.clone(),
+                    component: spec.component.clone(),
+                    endpoint: ep.name.clone(),
+                    visibility: ep.visibility,
+                    protocol: ep.protocol,
+                    path: ep.path.clone(),
+                    backends,
+                    ready: if undeployed { 0 } else { ready },
+                    total,
+                    message: message.clone(),
+                    next: AtomicUsize::new(0),
+                })
+            })
+            .collect();
+        let dkey = format!("{org}/{project}/{}/{}", spec.environment, spec.component);
+        Some((bkey, dkey, routes))
+    }
+
+    async fn release_endpoints(
+        &mut self,
+        org: &str,
+        project: &str,
+        name: &str,
+    ) -> Result<Arc<Vec<Endpoint>>, String> {
+        let ck = format!("{org}/{project}/{name}");
+        if let Some(e) = self.releases.get(&ck) {
+            return Ok(e.clone());
+        }
+        let key = Key {
+            kind: Kind::Release,
+            organization: Some(org.to_owned()),
+            project: Some(project.to_owned()),
+            name: name.to_owned(),
+        };
+        let obj = self.store.get(&key).await.map_err(|e| e.to_string())?;
+        let spec: ReleaseSpec = model::typed_spec(&obj).map_err(|e| e.to_string())?;
+        if self.releases.len() >= RELEASE_CACHE_MAX {
+            self.releases.clear();
+        }
+        let eps = Arc::new(spec.snapshot.endpoints);
+        self.releases.insert(ck, eps.clone());
+        Ok(eps)
+    }
+}
+
+// ---- request routing ----
+
+/// What a request addresses, when it is for the gateway.
+enum Target {
+    Host {
+        project: String,
+        env: String,
+        component: String,
+        endpoint: String,
+    },
+    /// A host under the base domain that looks like a gateway host but does not have four parts.
+    BadHost(String),
+    Path {
+        org: String,
+        project: String,
+        env: String,
+        component: String,
+        endpoint: String,
+        /// The part of the path after the endpoint, without its leading `/`.
+        rest: String,
+    },
+    /// `/x/…` with fewer than five names.
+    BadPath,
+    /// `/x/o/p/e/c/ep` without the trailing slash: redirect to it.
+    Slash(String),
+}
+
+/// The name part of a gateway host (`ep--comp--proj--env`), if `host` is one under `base`.
+fn gateway_label<'a>(host: &'a str, base: &str) -> Option<&'a str> {
+    let host = match host.rsplit_once(':') {
+        Some((h, port)) if !h.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    let cut = host.len().checked_sub(base.len() + 1)?;
+    if !host.is_char_boundary(cut) || host.as_bytes()[cut] != b'.' {
+        return None;
+    }
+    if !host[cut + 1..].eq_ignore_ascii_case(base) {
+        return None;
+    }
+    let label = &host[..cut];
+    (!label.contains('.') && label.contains("--")).then_some(label)
+}
+
+fn target(base: &str, req: &Request) -> Option<Target> {
+    if let Some(host) = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+    {
+        if let Some(label) = gateway_label(host, base) {
+            let label = label.to_ascii_lowercase();
+            let parts: Vec<&str> = label.split("--").collect();
+            return Some(match parts[..] {
+                [endpoint, component, project, env] if parts.iter().all(|p| !p.is_empty()) => {
+                    Target::Host {
+                        project: project.to_owned(),
+                        env: env.to_owned(),
+                        component: component.to_owned(),
+                        endpoint: endpoint.to_owned(),
+                    }
+                }
+                _ => Target::BadHost(host.to_owned()),
+            });
+        }
+    }
+    let path = req.uri().path();
+    let tail = path.strip_prefix("/x/")?;
+    let mut it = tail.splitn(6, '/');
+    let mut names = [""; 5];
+    for n in &mut names {
+        *n = it.next().unwrap_or("");
+    }
+    if names.iter().any(|n| n.is_empty()) {
+        return Some(Target::BadPath);
+    }
+    let [org, project, env, component, endpoint] = names.map(str::to_owned);
+    Some(match it.next() {
+        None => {
+            let mut to = format!("{path}/");
+            if let Some(q) = req.uri().query() {
+                to.push('?');
+                to.push_str(q);
+            }
+            Target::Slash(to)
+        }
+        Some(rest) => Target::Path {
+            org,
+            project,
+            env,
+            component,
+            endpoint,
+            rest: rest.to_owned(),
+        },
+    })
+}
+
+/// The middleware in front of the whole router: requests for a gateway host or a `/x/` path are proxied;
+/// everything else goes on to the API and console unchanged.
+pub(crate) async fn layer(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let Some(target) = target(&state.config.base_domain, &req) else {
+        return next.run(req).await;
+    };
+    let resp = serve(&state, target, req).await;
+    state.metrics.observe_gateway(resp.status().as_u16());
+    resp
+}
+
+fn wants_html(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|a| a.to_str().ok())
+        .is_some_and(|a| a.contains("text/html"))
+}
+
+fn path_form(org: &str, project: &str, env: &str, component: &str, endpoint: &str) -> String {
+    format!("/x/{org}/{project}/{env}/{component}/{endpoint}/")
+}
+
+/// Joins an endpoint's base path and the rest of a request path (without its leading `/`).
+fn join_path(base: &str, rest: &str, query: Option<&str>) -> String {
+    let mut out = String::with_capacity(base.len() + rest.len() + 2 + query.map_or(0, str::len));
+    if !base.starts_with('/') {
+        out.push('/');
+    }
+    out.push_str(base);
+    if !out.ends_with('/') {
+        out.push('/');
+    }
+    out.push_str(rest);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+async fn serve(state: &AppState, target: Target, req: Request) -> Response {
+    let gw = &state.gateway;
+    let html = wants_html(req.headers());
+    if !gw.is_loaded() {
+        return page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "The gateway is starting",
+            &["The routing table has not loaded yet; try again in a moment.".into()],
+            html,
+        );
+    }
+    let query = req.uri().query();
+    let (route, backend_path, prefix) = match target {
+        Target::Slash(to) => {
+            return (
+                StatusCode::PERMANENT_REDIRECT,
+                [(header::LOCATION, to)],
+                "the endpoint's URL ends with a slash\n",
+            )
+                .into_response();
+        }
+        Target::BadPath => {
+            return page(
+                StatusCode::NOT_FOUND,
+                "Not a gateway URL",
+                &[
+                    "Gateway URLs have the form /x/<organization>/<project>/<environment>/<component>/<endpoint>/."
+                        .into(),
+                ],
+                html,
+            );
+        }
+        Target::BadHost(host) => {
+            return page(
+                StatusCode::NOT_FOUND,
+                "Not a gateway host",
+                &[format!(
+                    "{host} is not of the form <endpoint>--<component>--<project>--<environment>.{}.",
+                    state.config.base_domain
+                )],
+                html,
+            );
+        }
+        Target::Path {
+            org,
+            project,
+            env,
+            component,
+            endpoint,
+            rest,
+        } => {
+            let found = gw.table.read().ok().map(|t| {
+                t.routes
+                    .get(&route_key(&org, &project, &env, &component, &endpoint))
+                    .cloned()
+                    .ok_or_else(|| {
+                        t.deployed
+                            .contains_key(&format!("{org}/{project}/{env}/{component}"))
+                    })
+            });
+            let route = match found {
+                Some(Ok(r)) => r,
+                Some(Err(deployed)) => {
+                    return not_found(&org, &project, &env, &component, &endpoint, deployed, html)
+                }
+                None => return internal(html),
+            };
+            let path = join_path(&route.path, &rest, query);
+            let prefix = format!("/x/{org}/{project}/{env}/{component}/{endpoint}");
+            (route, path, Some(prefix))
+        }
+        Target::Host {
+            project,
+            env,
+            component,
+            endpoint,
+        } => {
+            let hk = host_key(&project, &env, &component, &endpoint);
+            let found = gw.table.read().ok().map(|t| {
+                let mut orgs: Vec<String> = t.hosts.get(&hk).cloned().unwrap_or_default();
+                orgs.sort();
+                orgs.dedup();
+                match orgs.len() {
+                    1 => t
+                        .routes
+                        .get(&route_key(&orgs[0], &project, &env, &component, &endpoint))
+                        .cloned()
+                        .ok_or(orgs),
+                    _ => Err(orgs),
+                }
+            });
+            let route = match found {
+                Some(Ok(r)) => r,
+                Some(Err(orgs)) if orgs.len() > 1 => {
+                    let mut lines = vec![format!(
+                        "Endpoint {endpoint} of component {component} in project {project}, environment {env} \
+                         exists in {} organizations, and this host name does not say which. Use the path form:",
+                        orgs.len()
+                    )];
+                    lines.extend(
+                        orgs.iter()
+                            .map(|o| path_form(o, &project, &env, &component, &endpoint)),
+                    );
+                    return page(StatusCode::CONFLICT, "Ambiguous URL", &lines, html);
+                }
+                Some(Err(_)) => {
+                    return page(
+                        StatusCode::NOT_FOUND,
+                        "No such endpoint",
+                        &[format!(
+                            "No component {component} with endpoint {endpoint} is deployed in environment {env} \
+                             of project {project}."
+                        )],
+                        html,
+                    );
+                }
+                None => return internal(html),
+            };
+            let rest = req.uri().path().trim_start_matches('/');
+            let path = join_path(&route.path, rest, query);
+            (route, path, None)
+        }
+    };
+    if route.visibility != Visibility::Public {
+        return page(
+            StatusCode::NOT_FOUND,
+            "Endpoint not public",
+            &[format!(
+                "Endpoint {} of component {} in project {}, environment {} is not public (its visibility is {}); \
+                 the gateway serves public endpoints only.",
+                route.endpoint,
+                route.component,
+                route.project,
+                route.env,
+                match route.visibility {
+                    Visibility::Project => "project",
+                    Visibility::Organization => "organization",
+                    Visibility::Public => "public",
+                }
+            )],
+            html,
+        );
+    }
+    if !matches!(
+        route.protocol,
+        EndpointProtocol::Http | EndpointProtocol::WebSocket
+    ) {
+        return page(
+            StatusCode::NOT_FOUND,
+            "Endpoint not served by the gateway",
+            &[format!(
+                "Endpoint {} of component {} speaks a protocol the gateway does not proxy; it serves HTTP and \
+                 WebSocket endpoints.",
+                route.endpoint, route.component
+            )],
+            html,
+        );
+    }
+    if route.backends.is_empty() {
+        return page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "No ready replica",
+            &[
+                format!(
+                    "{}/{} replicas of {} in {} are ready.",
+                    route.ready, route.total, route.component, route.env
+                ),
+                route.message.clone(),
+            ],
+            html,
+        );
+    }
+    proxy(state, &route, req, backend_path, prefix, html).await
+}
+
+fn not_found(
+    org: &str,
+    project: &str,
+    env: &str,
+    component: &str,
+    endpoint: &str,
+    deployed: bool,
+    html: bool,
+) -> Response {
+    let detail = if deployed {
+        format!(
+            "Component {component} in project {project} of organization {org} runs in environment {env}, but has no \
+             endpoint named {endpoint}."
+        )
+    } else {
+        format!(
+            "No component {component} of project {project} in organization {org} is deployed in environment {env} \
+             (looked up endpoint {endpoint})."
+        )
+    };
+    page(StatusCode::NOT_FOUND, "No such endpoint", &[detail], html)
+}
+
+fn internal(html: bool) -> Response {
+    page(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "Gateway error",
+        &["The routing table is unavailable.".into()],
+        html,
+    )
+}
+
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// An error page: HTML for browsers, plain text otherwise.
+fn page(status: StatusCode, title: &str, lines: &[String], html: bool) -> Response {
+    let lines = lines.iter().filter(|l| !l.is_empty());
+    let (ctype, body) = if html {
+        let mut b = format!(
+            "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{} {}</title>\
+             <style>body{{font-family:system-ui,sans-serif;max-width:44rem;margin:4rem auto;padding:0 1rem;\
+             color:#222}}h1{{font-size:1.4rem}}code{{background:#f3f3f3;padding:0 .2rem}}\
+             .muted{{color:#888;font-size:.85rem}}</style></head><body><h1>{}</h1>\n",
+            status.as_u16(),
+            escape(title),
+            escape(title)
+        );
+        for l in lines {
+            let _ = writeln!(b, "<p>{}</p>", escape(l));
+        }
+        let _ = writeln!(
+            b,
+            "<p class=\"muted\">{status} · Kiln gateway</p></body></html>"
+        );
+        ("text/html; charset=utf-8", b)
+    } else {
+        let mut b = format!("{title}\n");
+        for l in lines {
+            b.push_str(l);
+            b.push('\n');
+        }
+        ("text/plain; charset=utf-8", b)
+    };
+    (
+        status,
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static(ctype)),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+// ---- proxying ----
+
+/// Whether the request asks to switch protocols (`Connection: upgrade` with an `Upgrade` header).
+fn is_upgrade(h: &HeaderMap) -> bool {
+    h.contains_key(header::UPGRADE)
+        && h.get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+        })
+}
+
+fn connection_close(h: &HeaderMap) -> bool {
+    h.get_all(header::CONNECTION).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")))
+    })
+}
+
+/// Removes the hop-by-hop headers (RFC 9110 §7.6.1): the fixed ones and those `Connection` names.
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    if h.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|s| s.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            h.remove(n);
+        }
+        h.remove(header::CONNECTION);
+    }
+    for n in [
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        h.remove(n);
+    }
+}
+
+async fn proxy(
+    state: &AppState,
+    route: &Route,
+    mut req: Request,
+    path: String,
+    prefix: Option<String>,
+    html: bool,
+) -> Response {
+    let upgrade = is_upgrade(req.headers());
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let client_ip = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let (parts, body) = req.into_parts();
+    let mut headers = parts.headers;
+    let upgrade_proto = headers.get(header::UPGRADE).cloned();
+    strip_hop_by_hop(&mut headers);
+    if let (true, Some(proto)) = (upgrade, upgrade_proto) {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, proto);
+    }
+    if let Some(ip) = client_ip {
+        let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+            Some(prev) => format!("{prev}, {ip}"),
+            None => ip.to_string(),
+        };
+        if let Ok(v) = HeaderValue::from_str(&xff) {
+            headers.insert(X_FORWARDED_FOR.clone(), v);
+        }
+    }
+    if let Some(host) = headers.get(header::HOST).cloned() {
+        headers.insert(X_FORWARDED_HOST.clone(), host);
+    }
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    match prefix.map(HeaderValue::try_from) {
+        Some(Ok(p)) => {
+            headers.insert(X_FORWARDED_PREFIX.clone(), p);
+        }
+        _ => {
+            headers.remove(&X_FORWARDED_PREFIX);
+        }
+    }
+    let mut out = match axum::http::Request::builder()
+        .method(parts.method)
+        .uri(path)
+        .version(Version::HTTP_11)
+        .body(body)
+    {
+        Ok(r) => r,
+        Err(e) => {
+            return page(
+                StatusCode::BAD_REQUEST,
+                "Bad request",
+                &[format!("the request cannot be forwarded: {e}")],
+                html,
+            )
+        }
+    };
+    let no_host = !headers.contains_key(header::HOST);
+    *out.headers_mut() = headers;
+
+    let n = route.backends.len();
+    let first = route.next.fetch_add(1, Ordering::Relaxed) % n;
+    let attempts = n.min(2);
+    let mut failures = Vec::new();
+    for i in 0..attempts {
+        let addr = route.backends[(first + i) % n];
+        if no_host {
+            if let Ok(v) = HeaderValue::from_str(&addr.to_string()) {
+                out.headers_mut().insert(header::HOST, v);
+            }
+        }
+        match state.gateway.pool.send(addr, out, upgrade).await {
+            Ok((resp, conn)) => {
+                return respond(&state.gateway.pool, resp, conn, addr, client_upgrade);
+            }
+            Err(SendError::Connect(back, e)) => {
+                state
+                    .metrics
+                    .gateway_upstream_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(backend = %addr, error = %e, "gateway: cannot connect to backend");
+                failures.push(format!("{addr}: {e}"));
+                out = *back;
+            }
+            Err(SendError::Failed(e)) => {
+                state
+                    .metrics
+                    .gateway_upstream_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(backend = %addr, error = %e, "gateway: backend exchange failed");
+                return page(
+                    StatusCode::BAD_GATEWAY,
+                    "Bad gateway",
+                    &[
+                        format!(
+                            "Replica {addr} of {} in {} failed while answering.",
+                            route.component, route.env
+                        ),
+                        e,
+                    ],
+                    html,
+                );
+            }
+        }
+    }
+    let mut lines = vec![format!(
+        "Could not connect to {} of the {} ready replicas of {} in {}.",
+        if attempts == 1 { "the one" } else { "two" },
+        n,
+        route.component,
+        route.env
+    )];
+    lines.extend(failures);
+    page(StatusCode::BAD_GATEWAY, "Bad gateway", &lines, html)
+}
+
+/// The backend's response, passed on: hop-by-hop headers removed, the body streamed (and the connection
+/// returned to the pool when it ends), or for `101 Switching Protocols` both connections spliced together.
+fn respond(
+    pool: &Arc<Pool>,
+    mut resp: axum::http::Response<Incoming>,
+    conn: Option<http1::SendRequest<Body>>,
+    addr: SocketAddr,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Response {
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let backend_upgrade = hyper::upgrade::on(&mut resp);
+        let (mut parts, _) = resp.into_parts();
+        let proto = parts.headers.get(header::UPGRADE).cloned();
+        strip_hop_by_hop(&mut parts.headers);
+        if let Some(p) = proto {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, p);
+        }
+        if let Some(client_upgrade) = client_upgrade {
+            tokio::spawn(async move {
+                let (client, backend) = match tokio::join!(client_upgrade, backend_upgrade) {
+                    (Ok(c), Ok(b)) => (c, b),
+                    (c, b) => {
+                        tracing::debug!(
+                            client = c.is_ok(),
+                            backend = b.is_ok(),
+                            "gateway: upgrade did not complete"
+                        );
+                        return;
+                    }
+                };
+                let mut client = TokioIo::new(client);
+                let mut backend = TokioIo::new(backend);
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
+            });
+        }
+        return Response::from_parts(parts, Body::empty());
+    }
+    let (mut parts, body) = resp.into_parts();
+    let keep = conn.filter(|_| !connection_close(&parts.headers));
+    strip_hop_by_hop(&mut parts.headers);
+    let body = PooledBody {
+        inner: body,
+        conn: keep.map(|c| (c, addr, pool.clone())),
+    };
+    Response::from_parts(parts, Body::new(body))
+}
+
+enum SendError {
+    /// No connection could be made; the request was not sent and comes back for another backend.
+    Connect(Box<axum::http::Request<Body>>, String),
+    /// The request was (perhaps partly) sent and the exchange failed.
+    Failed(String),
+}
+
+/// Idle HTTP/1 connections to backends, by address.
+#[derive(Default)]
+struct Pool {
+    idle: Mutex<HashMap<SocketAddr, Vec<http1::SendRequest<Body>>>>,
+}
+
+impl Pool {
+    fn take(&self, addr: SocketAddr) -> Option<http1::SendRequest<Body>> {
+        self.idle.lock().ok()?.get_mut(&addr)?.pop()
+    }
+
+    fn put(&self, addr: SocketAddr, conn: http1::SendRequest<Body>) {
+        if conn.is_closed() {
+            return;
+        }
+        if let Ok(mut idle) = self.idle.lock() {
+            let list = idle.entry(addr).or_default();
+            if list.len() < MAX_IDLE_PER_BACKEND {
+                list.push(conn);
+            }
+        }
+    }
+
+    /// Sends `req` to `addr` over an idle connection, or a new one. Upgrade requests always get a connection
+    /// of their own, which is never pooled.
+    async fn send(
+        &self,
+        addr: SocketAddr,
+        mut req: axum::http::Request<Body>,
+        upgrade: bool,
+    ) -> Result<
+        (
+            axum::http::Response<Incoming>,
+            Option<http1::SendRequest<Body>>,
+        ),
+        SendError,
+    > {
+        if !upgrade {
+            while let Some(mut conn) = self.take(addr) {
+                if conn.ready().await.is_err() {
+                    continue;
+                }
+                match conn.try_send_request(req).await {
+                    Ok(resp) => return Ok((resp, Some(conn))),
+                    Err(mut e) => match e.take_message() {
+                        // Never written: the connection had closed. Try another.
+                        Some(r) => req = r,
+                        None => return Err(SendError::Failed(e.into_error().to_string())),
+                    },
+                }
+            }
+        }
+        let stream =
+            match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr)).await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return Err(SendError::Connect(Box::new(req), e.to_string())),
+                Err(_) => {
+                    return Err(SendError::Connect(
+                        Box::new(req),
+                        format!("no connection within {}s", CONNECT_TIMEOUT.as_secs()),
+                    ))
+                }
+            };
+        let _ = stream.set_nodelay(true);
+        let (mut conn, driver) = match http1::handshake(TokioIo::new(stream)).await {
+            Ok(x) => x,
+            Err(e) => return Err(SendError::Connect(Box::new(req), e.to_string())),
+        };
+        if upgrade {
+            tokio::spawn(async move {
+                let _ = driver.with_upgrades().await;
+            });
+        } else {
+            tokio::spawn(async move {
+                let _ = driver.await;
+            });
+        }
+        match conn.send_request(req).await {
+            Ok(resp) => Ok((resp, (!upgrade).then_some(conn))),
+            Err(e) => Err(SendError::Failed(e.to_string())),
+        }
+    }
+}
+
+/// A backend's response body that hands its connection back to the pool once it has been read to the end.
+struct PooledBody {
+    inner: Incoming,
+    conn: Option<(http1::SendRequest<Body>, SocketAddr, Arc<Pool>)>,
+}
+
+impl PooledBody {
+    fn release(&mut self) {
+        if let Some((conn, addr, pool)) = self.conn.take() {
+            pool.put(addr, conn);
+        }
+    }
+}
+
+impl hyper::body::Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => this.release(),
+            Poll::Ready(Some(Err(_))) => this.conn = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        if self.inner.is_end_stream() {
+            self.release();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gateway_hosts() {
+        assert_eq!(
+            gateway_label("web--web--shop--dev.localhost:7080", "localhost"),
+            Some("web--web--shop--dev")
+        );
+        assert_eq!(
+            gateway_label("WEB--web--shop--dev.LocalHost", "localhost"),
+            Some("WEB--web--shop--dev")
+        );
+        assert_eq!(
+            gateway_label("a--b--c--d.apps.example.com", "apps.example.com"),
+            Some("a--b--c--d")
+        );
+        assert_eq!(gateway_label("localhost:7080", "localhost"), None);
+        assert_eq!(gateway_label("www.localhost", "localhost"), None);
+        assert_eq!(gateway_label("a--b.x.localhost", "localhost"), None);
+        assert_eq!(gateway_label("a--b--c--dlocalhost", "localhost"), None);
+        assert_eq!(gateway_label("[::1]:7080", "localhost"), None);
+    }
+
+    #[test]
+    fn paths_join() {
+        assert_eq!(join_path("/", "a/b", Some("x=1")), "/a/b?x=1");
+        assert_eq!(join_path("/api", "", None), "/api/");
+        assert_eq!(join_path("/api/", "v1", None), "/api/v1");
+        assert_eq!(join_path("api", "v1", None), "/api/v1");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key(header::ACCEPT));
+    }
+}
