@@ -14,6 +14,7 @@ mod console;
 mod ctrl;
 mod delivery;
 pub mod error;
+pub mod gateway;
 mod identity_api;
 mod metrics;
 pub mod rbac;
@@ -52,6 +53,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// How long SIGTERM waits for in-flight requests before exiting anyway.
     pub drain_timeout: Duration,
+    /// The domain under which the gateway's host names live (`<endpoint>--<component>--<project>--<env>.<base>`).
+    pub base_domain: String,
 }
 
 impl Default for Config {
@@ -62,6 +65,7 @@ impl Default for Config {
             database_url: None,
             max_body_bytes: 1 << 20,
             drain_timeout: Duration::from_secs(30),
+            base_domain: "localhost".into(),
         }
     }
 }
@@ -82,6 +86,8 @@ pub struct AppState {
     controllers: Arc<Mutex<Option<ctrl::Handle>>>,
     /// Callers' access per organization (see [`rbac::AccessCache`]).
     pub access: Arc<rbac::AccessCache>,
+    /// The gateway's routing table and backend connections (see [`gateway`]).
+    gateway: Arc<gateway::Gateway>,
 }
 
 impl AppState {
@@ -97,6 +103,7 @@ impl AppState {
             dummy_hash: Arc::default(),
             controllers: Arc::default(),
             access: Arc::default(),
+            gateway: Arc::default(),
         }
     }
 
@@ -259,6 +266,11 @@ pub fn app(state: AppState) -> Router {
             audit::layer,
         ))
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
+        // Outermost: gateway hosts and `/x/` paths are proxied before any API routing, audit or API metrics.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            gateway::layer,
+        ))
         .with_state(state)
 }
 
