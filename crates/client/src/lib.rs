@@ -196,6 +196,19 @@ impl Client {
         serde_json::from_slice(&bytes).map_err(|e| Error::Decode(e.to_string()))
     }
 
+    /// POST a JSON body to any path, returning JSON.
+    pub async fn post_json(&self, path: &str, body: &Value) -> Result<Value> {
+        self.json(self.request(Method::POST, path).json(body)).await
+    }
+
+    /// The path of a delivery action (`promote`, `approve`, `rollback`, `releases`) on a component.
+    pub fn component_action_path(s: &Scoped<'_>, component: &str, action: &str) -> String {
+        format!(
+            "{}/{action}",
+            Self::item_path(Kind::Component, s, component)
+        )
+    }
+
     /// GET any path, returning JSON.
     pub async fn get_json(&self, path: &str) -> Result<Value> {
         self.json(self.request(Method::GET, path)).await

@@ -38,7 +38,11 @@ pub struct WorkloadId {
 
 impl fmt::Display for WorkloadId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}/{}/{}", self.organization, self.project, self.environment, self.component)
+        write!(
+            f,
+            "{}/{}/{}/{}",
+            self.organization, self.project, self.environment, self.component
+        )
     }
 }
 
@@ -57,7 +61,10 @@ impl WorkloadId {
 
     /// A name usable for containers, networks and directories: `org--project--env--component`.
     pub fn slug(&self) -> String {
-        format!("{}--{}--{}--{}", self.organization, self.project, self.environment, self.component)
+        format!(
+            "{}--{}--{}--{}",
+            self.organization, self.project, self.environment, self.component
+        )
     }
 }
 
@@ -119,7 +126,10 @@ pub enum ReplicaState {
     Starting,
     Running,
     /// Exited and waiting to be restarted (with backoff).
-    Crashed { exit_code: Option<i32>, message: String },
+    Crashed {
+        exit_code: Option<i32>,
+        message: String,
+    },
     Stopped,
 }
 
@@ -209,7 +219,8 @@ pub trait DataPlane: Send + Sync {
     fn list(&self) -> BoxFuture<'_, Result<Vec<WorkloadId>>>;
 
     /// The workload's logs.
-    fn logs<'a>(&'a self, id: &'a WorkloadId, opts: LogOptions) -> BoxFuture<'a, Result<LogStream>>;
+    fn logs<'a>(&'a self, id: &'a WorkloadId, opts: LogOptions)
+        -> BoxFuture<'a, Result<LogStream>>;
 
     /// A receiver that yields a workload's id whenever its status may have changed (a replica started, became
     /// ready, crashed), so controllers re-read it instead of polling.

@@ -3,8 +3,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::path::Path;
 use std::time::Duration;
 
 use dataplane::process::{ProcessDriver, ProcessOptions};
@@ -15,22 +14,9 @@ use dataplane::{
 use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Builds `kiln-testsvc` once per test run and returns its path.
+/// The test service binary.
 fn testsvc() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let status = std::process::Command::new(env!("CARGO"))
-            .args(["build", "-p", "testsvc", "--bin", "kiln-testsvc"])
-            .status()
-            .expect("run cargo build -p testsvc");
-        assert!(status.success(), "cargo build -p testsvc failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
-        let bin = target.join("debug").join("kiln-testsvc");
-        assert!(bin.exists(), "{} is missing", bin.display());
-        bin
-    })
+    testsvc::binary()
 }
 
 /// A state directory and a driver on it. On drop (also after a failed assertion) it kills every process the

@@ -40,6 +40,43 @@ pub enum Command {
     Describe(DescribeArgs),
     /// Delete an object, or the objects a manifest names.
     Delete(DeleteArgs),
+    /// Promote the release running in one environment to the next one on the project's pipeline.
+    Promote {
+        component: String,
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+        #[arg(long, short = 'p')]
+        project: Option<String>,
+    },
+    /// Approve a promotion waiting for approval.
+    Approve {
+        component: String,
+        #[arg(long = "env")]
+        environment: String,
+        #[arg(long, short = 'p')]
+        project: Option<String>,
+    },
+    /// Point an environment back at the previous release (or the one given).
+    Rollback {
+        component: String,
+        #[arg(long = "env")]
+        environment: String,
+        /// The release to go back to.
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long, short = 'p')]
+        project: Option<String>,
+    },
+    /// A component's releases and what runs in each environment.
+    Releases {
+        component: String,
+        #[arg(long, short = 'p')]
+        project: Option<String>,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: OutputFormat,
+    },
     /// Organizations.
     #[command(subcommand)]
     Org(OrgCommand),

@@ -98,6 +98,49 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Get(args) => resources::get(&ctx(&cli)?, args).await,
         Command::Describe(args) => resources::describe(&ctx(&cli)?, args).await,
         Command::Delete(args) => resources::delete(&ctx(&cli)?, args).await,
+        Command::Promote {
+            component,
+            from,
+            to,
+            project,
+        } => {
+            let c = ctx(&cli)?;
+            let body = json!({"from": from, "to": to});
+            resources::delivery(&c, component, project.as_deref(), "promote", &body).await
+        }
+        Command::Approve {
+            component,
+            environment,
+            project,
+        } => {
+            let c = ctx(&cli)?;
+            resources::delivery(
+                &c,
+                component,
+                project.as_deref(),
+                "approve",
+                &json!({"environment": environment}),
+            )
+            .await
+        }
+        Command::Rollback {
+            component,
+            environment,
+            to,
+            project,
+        } => {
+            let c = ctx(&cli)?;
+            let mut body = json!({"environment": environment});
+            if let Some(t) = to {
+                body["to"] = json!(t);
+            }
+            resources::delivery(&c, component, project.as_deref(), "rollback", &body).await
+        }
+        Command::Releases {
+            component,
+            project,
+            output,
+        } => resources::releases(&ctx(&cli)?, component, project.as_deref(), *output).await,
         Command::Org(OrgCommand::Create { name, display_name }) => {
             let c = ctx(&cli)?;
             let mut spec = json!({});

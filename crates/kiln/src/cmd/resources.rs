@@ -396,3 +396,107 @@ pub async fn delete(ctx: &Ctx, args: &DeleteArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Runs a delivery action (`promote`, `approve`, `rollback`) on a component and prints what it did.
+pub async fn delivery(
+    ctx: &Ctx,
+    component: &str,
+    project: Option<&str>,
+    action: &str,
+    body: &Value,
+) -> anyhow::Result<()> {
+    let project = locate_project(ctx, Kind::Component, component, project).await?;
+    let scope = Scoped {
+        org: &ctx.org,
+        project: project.as_deref(),
+    };
+    let path = client::Client::component_action_path(&scope, component, action);
+    let result = ctx.client.post_json(&path, body).await?;
+    println!(
+        "{}",
+        result
+            .get("message")
+            .and_then(Value::as_str)
+            .unwrap_or("done")
+    );
+    Ok(())
+}
+
+/// Prints a component's releases and, per environment, what runs and what ran.
+pub async fn releases(
+    ctx: &Ctx,
+    component: &str,
+    project: Option<&str>,
+    format: OutputFormat,
+) -> anyhow::Result<()> {
+    let project = locate_project(ctx, Kind::Component, component, project).await?;
+    let scope = Scoped {
+        org: &ctx.org,
+        project: project.as_deref(),
+    };
+    let v = ctx
+        .client
+        .get_json(&client::Client::component_action_path(
+            &scope, component, "releases",
+        ))
+        .await?;
+    match format {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+        OutputFormat::Yaml => print!("{}", serde_yaml::to_string(&v)?),
+        _ => {
+            let text = |x: &Value| x.as_str().unwrap_or("-").to_string();
+            let rows: Vec<Vec<String>> = v["environments"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| {
+                    let history: Vec<String> = e["history"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .skip(1)
+                        .take(3)
+                        .map(|h| text(&h["release"]))
+                        .collect();
+                    let ready = if e["ready"].as_bool().unwrap_or(false) {
+                        "True"
+                    } else {
+                        "False"
+                    };
+                    vec![
+                        text(&e["environment"]),
+                        text(&e["release"]),
+                        text(&e["state"]),
+                        ready.to_string(),
+                        text(&e["pending"]),
+                        if history.is_empty() {
+                            "-".into()
+                        } else {
+                            history.join(", ")
+                        },
+                    ]
+                })
+                .collect();
+            output::print_table(
+                &[
+                    "ENVIRONMENT",
+                    "RELEASE",
+                    "STATE",
+                    "READY",
+                    "PENDING",
+                    "EARLIER",
+                ],
+                &rows,
+            );
+            println!();
+            let rows: Vec<Vec<String>> = v["releases"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|r| vec![text(&r["name"]), text(&r["created"])])
+                .collect();
+            output::print_table(&["RELEASE", "CREATED"], &rows);
+        }
+    }
+    Ok(())
+}

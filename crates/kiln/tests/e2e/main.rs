@@ -5,5 +5,6 @@ mod harness;
 
 mod cli;
 mod console;
+mod delivery;
 mod durability;
 mod smoke;
