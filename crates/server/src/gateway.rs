@@ -834,6 +834,61 @@ fn is_upgrade(h: &HeaderMap) -> bool {
         })
 }
 
+/// Keeps the console's session away from workloads: its cookie is removed from what is forwarded (a workload
+/// served under the server's own origin would otherwise receive it), and a workload may not set it.
+fn strip_session_cookie(h: &mut HeaderMap) {
+    let name = crate::auth::SESSION_COOKIE;
+    let has = |v: &HeaderValue| {
+        v.to_str()
+            .is_ok_and(|s| s.split(';').any(|c| c.trim().starts_with(name)))
+    };
+    if !h.get_all(header::COOKIE).iter().any(has) {
+        return;
+    }
+    let kept: Vec<String> = h
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(';'))
+        .map(str::trim)
+        .filter(|c| {
+            !c.is_empty()
+                && c.split_once('=')
+                    .map_or(c.trim() != name, |(k, _)| k.trim() != name)
+        })
+        .map(str::to_owned)
+        .collect();
+    h.remove(header::COOKIE);
+    if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+        if !kept.is_empty() {
+            h.insert(header::COOKIE, v);
+        }
+    }
+}
+
+/// Removes `Set-Cookie` headers that would set the console's session cookie.
+fn strip_session_set_cookie(h: &mut HeaderMap) {
+    let name = crate::auth::SESSION_COOKIE;
+    let sets = |v: &HeaderValue| {
+        v.to_str().map_or(true, |s| {
+            s.split_once('=').is_some_and(|(k, _)| k.trim() == name)
+        })
+    };
+    if !h.get_all(header::SET_COOKIE).iter().any(sets) {
+        return;
+    }
+    let kept: Vec<HeaderValue> = h
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter(|v| !sets(v))
+        .cloned()
+        .collect();
+    h.remove(header::SET_COOKIE);
+    for v in kept {
+        h.append(header::SET_COOKIE, v);
+    }
+}
+
 fn connection_close(h: &HeaderMap) -> bool {
     h.get_all(header::CONNECTION).iter().any(|v| {
         v.to_str()
@@ -888,6 +943,7 @@ async fn proxy(
     let mut headers = parts.headers;
     let upgrade_proto = headers.get(header::UPGRADE).cloned();
     strip_hop_by_hop(&mut headers);
+    strip_session_cookie(&mut headers);
     if let (true, Some(proto)) = (upgrade, upgrade_proto) {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, proto);
@@ -1031,6 +1087,7 @@ fn respond(
     let (mut parts, body) = resp.into_parts();
     let keep = conn.filter(|_| !connection_close(&parts.headers));
     strip_hop_by_hop(&mut parts.headers);
+    strip_session_set_cookie(&mut parts.headers);
     let body = PooledBody {
         inner: body,
         conn: keep.map(|c| (c, addr, pool.clone())),
@@ -1210,6 +1267,39 @@ mod tests {
         assert_eq!(join_path("/api", "", None), "/api/");
         assert_eq!(join_path("/api/", "v1", None), "/api/v1");
         assert_eq!(join_path("api", "v1", None), "/api/v1");
+    }
+
+    #[test]
+    fn the_console_session_stays_with_the_server() {
+        let mut h = HeaderMap::new();
+        h.append(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; kiln_session=secret"),
+        );
+        h.append(header::COOKIE, HeaderValue::from_static("kiln_session_x=2"));
+        strip_session_cookie(&mut h);
+        assert_eq!(h[header::COOKIE], "a=1; kiln_session_x=2");
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("kiln_session=secret"),
+        );
+        strip_session_cookie(&mut h);
+        assert!(!h.contains_key(header::COOKIE));
+        let mut h = HeaderMap::new();
+        h.append(
+            header::SET_COOKIE,
+            HeaderValue::from_static("kiln_session=evil; Path=/"),
+        );
+        h.append(
+            header::SET_COOKIE,
+            HeaderValue::from_static("app=1; Path=/"),
+        );
+        strip_session_set_cookie(&mut h);
+        assert_eq!(
+            h.get_all(header::SET_COOKIE).iter().collect::<Vec<_>>(),
+            ["app=1; Path=/"]
+        );
     }
 
     #[test]

@@ -501,6 +501,7 @@ async fn backend_sees_the_rewritten_path_query_body_and_forwarding_headers() {
         .client
         .post(e.url("/x/acme/shop/dev/web/echo/a/b?x=1&y=two"))
         .header("x-custom", "kept")
+        .header("cookie", "app=1; kiln_session=console-secret")
         .body("the body")
         .send()
         .await
@@ -523,6 +524,9 @@ async fn backend_sees_the_rewritten_path_query_body_and_forwarding_headers() {
     );
     assert!(lower.contains("x-forwarded-proto: http\r\n"), "{b}");
     assert!(lower.contains("x-custom: kept\r\n"), "{b}");
+    // The console's session cookie is not handed to workloads; their own cookies are.
+    assert!(lower.contains("cookie: app=1\r\n"), "{b}");
+    assert!(!b.contains("console-secret"), "{b}");
     assert!(b.ends_with("\r\n\r\nthe body"), "{b}");
 
     // Subdomain form: the whole path goes under the endpoint's base path; no prefix header.
