@@ -637,17 +637,36 @@ async fn serve(state: &AppState, target: Target, req: Request) -> Response {
             endpoint,
         } => {
             let hk = host_key(&project, &env, &component, &endpoint);
+            // One organization has it (the usual case): that one. Several: the one where it is public, or none
+            // and the request is ambiguous.
             let found = gw.table.read().ok().map(|t| {
-                let mut orgs: Vec<String> = t.hosts.get(&hk).cloned().unwrap_or_default();
-                orgs.sort();
-                orgs.dedup();
-                match orgs.len() {
-                    1 => t
-                        .routes
-                        .get(&route_key(&orgs[0], &project, &env, &component, &endpoint))
+                let orgs = t.hosts.get(&hk).map(Vec::as_slice).unwrap_or(&[]);
+                let route = |o: &str| {
+                    t.routes
+                        .get(&route_key(o, &project, &env, &component, &endpoint))
                         .cloned()
-                        .ok_or(orgs),
-                    _ => Err(orgs),
+                };
+                match orgs.first() {
+                    None => Err(Vec::new()),
+                    Some(first) if orgs.iter().all(|o| o == first) => {
+                        route(first).ok_or_else(Vec::new)
+                    }
+                    Some(first) => {
+                        let mut public: Vec<String> = orgs
+                            .iter()
+                            .filter(|o| {
+                                route(o).is_some_and(|r| r.visibility == Visibility::Public)
+                            })
+                            .cloned()
+                            .collect();
+                        public.sort();
+                        public.dedup();
+                        match public.len() {
+                            0 => route(first).ok_or(public),
+                            1 => route(&public[0]).ok_or(public),
+                            _ => Err(public),
+                        }
+                    }
                 }
             });
             let route = match found {

@@ -743,6 +743,10 @@ async fn subdomain_shared_by_two_organizations_is_ambiguous() {
     assert!(b.contains("ambiguous") || b.contains("Ambiguous"), "{b}");
     assert!(b.contains("/x/acme/shop/dev/web/web/"), "{b}");
     assert!(b.contains("/x/beta/shop/dev/web/web/"), "{b}");
+    // Ambiguity is about public endpoints only: one that is public nowhere is simply not public.
+    let (s, b) = e.get_host("private--web--shop--dev.localhost", "/").await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{b}");
+    assert!(b.contains("not public"), "{b}");
     // The path forms work for both.
     assert_eq!(e.get("/x/acme/shop/dev/web/web/").await.0, StatusCode::OK);
     // Once one organization's binding is gone, the host is unambiguous again.
