@@ -104,6 +104,39 @@ pub struct WatchEvent {
     pub error: Option<String>,
 }
 
+/// One line a component's replica wrote, as `GET …/components/{name}/logs` streams it.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct LogLine {
+    /// RFC 3339.
+    pub time: String,
+    pub replica: u32,
+    /// `stdout` or `stderr`.
+    pub stream: String,
+    pub line: String,
+}
+
+/// Which logs of a component to read.
+#[derive(Debug, Clone, Default)]
+pub struct LogQuery {
+    pub environment: String,
+    /// Keep streaming new lines.
+    pub follow: bool,
+    /// Only this replica.
+    pub replica: Option<u32>,
+    /// RFC 3339, or a duration back from now (`10m`).
+    pub since: Option<String>,
+    /// At most this many past lines per replica.
+    pub tail: Option<usize>,
+}
+
+/// A line of the logs stream: a log line, or the error that ended the stream.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum LogFrame {
+    Line(LogLine),
+    Error { error: String },
+}
+
 #[derive(Debug, Clone)]
 pub struct Client {
     base: String,
@@ -340,6 +373,43 @@ impl Client {
         Ok(ndjson(bytes))
     }
 
+    /// Streams a component's logs in one environment (all replicas unless `q.replica`), ending when the server
+    /// has sent everything asked for, or, with `q.follow`, when the caller drops the stream.
+    pub async fn logs(
+        &self,
+        s: &Scoped<'_>,
+        component: &str,
+        q: &LogQuery,
+    ) -> Result<impl Stream<Item = Result<LogLine>>> {
+        let mut query = vec![("env", q.environment.clone())];
+        if q.follow {
+            query.push(("follow", "true".into()));
+        }
+        if let Some(r) = q.replica {
+            query.push(("replica", r.to_string()));
+        }
+        if let Some(since) = &q.since {
+            query.push(("since", since.clone()));
+        }
+        if let Some(t) = q.tail {
+            query.push(("tail", t.to_string()));
+        }
+        let path = Self::component_action_path(s, component, "logs");
+        let resp = self
+            .send(self.request(Method::GET, &path).query(&query))
+            .await?;
+        Ok(ndjson(resp.bytes_stream()).map(|frame| match frame? {
+            LogFrame::Line(l) => Ok(l),
+            LogFrame::Error { error } => Err(Error::Api(Problem {
+                type_: String::new(),
+                title: "Log stream failed".into(),
+                status: 0,
+                detail: error,
+                errors: vec![],
+            })),
+        }))
+    }
+
     pub async fn events(&self, kind: Kind, s: &Scoped<'_>, name: &str) -> Result<Vec<Value>> {
         let mut q = vec![
             ("kind", kind.as_str().to_string()),
@@ -461,10 +531,10 @@ fn describe(e: &reqwest::Error) -> String {
     msg
 }
 
-/// Splits a byte stream into newline-delimited JSON watch events.
-fn ndjson(
+/// Splits a byte stream into newline-delimited JSON values (watch events, log lines); blank lines are skipped.
+fn ndjson<T: DeserializeOwned>(
     bytes: impl Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin,
-) -> impl Stream<Item = Result<WatchEvent>> {
+) -> impl Stream<Item = Result<T>> {
     futures_util::stream::unfold(
         (bytes, Vec::<u8>::new()),
         |(mut bytes, mut buf)| async move {
@@ -474,7 +544,7 @@ fn ndjson(
                     if line.iter().all(u8::is_ascii_whitespace) {
                         continue;
                     }
-                    let ev = serde_json::from_slice::<WatchEvent>(&line)
+                    let ev = serde_json::from_slice::<T>(&line)
                         .map_err(|e| Error::Decode(e.to_string()));
                     return Some((ev, (bytes, buf)));
                 }

@@ -41,7 +41,7 @@ pub struct Drivers {
 
 impl Drivers {
     /// The driver for a data plane type, or the reason there is none.
-    fn for_type(&self, t: DataPlaneType) -> Result<Arc<dyn DataPlane>, (&'static str, String)> {
+    pub fn for_type(&self, t: DataPlaneType) -> Result<Arc<dyn DataPlane>, (&'static str, String)> {
         let missing = |what: &str| {
             (
                 "DataPlaneUnavailable",

@@ -16,6 +16,7 @@ mod delivery;
 pub mod error;
 pub mod gateway;
 mod identity_api;
+mod logs;
 mod metrics;
 pub mod rbac;
 pub mod resources;
@@ -88,6 +89,8 @@ pub struct AppState {
     pub access: Arc<rbac::AccessCache>,
     /// The gateway's routing table and backend connections (see [`gateway`]).
     gateway: Arc<gateway::Gateway>,
+    /// The data plane drivers the controllers deploy with; component logs are read from them.
+    pub(crate) drivers: controllers::Drivers,
 }
 
 impl AppState {
@@ -104,7 +107,14 @@ impl AppState {
             controllers: Arc::default(),
             access: Arc::default(),
             gateway: Arc::default(),
+            drivers: controllers::Drivers::default(),
         }
+    }
+
+    /// The same state, with the data plane drivers that component logs are read from.
+    pub fn with_drivers(mut self, drivers: controllers::Drivers) -> Self {
+        self.drivers = drivers;
+        self
     }
 
     /// Marks the server ready (`/readyz` answers 200).
@@ -195,7 +205,8 @@ pub fn api() -> Api {
         );
     let api = resources::register(api);
     let api = identity_api::register(api);
-    delivery::register(api)
+    let api = delivery::register(api);
+    logs::register(api)
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
@@ -368,6 +379,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
     let drivers = data_plane_drivers(&config).await?;
+    let state = state.with_drivers(drivers.clone());
     let handle = ctrl::start(store.clone(), drivers, shutdown_rx.clone());
     let access_watch = tokio::spawn(rbac::watch_access_changes(
         state.clone(),

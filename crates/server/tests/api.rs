@@ -350,9 +350,10 @@ fn verb_of(method: &Method, path: &str) -> &'static str {
     }
 }
 
-/// The delivery actions on a component (promote, approve, rollback, releases).
+/// The delivery actions on a component (promote, approve, rollback, releases) and its logs (called without
+/// `env`: 400 once access is granted, 404 where the component is invisible).
 fn is_delivery(path: &str) -> bool {
-    ["promote", "approve", "rollback", "releases"]
+    ["promote", "approve", "rollback", "releases", "logs"]
         .iter()
         .any(|s| path.ends_with(&format!("/components/{{name}}/{s}")))
 }
