@@ -5,6 +5,11 @@
 //! (the part of the spec that decides what runs), so an unchanged spec yields no new release and the same spec
 //! always yields the same name. Conditions: `Released` (a release exists for the current spec) and `Deployed`
 //! (auto-deploy bound it, or why not).
+//!
+//! The finalizer `kiln.dev/component` holds a deleted component until what it deployed is gone: its
+//! ReleaseBindings are deleted first (each one's own finalizer removes its workload from the data plane), and
+//! once none is left its Releases; then the finalizer goes and the store removes the component. Meanwhile the
+//! `Deleting` condition says what the deletion waits for, and nothing new is released or bound.
 
 use std::sync::Arc;
 
@@ -17,13 +22,16 @@ use runtime::conditions::{new_condition, set_condition};
 use runtime::{Action, Cache, Context, Controller, Reconciler, StoreSource};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use store::{Key, Store, StoreError};
+use store::{Key, ListQuery, Store, StoreError};
 
+use crate::cleanup::{self, delete_each, list_all, set_finalizer, spec_str};
 use crate::status::{record_event, write_status, EventType};
 use crate::Error;
 
 /// Label on releases and bindings naming their component.
 pub const LABEL_COMPONENT: &str = "kiln.dev/component";
+/// Finalizer that holds a component until its bindings and releases are gone.
+pub const FINALIZER: &str = "kiln.dev/component";
 
 /// Reconciles Components.
 pub struct ComponentController {
@@ -36,15 +44,57 @@ impl ComponentController {
     }
 }
 
-/// The controller, ready to run: Components, re-checked when a Project or a DeploymentPipeline changes.
+/// The controller, ready to run: Components, re-checked when a Project, a DeploymentPipeline or an Environment
+/// changes, and, while deleting, when one of their ReleaseBindings changes or goes.
 pub(crate) fn controller(store: Store) -> Controller<ComponentController> {
     let components = StoreSource::new(store.clone(), Kind::Component);
     let projects = StoreSource::new(store.clone(), Kind::Project);
     let pipelines = StoreSource::new(store.clone(), Kind::DeploymentPipeline);
+    let environments = StoreSource::new(store.clone(), Kind::Environment);
+    let bindings = StoreSource::new(store.clone(), Kind::ReleaseBinding);
     Controller::new("components", components, ComponentController::new(store))
         .concurrency(4)
         .watches(projects, components_of_project)
         .watches(pipelines, components_of_organization)
+        .watches(environments, components_of_organization)
+        .watches(bindings, component_of_child)
+}
+
+/// The component a release or binding belongs to (its label, else its `spec.component`), when that component
+/// is being deleted: a deletion waits for its bindings to go. A live component is not woken by its bindings, so
+/// that deleting an auto-deployed binding by hand sticks until the component changes.
+fn component_of_child(child: &Resource, components: &Cache) -> Vec<Key> {
+    let name = child
+        .metadata
+        .labels
+        .get(LABEL_COMPONENT)
+        .map(String::as_str)
+        .or_else(|| spec_str(child, "component"));
+    let (Some(name), Some(_)) = (name, &child.metadata.project) else {
+        return Vec::new();
+    };
+    let key = Key {
+        kind: Kind::Component,
+        organization: child.metadata.organization.clone(),
+        project: child.metadata.project.clone(),
+        name: name.to_owned(),
+    };
+    let deleting = components
+        .get(&key)
+        .is_some_and(|c| c.metadata.deletion_timestamp.is_some());
+    if deleting {
+        vec![key]
+    } else {
+        Vec::new()
+    }
+}
+
+/// Whether a release or binding belongs to `component` (by label, or by `spec.component` when unlabelled).
+fn belongs_to(child: &Resource, component: &str) -> bool {
+    match child.metadata.labels.get(LABEL_COMPONENT) {
+        Some(label) => label == component,
+        None => spec_str(child, "component") == Some(component),
+    }
 }
 
 fn keys(items: Vec<Arc<Resource>>) -> Vec<Key> {
@@ -60,8 +110,8 @@ fn components_of_project(project: &Resource, components: &Cache) -> Vec<Key> {
     )
 }
 
-fn components_of_organization(pipeline: &Resource, components: &Cache) -> Vec<Key> {
-    let org = &pipeline.metadata.organization;
+fn components_of_organization(obj: &Resource, components: &Cache) -> Vec<Key> {
+    let org = &obj.metadata.organization;
     keys(components.filter(|c| &c.metadata.organization == org))
 }
 
@@ -248,6 +298,30 @@ impl ComponentController {
                 })
             }
         };
+        let env_key = Key {
+            kind: Kind::Environment,
+            organization: component.metadata.organization.clone(),
+            project: None,
+            name: env.clone(),
+        };
+        // Never bind into an environment that is missing or going (its deletion removes bindings into it).
+        match self.get(&env_key).await? {
+            None => {
+                return Ok(Deployed {
+                    status: ConditionStatus::False,
+                    reason: "EnvironmentNotFound",
+                    message: format!("environment {env} does not exist"),
+                })
+            }
+            Some(e) if e.metadata.deletion_timestamp.is_some() => {
+                return Ok(Deployed {
+                    status: ConditionStatus::False,
+                    reason: "EnvironmentDeleting",
+                    message: format!("environment {env} is being deleted"),
+                })
+            }
+            Some(_) => {}
+        }
         let name = ReleaseBindingSpec::name_for(&component.metadata.name, &env);
         let key = Key {
             kind: Kind::ReleaseBinding,
@@ -318,12 +392,71 @@ impl ComponentController {
     }
 }
 
+impl ComponentController {
+    /// The component's children of `kind` (releases or bindings).
+    async fn children(
+        &self,
+        component: &Resource,
+        key: &Key,
+        kind: Kind,
+    ) -> Result<Vec<Resource>, Error> {
+        let query = ListQuery {
+            kind: Some(kind),
+            organization: component.metadata.organization.clone(),
+            project: component.metadata.project.clone(),
+            ..ListQuery::default()
+        };
+        let name = component.metadata.name.as_str();
+        let mut items = list_all(&self.store, query, key).await?;
+        items.retain(|c| belongs_to(c, name));
+        Ok(items)
+    }
+
+    /// A deletion step: bindings first (their finalizers remove the workloads), then releases, then the
+    /// finalizer.
+    async fn clean_up(&self, obj: &Resource, key: &Key) -> Result<Action, Error> {
+        let bindings = self.children(obj, key, Kind::ReleaseBinding).await?;
+        if !bindings.is_empty() {
+            delete_each(&self.store, &bindings).await?;
+            let message = format!(
+                "waiting for {} release binding(s) to remove their workloads: {}",
+                bindings.len(),
+                cleanup::names(&bindings)
+            );
+            return cleanup::waiting(&self.store, key, obj, "RemovingBindings", message).await;
+        }
+        let releases = self.children(obj, key, Kind::Release).await?;
+        if !releases.is_empty() {
+            delete_each(&self.store, &releases).await?;
+            // Releases carry no finalizer of ours: normally they are gone now.
+            let left = self.children(obj, key, Kind::Release).await?;
+            if !left.is_empty() {
+                let message = format!(
+                    "waiting for {} release(s) to go: {}",
+                    left.len(),
+                    cleanup::names(&left)
+                );
+                return cleanup::waiting(&self.store, key, obj, "RemovingReleases", message).await;
+            }
+        }
+        Ok(set_finalizer(&self.store, key, obj, FINALIZER, false)
+            .await?
+            .unwrap_or_else(Action::await_change))
+    }
+}
+
 impl Reconciler for ComponentController {
     type Error = Error;
 
     async fn reconcile(&self, obj: Arc<Resource>, ctx: &Context) -> Result<Action, Error> {
         if obj.metadata.deletion_timestamp.is_some() {
-            return Ok(Action::await_change());
+            if !obj.metadata.finalizers.iter().any(|f| f == FINALIZER) {
+                return Ok(Action::await_change());
+            }
+            return self.clean_up(&obj, &ctx.key).await;
+        }
+        if let Some(action) = set_finalizer(&self.store, &ctx.key, &obj, FINALIZER, true).await? {
+            return Ok(action);
         }
         let generation = obj.metadata.generation;
         let mut status = obj.status.clone();

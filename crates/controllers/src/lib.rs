@@ -8,7 +8,9 @@
 //! - Child failures surface on the parent's conditions.
 
 pub mod binding;
+mod cleanup;
 pub mod component;
+pub mod environment;
 mod organization;
 mod project;
 mod status;
@@ -21,6 +23,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 pub use binding::{BindingController, Drivers};
+pub use environment::EnvironmentController;
 pub use organization::OrganizationController;
 pub use project::ProjectController;
 
@@ -66,16 +69,19 @@ pub fn spawn_all(store: Store, drivers: Drivers, shutdown: watch::Receiver<bool>
     let organizations = organization::controller(store.clone());
     let projects = project::controller(store.clone());
     let components = component::controller(store.clone());
+    let environments = environment::controller(store.clone());
     let bindings = binding::controller(store, drivers);
     let stats = vec![
         organizations.stats(),
         projects.stats(),
         components.stats(),
+        environments.stats(),
         bindings.stats(),
     ];
     tasks.spawn(organizations.run(shutdown.clone()));
     tasks.spawn(projects.run(shutdown.clone()));
     tasks.spawn(components.run(shutdown.clone()));
+    tasks.spawn(environments.run(shutdown.clone()));
     tasks.spawn(bindings.run(shutdown));
     Controllers { stats, tasks }
 }

@@ -1,6 +1,10 @@
 //! The Project controller: a project is `Ready` when the DeploymentPipeline it names exists in its
 //! organization, and reports the components it lists that have no Component object (`ComponentsPresent`, not
 //! fatal to `Ready`). Creating or deleting a pipeline or a component re-checks the projects concerned.
+//!
+//! The finalizer `kiln.dev/project` holds a deleted project until its Components are gone: it deletes them (each
+//! component's finalizer then removes its bindings, their workloads and its releases) and waits, the `Deleting`
+//! condition saying for what.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -11,8 +15,12 @@ use runtime::{Action, Cache, Context, Controller, Reconciler, StoreSource};
 use serde_json::Value;
 use store::{Key, ListQuery, Store, StoreError};
 
+use crate::cleanup::{self, delete_each, list_all, set_finalizer};
 use crate::status::{record_event, write_status, EventType, Written};
 use crate::Error;
+
+/// Finalizer that holds a project until its components are gone.
+pub const FINALIZER: &str = "kiln.dev/project";
 
 /// The pipeline a project uses when its spec names none.
 const DEFAULT_PIPELINE: &str = "default";
@@ -203,12 +211,43 @@ impl ProjectController {
     }
 }
 
+impl ProjectController {
+    /// A deletion step: delete the components, wait until none is left, then remove the finalizer.
+    async fn clean_up(&self, obj: &Resource, key: &Key) -> Result<Action, Error> {
+        let query = ListQuery {
+            kind: Some(Kind::Component),
+            organization: obj.metadata.organization.clone(),
+            project: Some(obj.metadata.name.clone()),
+            ..ListQuery::default()
+        };
+        let components = list_all(&self.store, query, key).await?;
+        if !components.is_empty() {
+            delete_each(&self.store, &components).await?;
+            let message = format!(
+                "waiting for {} component(s) to remove what they deployed: {}",
+                components.len(),
+                cleanup::names(&components)
+            );
+            return cleanup::waiting(&self.store, key, obj, "RemovingComponents", message).await;
+        }
+        Ok(set_finalizer(&self.store, key, obj, FINALIZER, false)
+            .await?
+            .unwrap_or_else(Action::await_change))
+    }
+}
+
 impl Reconciler for ProjectController {
     type Error = Error;
 
     async fn reconcile(&self, obj: Arc<Resource>, ctx: &Context) -> Result<Action, Error> {
         if obj.metadata.deletion_timestamp.is_some() {
-            return Ok(Action::await_change());
+            if !obj.metadata.finalizers.iter().any(|f| f == FINALIZER) {
+                return Ok(Action::await_change());
+            }
+            return self.clean_up(&obj, &ctx.key).await;
+        }
+        if let Some(action) = set_finalizer(&self.store, &ctx.key, &obj, FINALIZER, true).await? {
+            return Ok(action);
         }
         // The store only keeps projects with an organization; an empty one simply matches no pipeline.
         let org = obj.metadata.organization.clone().unwrap_or_default();

@@ -411,7 +411,13 @@ async fn a_malformed_project_spec_becomes_a_condition() {
     let names: Vec<&str> = stats.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(
         names,
-        ["organizations", "projects", "components", "releasebindings"]
+        [
+            "organizations",
+            "projects",
+            "components",
+            "environments",
+            "releasebindings"
+        ]
     );
     assert!(stats.iter().all(|s| s.errors_total == 0), "{stats:?}");
     let text = runtime::render_prometheus(h.controllers.stats());
@@ -814,5 +820,427 @@ async fn a_binding_on_a_data_plane_without_a_driver_says_so() {
         .unwrap()
         .message
         .contains("kubernetes data planes are not available yet"));
+    let _ = h.stop_tx.send(true);
+}
+
+/// Every object of `kind` in project `shop` of `acme`.
+async fn in_shop(s: &Store, kind: Kind) -> Vec<Resource> {
+    s.list(&store::ListQuery {
+        kind: Some(kind),
+        organization: Some("acme".into()),
+        project: Some("shop".into()),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .items
+}
+
+/// Creates the component `name` in `shop` and waits until its binding in dev runs; returns the component.
+async fn running_component(h: &Harness, name: &str) -> Resource {
+    let comp = model::normalize(resource(
+        Kind::Component,
+        Some("acme"),
+        Some("shop"),
+        name,
+        web(1),
+    ))
+    .unwrap();
+    h.store.create(comp).await.unwrap();
+    condition(
+        &h.store,
+        &in_project(Kind::ReleaseBinding, &format!("{name}-dev")),
+        "Ready",
+        ConditionStatus::True,
+        "Ready",
+    )
+    .await;
+    h.store
+        .get(&in_project(Kind::Component, name))
+        .await
+        .unwrap()
+}
+
+fn workload(project: &str, env: &str, component: &str) -> dataplane::WorkloadId {
+    dataplane::WorkloadId {
+        organization: "acme".into(),
+        project: project.into(),
+        environment: env.into(),
+        component: component.into(),
+    }
+}
+
+/// Binds the component's current release in `env` by hand (as `kiln promote` would), and waits until it runs.
+async fn bind(h: &Harness, component: &str, env: &str) {
+    let c = h
+        .store
+        .get(&in_project(Kind::Component, component))
+        .await
+        .unwrap();
+    let spec =
+        json!({"component": component, "environment": env, "release": c.status["latestRelease"]});
+    let mut b = resource(
+        Kind::ReleaseBinding,
+        Some("acme"),
+        Some("shop"),
+        &format!("{component}-{env}"),
+        spec,
+    );
+    b.metadata
+        .labels
+        .insert("kiln.dev/component".into(), component.into());
+    h.store.create(b).await.unwrap();
+    condition(
+        &h.store,
+        &in_project(Kind::ReleaseBinding, &format!("{component}-{env}")),
+        "Ready",
+        ConditionStatus::True,
+        "Ready",
+    )
+    .await;
+}
+
+/// The kinds and names of the deletions the store committed after `from`, in commit order, until `last` is
+/// deleted.
+async fn deletions_until(s: &Store, from: u64, last: &Key) -> Vec<(Kind, String)> {
+    let mut watch = s
+        .watch(&store::WatchQuery {
+            organization: Some("acme".into()),
+            from_revision: Some(from),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + WITHIN;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ev = timeout(left, watch.next_event())
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {last} to go; saw {out:?}"))
+            .expect("the watch goes on")
+            .unwrap();
+        if ev.type_ != store::EventType::Deleted {
+            continue;
+        }
+        let kind = ev.object.kind().unwrap();
+        let done = Key::of(&ev.object).as_ref() == Some(last);
+        out.push((kind, ev.object.metadata.name.clone()));
+        if done {
+            return out;
+        }
+    }
+}
+
+/// The position of each deletion of `kind`.
+fn positions(deletions: &[(Kind, String)], kind: Kind) -> Vec<usize> {
+    deletions
+        .iter()
+        .enumerate()
+        .filter(|(_, (k, _))| *k == kind)
+        .map(|(i, _)| i)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_component_removes_its_workloads_bindings_and_releases_in_order() {
+    use dataplane::DataPlane;
+    let h = start().await;
+    delivery_fixture(&h).await;
+    let web_c = running_component(&h, "web").await;
+    assert_eq!(web_c.metadata.finalizers, ["kiln.dev/component"]);
+    bind(&h, "web", "staging").await;
+    // A second release (the first stays as history), and a neighbour that must survive.
+    let mut changed = h
+        .store
+        .get(&in_project(Kind::Component, "web"))
+        .await
+        .unwrap();
+    changed.spec = model::normalize(resource(
+        Kind::Component,
+        Some("acme"),
+        Some("shop"),
+        "web",
+        web(2),
+    ))
+    .unwrap()
+    .spec;
+    h.store.update(changed).await.unwrap();
+    eventually("a second release of web", || async {
+        (in_shop(&h.store, Kind::Release).await.len() == 2).then_some(())
+    })
+    .await;
+    running_component(&h, "api").await;
+    assert!(h
+        .noop
+        .status(&workload("shop", "staging", "web"))
+        .await
+        .unwrap()
+        .is_some());
+
+    let ck = in_project(Kind::Component, "web");
+    let from = h.store.revision().await.unwrap();
+    let deleted = h.store.delete(&ck, None).await.unwrap();
+    assert!(
+        matches!(deleted, store::Deleted::Pending(_)),
+        "held by its finalizer"
+    );
+    let order = deletions_until(&h.store, from, &ck).await;
+
+    // Bindings (whose finalizers removed the workloads) first, then the releases, then the component.
+    let bindings = positions(&order, Kind::ReleaseBinding);
+    let releases = positions(&order, Kind::Release);
+    assert_eq!(bindings.len(), 2, "{order:?}");
+    assert_eq!(releases.len(), 2, "{order:?}");
+    assert!(bindings.iter().max() < releases.iter().min(), "{order:?}");
+    assert_eq!(order.last().unwrap().0, Kind::Component);
+    assert_eq!(order.len(), 5, "nothing else was deleted: {order:?}");
+    for env in ["dev", "staging"] {
+        assert!(
+            h.noop
+                .status(&workload("shop", env, "web"))
+                .await
+                .unwrap()
+                .is_none(),
+            "web still runs in {env}"
+        );
+    }
+    // The neighbour is untouched.
+    assert!(h
+        .noop
+        .status(&workload("shop", "dev", "api"))
+        .await
+        .unwrap()
+        .is_some());
+    let left: Vec<String> = in_shop(&h.store, Kind::ReleaseBinding)
+        .await
+        .into_iter()
+        .chain(in_shop(&h.store, Kind::Release).await)
+        .map(|r| r.metadata.labels["kiln.dev/component"].clone())
+        .collect();
+    assert!(
+        !left.is_empty() && left.iter().all(|c| c == "api"),
+        "{left:?}"
+    );
+    let _ = h.stop_tx.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_component_waiting_for_its_bindings_says_so_and_deploys_nothing_new() {
+    use dataplane::DataPlane;
+    let h = start().await;
+    delivery_fixture(&h).await;
+    running_component(&h, "web").await;
+    // A binding held by someone else's finalizer keeps the component waiting.
+    let bk = in_project(Kind::ReleaseBinding, "web-dev");
+    let mut b = h.store.get(&bk).await.unwrap();
+    b.metadata.finalizers.push("example.com/hold".into());
+    h.store.update(b).await.unwrap();
+    let ck = in_project(Kind::Component, "web");
+    h.store.delete(&ck, None).await.unwrap();
+    let c = condition(
+        &h.store,
+        &ck,
+        "Deleting",
+        ConditionStatus::True,
+        "RemovingBindings",
+    )
+    .await;
+    assert!(
+        c.condition("Deleting").unwrap().message.contains("web-dev"),
+        "{c:?}"
+    );
+    eventually("the workload to be removed", || async {
+        h.noop
+            .status(&workload("shop", "dev", "web"))
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        in_shop(&h.store, Kind::Release).await.len(),
+        1,
+        "releases wait for the bindings"
+    );
+
+    // A change to what runs while deleting makes no release and no binding.
+    let mut current = h.store.get(&ck).await.unwrap();
+    current.spec["replicas"] = json!(3);
+    h.store.update(current).await.unwrap();
+    let mut held = h.store.get(&bk).await.unwrap();
+    held.metadata.finalizers.retain(|f| f != "example.com/hold");
+    h.store.update(held).await.unwrap();
+    eventually("the component to be gone", || async {
+        h.store.get(&ck).await.is_err().then_some(())
+    })
+    .await;
+    assert!(in_shop(&h.store, Kind::Release).await.is_empty());
+    assert!(in_shop(&h.store, Kind::ReleaseBinding).await.is_empty());
+    let _ = h.stop_tx.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_environment_is_ready_with_its_data_plane_and_deleting_it_removes_only_its_bindings() {
+    use dataplane::DataPlane;
+    let h = start().await;
+    delivery_fixture(&h).await;
+    let s = &h.store;
+    // Another project deploying into dev too.
+    s.create(resource(
+        Kind::Project,
+        Some("acme"),
+        None,
+        "blog",
+        json!({}),
+    ))
+    .await
+    .unwrap();
+    s.create(
+        model::normalize(resource(
+            Kind::Component,
+            Some("acme"),
+            Some("blog"),
+            "web",
+            web(1),
+        ))
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    running_component(&h, "web").await;
+    bind(&h, "web", "staging").await;
+    let blog_dev = Key {
+        kind: Kind::ReleaseBinding,
+        organization: Some("acme".into()),
+        project: Some("blog".into()),
+        name: "web-dev".into(),
+    };
+    condition(s, &blog_dev, "Ready", ConditionStatus::True, "Ready").await;
+
+    let dev = key(Kind::Environment, Some("acme"), "dev");
+    let env = condition(s, &dev, "Ready", ConditionStatus::True, "Ready").await;
+    assert_eq!(env.metadata.finalizers, ["kiln.dev/environment"]);
+    // An environment on a missing data plane says so.
+    s.create(resource(
+        Kind::Environment,
+        Some("acme"),
+        None,
+        "qa",
+        json!({"dataPlaneRef": "elsewhere"}),
+    ))
+    .await
+    .unwrap();
+    let qa = key(Kind::Environment, Some("acme"), "qa");
+    condition(s, &qa, "Ready", ConditionStatus::False, "DataPlaneNotFound").await;
+    s.create(resource(
+        Kind::DataPlane,
+        Some("acme"),
+        None,
+        "elsewhere",
+        json!({"type": "process"}),
+    ))
+    .await
+    .unwrap();
+    condition(s, &qa, "Ready", ConditionStatus::True, "Ready").await;
+
+    let deleted = s.delete(&dev, None).await.unwrap();
+    assert!(
+        matches!(deleted, store::Deleted::Pending(_)),
+        "held by its finalizer"
+    );
+    eventually("the environment to be gone", || async {
+        s.get(&dev).await.is_err().then_some(())
+    })
+    .await;
+    for (project, key) in [
+        ("shop", in_project(Kind::ReleaseBinding, "web-dev")),
+        ("blog", blog_dev),
+    ] {
+        assert!(s.get(&key).await.is_err(), "{key} is gone");
+        assert!(h
+            .noop
+            .status(&workload(project, "dev", "web"))
+            .await
+            .unwrap()
+            .is_none());
+    }
+    // Staging, the releases and the components are untouched.
+    s.get(&in_project(Kind::ReleaseBinding, "web-staging"))
+        .await
+        .unwrap();
+    assert!(h
+        .noop
+        .status(&workload("shop", "staging", "web"))
+        .await
+        .unwrap()
+        .is_some());
+    assert_eq!(in_shop(s, Kind::Release).await.len(), 1);
+    s.get(&in_project(Kind::Component, "web")).await.unwrap();
+    let _ = h.stop_tx.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_project_removes_its_components_and_all_they_deployed_in_order() {
+    use dataplane::DataPlane;
+    let h = start().await;
+    delivery_fixture(&h).await;
+    let s = &h.store;
+    running_component(&h, "web").await;
+    running_component(&h, "api").await;
+    bind(&h, "web", "staging").await;
+    let pk = key(Kind::Project, Some("acme"), "shop");
+    let project = condition(s, &pk, "Ready", ConditionStatus::True, "Ready").await;
+    assert_eq!(project.metadata.finalizers, ["kiln.dev/project"]);
+
+    let from = s.revision().await.unwrap();
+    let deleted = s.delete(&pk, None).await.unwrap();
+    assert!(
+        matches!(deleted, store::Deleted::Pending(_)),
+        "held by its finalizer"
+    );
+    let order = deletions_until(s, from, &pk).await;
+    assert_eq!(order.last().unwrap().0, Kind::Project);
+    for component in ["web", "api"] {
+        let at = |kind: Kind| -> Vec<usize> {
+            order
+                .iter()
+                .enumerate()
+                .filter(|(_, (k, n))| {
+                    *k == kind && (n == component || n.starts_with(&format!("{component}-")))
+                })
+                .map(|(i, _)| i)
+                .collect()
+        };
+        let (bindings, releases, comp) = (
+            at(Kind::ReleaseBinding),
+            at(Kind::Release),
+            at(Kind::Component),
+        );
+        assert!(!bindings.is_empty() && !releases.is_empty(), "{order:?}");
+        assert_eq!(comp.len(), 1, "{order:?}");
+        assert!(bindings.iter().max() < releases.iter().min(), "{order:?}");
+        assert!(releases.iter().max() < comp.iter().min(), "{order:?}");
+    }
+    assert!(
+        h.noop
+            .list()
+            .await
+            .unwrap()
+            .iter()
+            .all(|id| id.project != "shop"),
+        "nothing of the project runs"
+    );
+    for kind in [Kind::Component, Kind::Release, Kind::ReleaseBinding] {
+        assert!(in_shop(s, kind).await.is_empty(), "{kind:?} left");
+    }
+    // What the project did not own stays.
+    s.get(&key(Kind::Environment, Some("acme"), "dev"))
+        .await
+        .unwrap();
+    s.get(&key(Kind::DeploymentPipeline, Some("acme"), "default"))
+        .await
+        .unwrap();
     let _ = h.stop_tx.send(true);
 }
