@@ -113,6 +113,9 @@ pub struct ServerArgs {
     /// Largest request body accepted, in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
+    /// Public endpoints are served at <endpoint>--<component>--<project>--<env>.<BASE_DOMAIN>.
+    #[arg(long, default_value = "localhost", env = "KILN_BASE_DOMAIN")]
+    pub base_domain: String,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     pub log_json: bool,

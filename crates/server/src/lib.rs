@@ -381,6 +381,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let drivers = data_plane_drivers(&config).await?;
     let state = state.with_drivers(drivers.clone());
     let handle = ctrl::start(store.clone(), drivers, shutdown_rx.clone());
+    let gateway_table = gateway::spawn_gateway_table(state.clone(), shutdown_rx.clone());
     let access_watch = tokio::spawn(rbac::watch_access_changes(
         state.clone(),
         shutdown_rx.clone(),
@@ -453,6 +454,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let _ = flusher.await;
     let _ = access_watch.await;
+    let _ = gateway_table.await;
     state.flush_token_uses().await;
     Ok(())
 }

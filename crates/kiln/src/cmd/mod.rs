@@ -389,6 +389,7 @@ async fn serve(args: &ServerArgs) -> anyhow::Result<()> {
         data_dir: args.data_dir.clone(),
         database_url: args.database_url.clone(),
         max_body_bytes: args.max_body_bytes,
+        base_domain: args.base_domain.clone(),
         ..Default::default()
     };
     server::run(config).await

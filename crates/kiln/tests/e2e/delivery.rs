@@ -78,6 +78,21 @@ fn apply_run_promote_and_roll_back_real_processes() {
         ]
     );
 
+    // The public endpoint is served by the gateway, in path and subdomain form, across both replicas.
+    let mut seen = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.len() < 2 {
+        let (code, body) = http_get(&format!("{}/x/default/shop/dev/api/http/", s.url)).unwrap();
+        if code == 200 {
+            assert!(body.contains(&format!("hello from api (release {first}")), "{body}");
+            seen.insert(body);
+        }
+        assert!(Instant::now() < deadline, "the gateway never reached both replicas: {seen:?}");
+    }
+    let host = format!("http--api--shop--dev.localhost:{}", s.port);
+    let (code, body) = http_request("GET", &format!("{}/env/SERVICE_NAME", s.url), &[("Host", &host)], None).unwrap();
+    assert_eq!((code, body.as_str()), (200, "api\n"));
+
     // Promotion is refused off the pipeline, and follows it otherwise.
     let refused = s.kiln(&["promote", "api", "--from", "dev", "--to", "prod"]);
     assert!(!refused.status.success());
