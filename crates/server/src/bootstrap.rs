@@ -156,28 +156,21 @@ pub async fn after_create(
     }
 }
 
-/// Refuses to delete an organization or project that still holds objects, and removes an organization's
-/// built-in roles and bindings with it.
+/// Refuses to delete an organization that still holds objects, and removes an organization's built-in roles and
+/// bindings with it. A project may be deleted while it holds components: its finalizer (the Project controller)
+/// deletes them, and theirs remove what they deployed, before the project goes.
 pub async fn before_delete(state: &AppState, obj: &Resource) -> ApiResult<()> {
-    let (org, project) = match obj.kind() {
-        Some(Kind::Organization) => (obj.metadata.name.clone(), None),
-        Some(Kind::Project) => (
-            obj.metadata.organization.clone().unwrap_or_default(),
-            Some(obj.metadata.name.clone()),
-        ),
-        _ => return Ok(()),
-    };
+    if obj.kind() != Some(Kind::Organization) {
+        return Ok(());
+    }
+    let org = obj.metadata.name.clone();
     let mut remaining = Vec::new();
     for &kind in Kind::ALL.iter().filter(|k| **k != Kind::Organization) {
-        if project.is_some() && kind.scope() != model::Scope::Project {
-            continue;
-        }
         let page = state
             .store
             .list(&ListQuery {
                 kind: Some(kind),
                 organization: Some(org.clone()),
-                project: project.clone(),
                 ..Default::default()
             })
             .await?;
@@ -194,31 +187,25 @@ pub async fn before_delete(state: &AppState, obj: &Resource) -> ApiResult<()> {
         }
     }
     if !remaining.is_empty() {
-        let what = match &project {
-            Some(p) => format!("project {org}/{p}"),
-            None => format!("organization {org}"),
-        };
         return Err(ApiError::conflict(format!(
-            "{what} still contains {}; delete them first",
+            "organization {org} still contains {}; delete them first",
             remaining.join(", ")
         )));
     }
-    if project.is_none() {
-        for kind in [Kind::RoleBinding, Kind::Role] {
-            let page = state
-                .store
-                .list(&ListQuery {
-                    kind: Some(kind),
-                    organization: Some(org.clone()),
-                    ..Default::default()
-                })
-                .await?;
-            for r in page.items {
-                if let Some(key) = Key::of(&r) {
-                    match state.store.delete(&key, None).await {
-                        Ok(_) | Err(StoreError::NotFound(_)) => {}
-                        Err(e) => return Err(e.into()),
-                    }
+    for kind in [Kind::RoleBinding, Kind::Role] {
+        let page = state
+            .store
+            .list(&ListQuery {
+                kind: Some(kind),
+                organization: Some(org.clone()),
+                ..Default::default()
+            })
+            .await?;
+        for r in page.items {
+            if let Some(key) = Key::of(&r) {
+                match state.store.delete(&key, None).await {
+                    Ok(_) | Err(StoreError::NotFound(_)) => {}
+                    Err(e) => return Err(e.into()),
                 }
             }
         }
