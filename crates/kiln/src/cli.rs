@@ -77,6 +77,8 @@ pub enum Command {
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: OutputFormat,
     },
+    /// Logs of a component's replicas in one environment, `[r<replica>] <line>` each.
+    Logs(LogsArgs),
     /// Organizations.
     #[command(subcommand)]
     Org(OrgCommand),
@@ -259,4 +261,29 @@ pub struct AuditArgs {
     pub limit: usize,
     #[arg(short = 'o', long, value_enum, default_value = "table")]
     pub output: OutputFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    pub component: String,
+    /// The environment.
+    #[arg(long = "env")]
+    pub environment: String,
+    /// Keep streaming new lines until interrupted.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+    /// Only this replica (its index).
+    #[arg(long)]
+    pub replica: Option<u32>,
+    /// Only lines since a time (RFC 3339) or for a duration back from now (10m, 2h).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// At most this many past lines per replica.
+    #[arg(long)]
+    pub tail: Option<usize>,
+    /// Prefix each line with the time it was written.
+    #[arg(long)]
+    pub timestamps: bool,
+    #[arg(long, short = 'p')]
+    pub project: Option<String>,
 }

@@ -58,13 +58,17 @@ fn parse_since(s: &str, now: jiff::Timestamp) -> Result<jiff::Timestamp, String>
     if let Ok(t) = s.parse::<jiff::Timestamp>() {
         return Ok(t);
     }
-    if s.trim().ends_with(|c: char| c.is_ascii_alphabetic()) {
-        let d = crate::parse_duration(s)?;
-        return now.checked_sub(d).map_err(|e| format!("since={s}: {e}"));
+    let neither = || {
+        format!(
+            "since={s:?} is neither an RFC 3339 time (2024-05-01T12:00:00Z) nor a duration such as 10m or 2h"
+        )
+    };
+    // A bare number would be read as days; ask for a unit instead.
+    if !s.trim().ends_with(|c: char| c.is_ascii_alphabetic()) {
+        return Err(neither());
     }
-    Err(format!(
-        "since={s:?} is neither an RFC 3339 time (2024-05-01T12:00:00Z) nor a duration such as 10m"
-    ))
+    let d = crate::parse_duration(s).map_err(|_| neither())?;
+    now.checked_sub(d).map_err(|e| format!("since={s:?}: {e}"))
 }
 
 fn parse_bool(q: &HashMap<String, String>, name: &str) -> ApiResult<bool> {

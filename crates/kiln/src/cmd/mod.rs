@@ -1,5 +1,6 @@
 //! Command implementations.
 
+mod logs;
 mod manifests;
 mod resources;
 
@@ -141,6 +142,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             project,
             output,
         } => resources::releases(&ctx(&cli)?, component, project.as_deref(), *output).await,
+        Command::Logs(args) => logs::logs(&ctx(&cli)?, args).await,
         Command::Org(OrgCommand::Create { name, display_name }) => {
             let c = ctx(&cli)?;
             let mut spec = json!({});

@@ -144,7 +144,7 @@ pub async fn apply(ctx: &Ctx, args: &ApplyArgs) -> anyhow::Result<()> {
 
 /// The project of the object `name` of `kind`: the one given, or for a project-scoped kind without one, the
 /// project of the only object of that name (found by listing across projects).
-async fn locate_project(
+pub(crate) async fn locate_project(
     ctx: &Ctx,
     kind: Kind,
     name: &str,

@@ -7,4 +7,5 @@ mod cli;
 mod console;
 mod delivery;
 mod durability;
+mod logs;
 mod smoke;

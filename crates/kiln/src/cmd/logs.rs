@@ -1,0 +1,55 @@
+//! `kiln logs`: a component's logs in one environment, from all its replicas (or one), printed as
+//! `[r<replica>] <line>`, optionally following new lines.
+
+use std::io::Write;
+
+use anyhow::bail;
+use client::{LogQuery, Scoped};
+use futures_util::StreamExt;
+use model::Kind;
+
+use super::resources::locate_project;
+use super::Ctx;
+use crate::cli::LogsArgs;
+
+pub async fn logs(ctx: &Ctx, args: &LogsArgs) -> anyhow::Result<()> {
+    let project = locate_project(
+        ctx,
+        Kind::Component,
+        &args.component,
+        args.project.as_deref(),
+    )
+    .await?;
+    let scope = Scoped {
+        org: &ctx.org,
+        project: project.as_deref(),
+    };
+    let query = LogQuery {
+        environment: args.environment.clone(),
+        follow: args.follow,
+        replica: args.replica,
+        since: args.since.clone(),
+        tail: args.tail,
+    };
+    let mut lines = Box::pin(ctx.client.logs(&scope, &args.component, &query).await?);
+    let stdout = std::io::stdout();
+    while let Some(line) = lines.next().await {
+        let l = match line {
+            Ok(l) => l,
+            Err(e) => bail!("the log stream ended: {e}"),
+        };
+        let text = if args.timestamps {
+            format!("{} [r{}] {}\n", l.time, l.replica, l.line)
+        } else {
+            format!("[r{}] {}\n", l.replica, l.line)
+        };
+        let mut out = stdout.lock();
+        match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+            Ok(()) => {}
+            // The reader went away (`kiln logs … | head`): nothing more to do.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
