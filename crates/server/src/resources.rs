@@ -733,6 +733,8 @@ async fn apply(
         }
         Some(old) => {
             refuse_release_change(&old, &obj).map_err(|e| ApiError::invalid("", e))?;
+            let mut obj = obj;
+            obj.metadata.finalizers = keep_controller_finalizers(&old, obj.metadata.finalizers);
             let before = old.metadata.resource_version.clone();
             let obj = state.store.update(obj).await?;
             let result = if obj.metadata.resource_version == before {
@@ -743,6 +745,25 @@ async fn apply(
             Ok(created(obj, StatusCode::OK, result))
         }
     }
+}
+
+/// The finalizers of a replaced object: the `kiln.dev/` ones Kiln's controllers hold stay whatever the manifest
+/// says (so applying a manifest neither reports a change nor lets a deletion skip its clean-up); others follow
+/// the manifest. The current order is kept.
+fn keep_controller_finalizers(old: &Resource, wanted: Vec<String>) -> Vec<String> {
+    let mut out: Vec<String> = old
+        .metadata
+        .finalizers
+        .iter()
+        .filter(|f| f.starts_with("kiln.dev/") || wanted.contains(f))
+        .cloned()
+        .collect();
+    for f in wanted {
+        if !out.contains(&f) {
+            out.push(f);
+        }
+    }
+    out
 }
 
 async fn patch(
@@ -970,4 +991,32 @@ pub fn decode_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> ApiResult<T>
             ApiError::invalid("", model::Invalid::one(path, inner.to_string()))
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replace_keeps_the_controllers_finalizers_and_follows_the_manifest_for_others() {
+        let mut old: Resource = serde_json::from_value(serde_json::json!({
+            "apiVersion": "kiln.dev/v1", "kind": "Project",
+            "metadata": {"name": "shop", "organization": "acme"}, "spec": {}
+        }))
+        .unwrap();
+        old.metadata.finalizers = vec!["example.com/a".into(), "kiln.dev/project".into()];
+        let keep = |wanted: &[&str]| {
+            keep_controller_finalizers(&old, wanted.iter().map(|f| f.to_string()).collect())
+        };
+        assert_eq!(keep(&[]), ["kiln.dev/project"]);
+        assert_eq!(
+            keep(&["kiln.dev/project", "example.com/a"]),
+            ["example.com/a", "kiln.dev/project"],
+            "an unchanged set keeps its order"
+        );
+        assert_eq!(
+            keep(&["example.com/b"]),
+            ["kiln.dev/project", "example.com/b"]
+        );
+    }
 }

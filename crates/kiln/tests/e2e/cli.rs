@@ -309,13 +309,42 @@ fn describe_shows_spec_and_conditions_and_delete_removes() {
     let missing = fails(s.kiln(&["describe", "component", "no-such-thing"]));
     assert!(missing.contains("not found"), "{missing}");
 
-    // A project that still holds components is not deleted.
-    let err = fails(s.kiln(&["delete", "project", "e-commerce-platform"]));
-    assert!(err.contains("delete them first"), "{err}");
-    ok(s.kiln(&["get", "project", "e-commerce-platform"]));
+    // Deleting a project that still holds components is accepted: once the Project controller holds it with
+    // its finalizer, the delete is pending while the components (and what they deployed) go first, then the
+    // project goes.
+    wait_for(&s, "the project's finalizer", |s| {
+        let out = s.kiln(&["get", "project", "e-commerce-platform", "-o", "json"]);
+        let p: Value = serde_json::from_str(&stdout(&out)).unwrap_or(Value::Null);
+        p["metadata"]["finalizers"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|f| f == "kiln.dev/project"))
+    });
+    assert!(!ok(s.kiln(&["get", "components", "-o", "name"])).is_empty());
+    let out = ok(s.kiln(&["delete", "project", "e-commerce-platform"]));
+    assert!(
+        out.contains("project/e-commerce-platform deletion requested"),
+        "{out}"
+    );
+    wait_for(&s, "the project and its components to go", |s| {
+        !s.kiln(&["get", "project", "e-commerce-platform"])
+            .status
+            .success()
+            && ok(s.kiln(&["get", "components", "-o", "name"])).is_empty()
+    });
 
+    // A component goes the same way: accepted, then gone.
+    ok(s.kiln(&["apply", "-f", seeds.to_str().unwrap()]));
     let out = ok(s.kiln(&["delete", "component", "user-service"]));
-    assert!(out.contains("component/user-service deleted"), "{out}");
+    assert!(
+        out.contains("component/user-service deleted")
+            || out.contains("component/user-service deletion requested"),
+        "{out}"
+    );
+    wait_for(&s, "the component to go", |s| {
+        !s.kiln(&["get", "component", "user-service"])
+            .status
+            .success()
+    });
     let gone = fails(s.kiln(&["get", "component", "user-service"]));
     assert!(gone.contains("not found"), "{gone}");
     assert!(ok(s.kiln(&["get", "components", "-o", "name"])).is_empty());
@@ -336,8 +365,26 @@ fn describe_shows_spec_and_conditions_and_delete_removes() {
     let out = ok(s.kiln_as(&s.admin_token(), &["apply", "-f", "-"], Some(&text)));
     assert_eq!(out.trim(), "project/from-stdin created");
     let out = ok(s.kiln_as(&s.admin_token(), &["delete", "-f", "-"], Some(&text)));
-    assert_eq!(out.trim(), "project/from-stdin deleted");
-    fails(s.kiln_as(&s.admin_token(), &["get", "project", "from-stdin"], None));
+    assert!(
+        out.trim() == "project/from-stdin deleted"
+            || out.trim() == "project/from-stdin deletion requested (waiting for finalizers)",
+        "{out}"
+    );
+    wait_for(&s, "project from-stdin to go", |s| {
+        !s.kiln_as(&s.admin_token(), &["get", "project", "from-stdin"], None)
+            .status
+            .success()
+    });
+}
+
+/// Polls `done` until it holds, failing after 30 seconds.
+#[track_caller]
+fn wait_for(s: &Server, what: &str, done: impl Fn(&Server) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done(s) {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]
