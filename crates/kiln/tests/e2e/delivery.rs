@@ -84,13 +84,25 @@ fn apply_run_promote_and_roll_back_real_processes() {
     while seen.len() < 2 {
         let (code, body) = http_get(&format!("{}/x/default/shop/dev/api/http/", s.url)).unwrap();
         if code == 200 {
-            assert!(body.contains(&format!("hello from api (release {first}")), "{body}");
+            assert!(
+                body.contains(&format!("hello from api (release {first}")),
+                "{body}"
+            );
             seen.insert(body);
         }
-        assert!(Instant::now() < deadline, "the gateway never reached both replicas: {seen:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the gateway never reached both replicas: {seen:?}"
+        );
     }
     let host = format!("http--api--shop--dev.localhost:{}", s.port);
-    let (code, body) = http_request("GET", &format!("{}/env/SERVICE_NAME", s.url), &[("Host", &host)], None).unwrap();
+    let (code, body) = http_request(
+        "GET",
+        &format!("{}/env/SERVICE_NAME", s.url),
+        &[("Host", &host)],
+        None,
+    )
+    .unwrap();
     assert_eq!((code, body.as_str()), (200, "api\n"));
 
     // Promotion is refused off the pipeline, and follows it otherwise.
