@@ -55,6 +55,30 @@ fn logs_until(s: &Server, args: &[&str], want: &[&str]) -> String {
     }
 }
 
+/// Deletes the binding if the test fails part-way, so its replicas do not outlive the server.
+struct DeleteOnPanic<'a>(&'a Server);
+
+impl Drop for DeleteOnPanic<'_> {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let _ = self
+            .0
+            .kiln(&["delete", "releasebinding", "api-dev", "-p", "shop"]);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline
+            && self
+                .0
+                .kiln(&["get", "releasebinding", "api-dev", "-p", "shop"])
+                .status
+                .success()
+        {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 #[test]
 fn logs_from_real_replicas_filtered_tailed_and_followed() {
     let s = Server::start();
@@ -74,6 +98,7 @@ fn logs_from_real_replicas_filtered_tailed_and_followed() {
     let file = dir.path().join("app.yaml");
     std::fs::write(&file, app).unwrap();
     ok(s.kiln(&["apply", "-f", file.to_str().unwrap()]));
+    let _cleanup = DeleteOnPanic(&s);
     let addrs = ready_addresses(&s, "api-dev");
 
     // Which address is which replica: the service says so.
