@@ -18,6 +18,7 @@ pub mod gateway;
 mod identity_api;
 mod logs;
 mod metrics;
+mod quota;
 pub mod rbac;
 pub mod resources;
 pub mod routes;

@@ -688,6 +688,7 @@ async fn create(
     refuse_builtin(&t, None, Some(&obj))?;
     check_references(&state, &obj).await?;
     refuse_escalation(&state, acc.as_ref(), &obj).await?;
+    crate::quota::check(&state, None, &obj).await?;
     let obj = state.store.create(obj).await?;
     crate::bootstrap::after_create(&state, &principal, &obj).await?;
     Ok(created(obj, StatusCode::CREATED, "created"))
@@ -725,6 +726,7 @@ async fn apply(
     refuse_builtin(&t, existing.as_ref(), Some(&obj))?;
     check_references(&state, &obj).await?;
     refuse_escalation(&state, acc.as_ref(), &obj).await?;
+    crate::quota::check(&state, existing.as_ref(), &obj).await?;
     match existing {
         None => {
             let obj = state.store.create(obj).await?;
@@ -818,6 +820,7 @@ async fn patch(
         refuse_builtin(&t, None, Some(&next))?;
         check_references(&state, &next).await?;
         refuse_escalation(&state, acc.as_ref(), &next).await?;
+        crate::quota::check(&state, Some(&current), &next).await?;
         match state.store.update(next).await {
             Err(StoreError::Conflict { .. }) if attempt < PATCH_ATTEMPTS => continue,
             Err(e) => return Err(e.into()),

@@ -1978,3 +1978,163 @@ async fn promotion_follows_the_pipeline_waits_for_approval_and_rolls_back() {
         "{actions:?}"
     );
 }
+
+/// A Component manifest for the quota test: `replicas` replicas with `resources` (JSON null for none).
+fn quota_component(name: &str, replicas: u32, resources: Value) -> Value {
+    let mut spec =
+        json!({"type": "worker", "workload": {"image": "busybox:1"}, "replicas": replicas});
+    if !resources.is_null() {
+        spec["resources"] = resources;
+    }
+    json!({"apiVersion": "kiln.dev/v1", "kind": "Component", "metadata": {"name": name}, "spec": spec})
+}
+
+#[tokio::test]
+async fn organization_quotas_are_enforced_when_components_are_written() {
+    let e = env().await;
+    let t = Some(e.admin.as_str());
+    let mut org = manifest(Kind::Organization, "acme");
+    org["spec"]["resourceQuotas"] = json!({"replicas": 10, "cpu": "2", "memory": "1Gi"});
+    let (s, b) = call(&e.app, Method::POST, "/api/v1/orgs", t, Some(org.clone())).await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    for (kind, name) in [(Kind::Project, "shop"), (Kind::Project, "blog")] {
+        let (s, b) = call(
+            &e.app,
+            Method::PUT,
+            &format!("/api/v1/orgs/acme/projects/{name}"),
+            t,
+            Some(manifest(kind, name)),
+        )
+        .await;
+        assert!(s.is_success(), "{b}");
+    }
+    let comp = |project: &str, name: &str| {
+        format!("/api/v1/orgs/acme/projects/{project}/components/{name}")
+    };
+    let (s, b) = call(
+        &e.app,
+        Method::PUT,
+        &comp("shop", "a"),
+        t,
+        Some(quota_component("a", 8, Value::Null)),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+
+    // Replicas: summed over every project of the organization; refused with 422 and nothing stored.
+    let (s, b) = call(
+        &e.app,
+        Method::POST,
+        "/api/v1/orgs/acme/projects/blog/components",
+        t,
+        Some(quota_component("b", 4, Value::Null)),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{b}");
+    assert_eq!(b["type"], "https://kiln.dev/problems/quota-exceeded", "{b}");
+    assert!(
+        b["detail"].as_str().unwrap().contains(
+            "spec.replicas: organization acme's quota allows 10 replicas (spec.resourceQuotas.replicas); 8 are used by other components and this asks for 4"
+        ),
+        "{b}"
+    );
+    let (s, _) = call(&e.app, Method::GET, &comp("blog", "b"), t, None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "a refused write stores nothing");
+    let (s, b) = call(
+        &e.app,
+        Method::PUT,
+        &comp("blog", "b"),
+        t,
+        Some(quota_component("b", 2, Value::Null)),
+    )
+    .await;
+    assert_eq!(
+        s,
+        StatusCode::CREATED,
+        "exactly at the quota is allowed: {b}"
+    );
+
+    // CPU: replicas × limit (8 × 250m = 2, the quota), and requests where no limit is set.
+    let (s, b) = call(
+        &e.app,
+        Method::PUT,
+        &comp("shop", "a"),
+        t,
+        Some(quota_component(
+            "a",
+            8,
+            json!({"limits": {"cpu": "250m"}, "requests": {"cpu": "100m"}}),
+        )),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let (s, b) = patch_json(
+        &e,
+        &comp("blog", "b"),
+        &e.admin,
+        json!({"spec": {"resources": {"requests": {"cpu": "100m"}}}}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{b}");
+    assert!(
+        b["detail"].as_str().unwrap().contains(
+            "spec.resources.limits.cpu: organization acme's quota allows 2 cpu (spec.resourceQuotas.cpu); 2 are used by other components and this asks for 200m"
+        ),
+        "{b}"
+    );
+    // Memory, through PUT.
+    let (s, b) = call(
+        &e.app,
+        Method::PUT,
+        &comp("blog", "b"),
+        t,
+        Some(quota_component(
+            "b",
+            2,
+            json!({"limits": {"memory": "768Mi"}}),
+        )),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{b}");
+    assert!(
+        b["detail"].as_str().unwrap().contains("quota allows 1Gi memory (spec.resourceQuotas.memory); 0 are used by other components and this asks for 1.50Gi"),
+        "{b}"
+    );
+
+    // Lowering a quota refuses nothing already stored: unchanged or shrinking writes pass, growth does not.
+    org["spec"]["resourceQuotas"]["replicas"] = json!(5);
+    let (s, b) = call(&e.app, Method::PUT, "/api/v1/orgs/acme", t, Some(org)).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let (s, b) = patch_json(
+        &e,
+        &comp("shop", "a"),
+        &e.admin,
+        json!({"metadata": {"labels": {"tier": "x"}}}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let (s, b) = patch_json(
+        &e,
+        &comp("shop", "a"),
+        &e.admin,
+        json!({"spec": {"replicas": 6}}),
+    )
+    .await;
+    assert_eq!(
+        s,
+        StatusCode::OK,
+        "shrinking is allowed while over the quota: {b}"
+    );
+    let (s, b) = patch_json(
+        &e,
+        &comp("shop", "a"),
+        &e.admin,
+        json!({"spec": {"replicas": 7}}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{b}");
+    assert!(
+        b["detail"].as_str().unwrap().contains("allows 5 replicas"),
+        "{b}"
+    );
+}

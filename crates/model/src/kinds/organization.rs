@@ -23,7 +23,8 @@ pub struct OrganizationSpec {
     /// Network policy defaults applied to every environment of the organization.
     #[serde(default)]
     pub network_policies: NetworkPolicies,
-    /// Upper bounds on what the organization's workloads may request, summed over all of them.
+    /// Upper bounds on what the organization's workloads may request, summed over all of them; enforced when a
+    /// Component is written (replicas × limits, or requests where a component sets no limits).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource_quotas: Option<ResourceQuotas>,
 }
@@ -76,6 +77,9 @@ pub struct ResourceQuotas {
     /// Persistent storage bytes, e.g. `1Ti`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage: Option<Quantity>,
+    /// Replicas, summed over the organization's components.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u32>,
 }
 
 impl KindSpec for OrganizationSpec {
