@@ -3,8 +3,19 @@
 //! health back into the binding's conditions: `Ready` (all replicas ready), `Progressing` (still converging) and
 //! `Degraded` (a replica crashed, saying why: exit code and last lines). A finalizer removes the workload before
 //! the binding goes; an `undeployed` binding runs nothing.
+//!
+//! Dependencies on other components' endpoints (`{component, endpoint, project}`) become variables
+//! `<NAME>_URL`, `<NAME>_HOST` and `<NAME>_PORT` in the workload's environment, pointing at an address the
+//! [`Mesh`] owns for this (consumer, dependency) pair; the mesh forwards connections to the ready replicas of the
+//! dependency in the same environment. The address is assigned before the workload is first applied and kept in
+//! `status.dependencies` (so it survives a restart of the server); what it forwards to can change without the
+//! consumer restarting. A dependency that does not exist, or whose endpoint's visibility does not admit the
+//! consumer, is reported by the condition `DependenciesReady=False` (reasons `DependencyNotFound`,
+//! `DependencyNotVisible`): the consumer still runs and still gets its variables, but the address forwards nothing
+//! until a later reconcile finds the dependency allowed. Service dependencies by `type` are left alone.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,11 +24,11 @@ use dataplane::{
     WorkloadStatus,
 };
 use model::kinds::{
-    BindingState, DataPlaneSpec, DataPlaneType, EnvironmentSpec, Probe, ReleaseBindingSpec,
-    ReleaseSpec,
+    BindingState, ComponentSpec, DataPlaneSpec, DataPlaneType, Dependency, EndpointProtocol,
+    EnvironmentSpec, Probe, ReleaseBindingSpec, ReleaseSpec, Visibility,
 };
 use model::{ConditionStatus, Kind, Resource};
-use runtime::conditions::{new_condition, set_condition};
+use runtime::conditions::{condition_status, new_condition, set_condition};
 use runtime::{Action, Context, Controller, Reconciler, StoreSource};
 use serde_json::{json, Value};
 use store::{Key, Store, StoreError};
@@ -71,20 +82,117 @@ impl Drivers {
     }
 }
 
+/// What a consumer's dependency address forwards to: one endpoint of one component, in the consumer's
+/// environment.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct MeshTarget {
+    pub organization: String,
+    pub project: String,
+    pub environment: String,
+    pub component: String,
+    pub endpoint: String,
+}
+
+/// One declared dependency of a consumer, as the mesh serves it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MeshRoute {
+    /// The consuming workload.
+    pub consumer: WorkloadId,
+    /// The dependency's name (unique within the consumer).
+    pub dependency: String,
+    pub target: MeshTarget,
+    /// Whether connections are forwarded (the dependency exists and its visibility admits the consumer);
+    /// otherwise they are accepted and closed.
+    pub allowed: bool,
+}
+
+/// Owns the addresses consumers reach their dependencies at (implemented by the server, which can open
+/// listeners). Calls are cheap and idempotent: the binding controller makes them on every reconcile.
+pub trait Mesh: Send + Sync {
+    /// Ensures an address serves `route` and returns it. A route already served keeps its address (its target and
+    /// `allowed` are updated); a new one binds `preferred` (the address assigned before a restart) when it can.
+    fn listen(
+        &self,
+        route: &MeshRoute,
+        preferred: Option<SocketAddr>,
+    ) -> Result<SocketAddr, String>;
+    /// Stops serving the consumer's dependencies not named in `keep`.
+    fn retain(&self, consumer: &WorkloadId, keep: &[String]);
+}
+
 /// Reconciles ReleaseBindings.
 pub struct BindingController {
     store: Store,
     drivers: Drivers,
+    mesh: Option<Arc<dyn Mesh>>,
 }
 
-pub(crate) fn controller(store: Store, drivers: Drivers) -> Controller<BindingController> {
+pub(crate) fn controller(
+    store: Store,
+    drivers: Drivers,
+    mesh: Option<Arc<dyn Mesh>>,
+) -> Controller<BindingController> {
     let bindings = StoreSource::new(store.clone(), Kind::ReleaseBinding);
     Controller::new(
         "releasebindings",
         bindings,
-        BindingController { store, drivers },
+        BindingController {
+            store,
+            drivers,
+            mesh,
+        },
     )
     .concurrency(8)
+}
+
+/// The variable-name prefix of a dependency: upper-cased, `-` and `.` as `_`.
+pub fn env_prefix(name: &str) -> String {
+    name.chars()
+        .map(|c| match c {
+            '-' | '.' => '_',
+            c => c.to_ascii_uppercase(),
+        })
+        .collect()
+}
+
+/// The variables a consumer gets for a dependency served at `addr`: `<NAME>_URL` (`http://host:port/path` for
+/// HTTP, `https://`, `ws://` for WebSocket, `http://host:port` for gRPC, `tcp://host:port` otherwise),
+/// `<NAME>_HOST` and `<NAME>_PORT`.
+pub fn dependency_env(
+    name: &str,
+    addr: SocketAddr,
+    protocol: EndpointProtocol,
+    path: &str,
+) -> BTreeMap<String, String> {
+    let prefix = env_prefix(name);
+    let host = addr.ip().to_string();
+    let port = addr.port();
+    let path = if path.starts_with('/') {
+        path.to_owned()
+    } else {
+        format!("/{path}")
+    };
+    let url = match protocol {
+        EndpointProtocol::Http => format!("http://{host}:{port}{path}"),
+        EndpointProtocol::Https => format!("https://{host}:{port}{path}"),
+        EndpointProtocol::WebSocket => format!("ws://{host}:{port}{path}"),
+        EndpointProtocol::Grpc => format!("http://{host}:{port}"),
+        EndpointProtocol::Tcp | EndpointProtocol::Udp => format!("tcp://{host}:{port}"),
+    };
+    BTreeMap::from([
+        (format!("{prefix}_URL"), url),
+        (format!("{prefix}_HOST"), host),
+        (format!("{prefix}_PORT"), port.to_string()),
+    ])
+}
+
+/// Whether an endpoint with `visibility` in project `target_project` admits a consumer in `consumer_project`
+/// (both in the same organization and environment).
+pub fn visible(visibility: Visibility, target_project: &str, consumer_project: &str) -> bool {
+    match visibility {
+        Visibility::Project => target_project == consumer_project,
+        Visibility::Organization | Visibility::Public => true,
+    }
 }
 
 /// The workload's identity for a binding.
@@ -300,7 +408,200 @@ fn not_ready(status: &mut Value, reason: &str, message: String, generation: Opti
     );
 }
 
+/// The `DependenciesReady` condition type.
+pub const DEPENDENCIES_READY: &str = "DependenciesReady";
+
 impl BindingController {
+    fn forget_dependencies(&self, id: &WorkloadId) {
+        if let Some(mesh) = &self.mesh {
+            mesh.retain(id, &[]);
+        }
+    }
+
+    /// Resolves the release's dependencies on components' endpoints: assigns each its mesh address, records the
+    /// addresses in `status.dependencies` and the outcome in the `DependenciesReady` condition, and returns the
+    /// variables the workload gets.
+    async fn dependencies(
+        &self,
+        id: &WorkloadId,
+        release: &ReleaseSpec,
+        driver: &str,
+        status: &mut Value,
+        generation: Option<u64>,
+    ) -> Result<BTreeMap<String, String>, Error> {
+        let deps: Vec<&Dependency> = release
+            .snapshot
+            .dependencies
+            .iter()
+            .filter(|d| d.type_.is_none() && d.component.is_some() && d.endpoint.is_some())
+            .collect();
+        let mut env = BTreeMap::new();
+        let previous = status.get("dependencies").cloned().unwrap_or(Value::Null);
+        if let Value::Object(map) = status {
+            map.remove("dependencies");
+        }
+        let condition = |status: &mut Value, s, reason: &str, message: String| {
+            set_condition(
+                status,
+                new_condition(DEPENDENCIES_READY, s, reason, message, generation),
+            );
+        };
+        if deps.is_empty() {
+            self.forget_dependencies(id);
+            if condition_status(status, DEPENDENCIES_READY).is_some() {
+                condition(
+                    status,
+                    ConditionStatus::True,
+                    "NoDependencies",
+                    "the component declares no dependencies on components".into(),
+                );
+            }
+            return Ok(env);
+        }
+        let mesh = match &self.mesh {
+            Some(_) if driver == "docker" => {
+                self.forget_dependencies(id);
+                condition(
+                    status,
+                    ConditionStatus::False,
+                    "DependenciesUnsupported",
+                    "dependencies on components are not routed on the docker data plane yet: \
+                     no variables were injected"
+                        .into(),
+                );
+                return Ok(env);
+            }
+            Some(m) => m.clone(),
+            None => {
+                condition(
+                    status,
+                    ConditionStatus::False,
+                    "DependenciesUnsupported",
+                    "this server routes no dependencies: no variables were injected".into(),
+                );
+                return Ok(env);
+            }
+        };
+        let mut problems: Vec<(&'static str, String)> = Vec::new();
+        let mut recorded = serde_json::Map::new();
+        let mut names = Vec::new();
+        for dep in deps {
+            let (Some(component), Some(endpoint)) = (&dep.component, &dep.endpoint) else {
+                continue;
+            };
+            let name = dep.name.clone().unwrap_or_else(|| component.clone());
+            let project = dep.project.clone().unwrap_or_else(|| id.project.clone());
+            let target = MeshTarget {
+                organization: id.organization.clone(),
+                project: project.clone(),
+                environment: id.environment.clone(),
+                component: component.clone(),
+                endpoint: endpoint.clone(),
+            };
+            let key = Key {
+                kind: Kind::Component,
+                organization: Some(id.organization.clone()),
+                project: Some(project.clone()),
+                name: component.clone(),
+            };
+            let spec = self
+                .get(key)
+                .await?
+                .and_then(|c| model::typed_spec::<ComponentSpec>(&c).ok());
+            let ep = spec
+                .as_ref()
+                .and_then(|s| s.endpoints.iter().find(|e| &e.name == endpoint));
+            let (mut allowed, protocol, path) = match (&spec, ep) {
+                (None, _) => {
+                    problems.push((
+                        "DependencyNotFound",
+                        format!(
+                            "{name}: component {component} does not exist in project {project}"
+                        ),
+                    ));
+                    (false, EndpointProtocol::Http, "/".to_owned())
+                }
+                (Some(_), None) => {
+                    problems.push((
+                        "DependencyNotFound",
+                        format!(
+                            "{name}: component {component} of project {project} has no endpoint {endpoint}"
+                        ),
+                    ));
+                    (false, EndpointProtocol::Http, "/".to_owned())
+                }
+                (Some(_), Some(ep)) if !visible(ep.visibility, &project, &id.project) => {
+                    problems.push((
+                        "DependencyNotVisible",
+                        format!(
+                            "{name}: endpoint {endpoint} of component {component} in project {project} is visible \
+                             to its own project only"
+                        ),
+                    ));
+                    (false, ep.protocol, ep.path.clone())
+                }
+                (Some(_), Some(ep)) => (true, ep.protocol, ep.path.clone()),
+            };
+            if allowed && protocol == EndpointProtocol::Udp {
+                problems.push((
+                    "DependencyUnsupported",
+                    format!("{name}: UDP endpoints are not routed yet"),
+                ));
+                allowed = false;
+            }
+            let route = MeshRoute {
+                consumer: id.clone(),
+                dependency: name.clone(),
+                target,
+                allowed,
+            };
+            let preferred = previous
+                .get(&name)
+                .and_then(|d| d.get("address"))
+                .and_then(Value::as_str)
+                .and_then(|a| a.parse::<SocketAddr>().ok());
+            match mesh.listen(&route, preferred) {
+                Ok(addr) => {
+                    env.extend(dependency_env(&name, addr, protocol, &path));
+                    recorded.insert(
+                        name.clone(),
+                        json!({
+                            "address": addr.to_string(),
+                            "target": format!("{project}/{component}/{endpoint}"),
+                            "forwarding": allowed,
+                        }),
+                    );
+                }
+                Err(e) => problems.push((
+                    "DependencyAddressUnavailable",
+                    format!("{name}: no address could be assigned: {e}"),
+                )),
+            }
+            names.push(name);
+        }
+        mesh.retain(id, &names);
+        if let Value::Object(map) = status {
+            map.insert("dependencies".into(), Value::Object(recorded));
+        }
+        match problems.first() {
+            None => condition(
+                status,
+                ConditionStatus::True,
+                "Resolved",
+                format!("{} dependencies routed", names.len()),
+            ),
+            Some((reason, _)) => {
+                let message = problems
+                    .iter()
+                    .map(|(_, m)| m.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                condition(status, ConditionStatus::False, reason, message)
+            }
+        }
+        Ok(env)
+    }
+
     async fn get(&self, key: Key) -> Result<Option<Resource>, Error> {
         match self.store.get(&key).await {
             Ok(r) => Ok(Some(r)),
@@ -405,6 +706,7 @@ impl Reconciler for BindingController {
         };
         let id = workload_id(&obj, &spec);
         if obj.metadata.deletion_timestamp.is_some() {
+            self.forget_dependencies(&id);
             if let Err(e) = self.remove_everywhere(&id).await {
                 not_ready(&mut status, "RemoveFailed", e, generation);
                 write_status(&self.store, &ctx.key, &obj, status).await?;
@@ -418,6 +720,7 @@ impl Reconciler for BindingController {
             return Ok(Action::await_change());
         }
         if spec.state == BindingState::Undeployed {
+            self.forget_dependencies(&id);
             if let Err(e) = self.remove_everywhere(&id).await {
                 not_ready(&mut status, "RemoveFailed", e, generation);
                 return Ok(write_status(&self.store, &ctx.key, &obj, status)
@@ -472,7 +775,14 @@ impl Reconciler for BindingController {
                     .action());
             }
         };
-        let workload = render(id.clone(), &spec.release, &release);
+        let dependency_env = self
+            .dependencies(&id, &release, driver.name(), &mut status, generation)
+            .await?;
+        let mut workload = render(id.clone(), &spec.release, &release);
+        // A variable the component sets itself wins over the injected one.
+        for (k, v) in dependency_env {
+            workload.env.entry(k).or_insert(v);
+        }
         let before = status
             .get("release")
             .and_then(Value::as_str)
@@ -530,6 +840,23 @@ impl Reconciler for BindingController {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dependency_variables() {
+        let addr: SocketAddr = "127.0.0.1:4100".parse().unwrap();
+        let env = dependency_env("user-api", addr, EndpointProtocol::Http, "/v1");
+        assert_eq!(env["USER_API_URL"], "http://127.0.0.1:4100/v1");
+        assert_eq!(env["USER_API_HOST"], "127.0.0.1");
+        assert_eq!(env["USER_API_PORT"], "4100");
+        let env = dependency_env("db", addr, EndpointProtocol::Tcp, "/");
+        assert_eq!(env["DB_URL"], "tcp://127.0.0.1:4100");
+        let env = dependency_env("ws", addr, EndpointProtocol::WebSocket, "/");
+        assert_eq!(env["WS_URL"], "ws://127.0.0.1:4100/");
+        assert!(visible(Visibility::Project, "shop", "shop"));
+        assert!(!visible(Visibility::Project, "shop", "other"));
+        assert!(visible(Visibility::Organization, "shop", "other"));
+        assert!(visible(Visibility::Public, "shop", "other"));
+    }
 
     #[test]
     fn render_maps_endpoints_probes_and_limits() {

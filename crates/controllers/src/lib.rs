@@ -22,7 +22,7 @@ use store::{Key, Store, StoreError};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-pub use binding::{BindingController, Drivers};
+pub use binding::{BindingController, Drivers, Mesh, MeshRoute, MeshTarget};
 pub use environment::EnvironmentController;
 pub use organization::OrganizationController;
 pub use project::ProjectController;
@@ -65,12 +65,23 @@ impl Controllers {
 /// Starts every controller on the current tokio runtime. They run until `shutdown` becomes `true` (or its sender
 /// is dropped); then [`Controllers::wait`] returns once their reconciles in flight ended.
 pub fn spawn_all(store: Store, drivers: Drivers, shutdown: watch::Receiver<bool>) -> Controllers {
+    spawn_all_with_mesh(store, drivers, None, shutdown)
+}
+
+/// [`spawn_all`], with the mesh that serves consumers' dependency addresses (without one, dependencies on
+/// components are reported as not routed).
+pub fn spawn_all_with_mesh(
+    store: Store,
+    drivers: Drivers,
+    mesh: Option<Arc<dyn Mesh>>,
+    shutdown: watch::Receiver<bool>,
+) -> Controllers {
     let mut tasks = JoinSet::new();
     let organizations = organization::controller(store.clone());
     let projects = project::controller(store.clone());
     let components = component::controller(store.clone());
     let environments = environment::controller(store.clone());
-    let bindings = binding::controller(store, drivers);
+    let bindings = binding::controller(store, drivers, mesh);
     let stats = vec![
         organizations.stats(),
         projects.stats(),

@@ -18,10 +18,14 @@ impl Handle {
     }
 }
 
+/// Starts the controllers; `mesh` serves consumers' dependency addresses.
 pub fn start(
     store: Store,
     drivers: controllers::Drivers,
+    mesh: Option<std::sync::Arc<dyn controllers::Mesh>>,
     shutdown: watch::Receiver<bool>,
 ) -> Handle {
-    Handle(controllers::spawn_all(store, drivers, shutdown))
+    Handle(controllers::spawn_all_with_mesh(
+        store, drivers, mesh, shutdown,
+    ))
 }

@@ -17,6 +17,7 @@ pub mod error;
 pub mod gateway;
 mod identity_api;
 mod logs;
+pub mod mesh;
 mod metrics;
 mod quota;
 pub mod rbac;
@@ -381,7 +382,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let drivers = data_plane_drivers(&config).await?;
     let state = state.with_drivers(drivers.clone());
-    let handle = ctrl::start(store.clone(), drivers, shutdown_rx.clone());
+    // Dependency addresses for the process data plane, on loopback (see `mesh`).
+    let mesh = mesh::Mesh::new(std::net::Ipv4Addr::LOCALHOST.into());
+    let mesh_table = mesh::spawn_table(mesh.clone(), store.clone(), shutdown_rx.clone());
+    let handle = ctrl::start(
+        store.clone(),
+        drivers,
+        Some(Arc::new(mesh)),
+        shutdown_rx.clone(),
+    );
     let gateway_table = gateway::spawn_gateway_table(state.clone(), shutdown_rx.clone());
     let access_watch = tokio::spawn(rbac::watch_access_changes(
         state.clone(),
@@ -456,6 +465,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let _ = flusher.await;
     let _ = access_watch.await;
     let _ = gateway_table.await;
+    let _ = mesh_table.await;
     state.flush_token_uses().await;
     Ok(())
 }
