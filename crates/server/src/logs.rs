@@ -164,61 +164,8 @@ async fn logs(
             )
         })?;
     let opts = options(&q)?;
-    state
-        .store
-        .get(&project_key(Kind::Component, &org, &project, &component))
-        .await?;
-    let Some(env_obj) = get_opt(&state, org_key(Kind::Environment, &org, &env)).await? else {
-        return Err(ApiError::not_found(format!(
-            "environment {env} does not exist in organization {org}"
-        )));
-    };
-    let not_deployed = || {
-        ApiError::not_found(format!(
-            "component {component} is not deployed in environment {env}"
-        ))
-    };
-    let binding_name = ReleaseBindingSpec::name_for(&component, &env);
-    let binding = get_opt(
-        &state,
-        project_key(Kind::ReleaseBinding, &org, &project, &binding_name),
-    )
-    .await?
-    .ok_or_else(not_deployed)?;
-    let spec: ReleaseBindingSpec = model::typed_spec(&binding)
-        .map_err(|e| ApiError::conflict(format!("ReleaseBinding {binding_name}: {e}")))?;
-    if spec.state == BindingState::Undeployed {
-        return Err(ApiError::not_found(format!(
-            "component {component} is undeployed in environment {env}"
-        )));
-    }
-
-    let env_spec: EnvironmentSpec = model::typed_spec(&env_obj)
-        .map_err(|e| ApiError::conflict(format!("Environment {env}: {e}")))?;
-    let dp_name = &env_spec.data_plane_ref;
-    let dp = get_opt(&state, org_key(Kind::DataPlane, &org, dp_name))
-        .await?
-        .ok_or_else(|| {
-            ApiError::conflict(format!(
-                "environment {env} uses DataPlane {dp_name}, which does not exist"
-            ))
-        })?;
-    let dp_spec: DataPlaneSpec = model::typed_spec(&dp)
-        .map_err(|e| ApiError::conflict(format!("DataPlane {dp_name}: {e}")))?;
-    let driver = state
-        .drivers
-        .for_type(dp_spec.type_)
-        .map_err(|(_, reason)| unavailable(reason))?;
-
-    let id = controllers::binding::workload_id(&binding, &spec);
     let follow = opts.follow;
-    let lines = driver.logs(&id, opts).await.map_err(|e| match e {
-        dataplane::Error::NotFound(_) => ApiError::not_found(format!(
-            "component {component} has no replicas running in environment {env}"
-        )),
-        dataplane::Error::Unsupported(m) => ApiError::conflict(m),
-        dataplane::Error::Backend(m) => unavailable(format!("reading logs: {m}")),
-    })?;
+    let lines = open(&state, &org, &project, &component, &env, opts).await?;
 
     let sse = headers
         .get(header::ACCEPT)
@@ -236,6 +183,72 @@ async fn logs(
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     Ok(resp)
+}
+
+/// Opens the log stream of `component` in environment `env` (the caller has checked access): finds its
+/// ReleaseBinding there and reads from the driver of the environment's data plane.
+pub(crate) async fn open(
+    state: &AppState,
+    org: &str,
+    project: &str,
+    component: &str,
+    env: &str,
+    opts: LogOptions,
+) -> ApiResult<LogStream> {
+    state
+        .store
+        .get(&project_key(Kind::Component, org, project, component))
+        .await?;
+    let Some(env_obj) = get_opt(state, org_key(Kind::Environment, org, env)).await? else {
+        return Err(ApiError::not_found(format!(
+            "environment {env} does not exist in organization {org}"
+        )));
+    };
+    let not_deployed = || {
+        ApiError::not_found(format!(
+            "component {component} is not deployed in environment {env}"
+        ))
+    };
+    let binding_name = ReleaseBindingSpec::name_for(component, env);
+    let binding = get_opt(
+        state,
+        project_key(Kind::ReleaseBinding, org, project, &binding_name),
+    )
+    .await?
+    .ok_or_else(not_deployed)?;
+    let spec: ReleaseBindingSpec = model::typed_spec(&binding)
+        .map_err(|e| ApiError::conflict(format!("ReleaseBinding {binding_name}: {e}")))?;
+    if spec.state == BindingState::Undeployed {
+        return Err(ApiError::not_found(format!(
+            "component {component} is undeployed in environment {env}"
+        )));
+    }
+
+    let env_spec: EnvironmentSpec = model::typed_spec(&env_obj)
+        .map_err(|e| ApiError::conflict(format!("Environment {env}: {e}")))?;
+    let dp_name = &env_spec.data_plane_ref;
+    let dp = get_opt(state, org_key(Kind::DataPlane, org, dp_name))
+        .await?
+        .ok_or_else(|| {
+            ApiError::conflict(format!(
+                "environment {env} uses DataPlane {dp_name}, which does not exist"
+            ))
+        })?;
+    let dp_spec: DataPlaneSpec = model::typed_spec(&dp)
+        .map_err(|e| ApiError::conflict(format!("DataPlane {dp_name}: {e}")))?;
+    let driver = state
+        .drivers
+        .for_type(dp_spec.type_)
+        .map_err(|(_, reason)| unavailable(reason))?;
+
+    let id = controllers::binding::workload_id(&binding, &spec);
+    driver.logs(&id, opts).await.map_err(|e| match e {
+        dataplane::Error::NotFound(_) => ApiError::not_found(format!(
+            "component {component} has no replicas running in environment {env}"
+        )),
+        dataplane::Error::Unsupported(m) => ApiError::conflict(m),
+        dataplane::Error::Backend(m) => unavailable(format!("reading logs: {m}")),
+    })
 }
 
 #[derive(Clone, Copy, PartialEq)]

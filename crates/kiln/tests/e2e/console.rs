@@ -1,7 +1,9 @@
 //! The web console in a real headless Chromium, driven over the W3C WebDriver protocol by a `chromedriver`
 //! child process: sign-in (wrong and right password), organizations, an organization, its environments, a
 //! project with its components and endpoints, a friendly error page, and sign-out. A screenshot of the project
-//! page is kept as an artifact (`$KILN_ARTIFACTS_DIR`, else `target/test-artifacts/`).
+//! page is kept as an artifact (`$KILN_ARTIFACTS_DIR`, else `target/test-artifacts/`). A second test deploys the
+//! test service and checks the project page's deployments (Ready in dev, replicas, gateway URLs) and the logs
+//! page, first as rendered by the server, then followed live over EventSource.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -551,4 +553,175 @@ async fn browse(b: &Session, base: &str, password: &str) {
     b.goto(&format!("{base}/orgs/default")).await;
     b.wait_path("/login").await;
     b.find("#sign-in").await;
+}
+
+/// Deletes the test's component when the test ends, pass or fail, and waits until its binding (and so its
+/// replicas) are gone, so that no processes outlive the test.
+struct DeleteComponent<'a>(&'a Server);
+
+impl Drop for DeleteComponent<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.kiln(&["delete", "component", "api", "-p", "shop"]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline
+            && self
+                .0
+                .kiln(&["get", "releasebinding", "api-dev", "-p", "shop"])
+                .status
+                .success()
+        {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Waits until the binding `api-dev` is Ready.
+fn wait_ready_in_dev(s: &Server) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = s.kiln(&[
+            "get",
+            "releasebinding",
+            "api-dev",
+            "-p",
+            "shop",
+            "-o",
+            "json",
+        ]);
+        if out.status.success() {
+            let b: Value = serde_json::from_str(&stdout(&out)).expect("json");
+            let ready = b["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True");
+            if ready && b["status"]["release"] == b["spec"]["release"] {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "api-dev never became ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_shows_deployments_and_live_logs_in_chromium() {
+    let Some((chromium, chromedriver)) =
+        browser_tools("console_shows_deployments_and_live_logs_in_chromium")
+    else {
+        return;
+    };
+    let server = Server::start();
+    let envs = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/local-environments.yaml"
+    );
+    ok(server.kiln(&["apply", "-f", envs]));
+    let app = format!(
+        "apiVersion: kiln.dev/v1\nkind: Project\nmetadata: {{name: shop}}\n---\napiVersion: kiln.dev/v1\nkind: Component\n\
+         metadata: {{name: api, project: shop}}\nspec:\n  type: service\n  workload:\n    command: [{:?}]\n    \
+         env: [{{name: BEFORE_THE_PAGE, value: one}}, {{name: WHILE_WATCHING, value: two}}]\n  \
+         endpoints: [{{name: http, port: 8080, visibility: public}}]\n  probes:\n    \
+         readiness: {{httpGet: {{path: /healthz, port: 8080}}, periodSeconds: 1}}\n",
+        testsvc::binary().display()
+    );
+    let file = server.data_dir.join("app.yaml");
+    std::fs::write(&file, app).unwrap();
+    ok(server.kiln(&["apply", "-f", file.to_str().unwrap()]));
+    let _cleanup = DeleteComponent(&server);
+    wait_ready_in_dev(&server);
+    // A request through the gateway, which the test service logs as `GET /path` (and answers with the variable).
+    let (code, body) = http_get(&format!(
+        "{}/x/default/shop/dev/api/http/env/BEFORE_THE_PAGE",
+        server.url
+    ))
+    .unwrap();
+    assert_eq!((code, body.as_str()), (200, "one\n"));
+    let password = std::fs::read_to_string(server.data_dir.join("admin-password"))
+        .unwrap()
+        .trim()
+        .to_string();
+
+    let driver = Driver::start(&chromedriver).await;
+    let session = driver.session(&chromium).await;
+    let flow = std::panic::AssertUnwindSafe(deployments_and_logs(&session, &server, &password));
+    let outcome = futures_util::FutureExt::catch_unwind(flow).await;
+    session.close().await;
+    drop(driver);
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// Waits until the text of the first element matching `css` contains `want`; returns that text.
+async fn wait_text(b: &Session, css: &str, want: &str) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let text = b.text(css).await;
+        if text.contains(want) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{css} never showed {want:?}; it shows:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn deployments_and_logs(b: &Session, server: &Server, password: &str) {
+    let base = &server.url;
+    b.goto(&format!("{base}/login")).await;
+    b.type_into("#username", "admin").await;
+    b.type_into("#password", password).await;
+    b.click("#sign-in").await;
+    b.wait_path("/").await;
+
+    // The project page shows the component in dev: Ready, 1/1 replicas, its release and both gateway URLs.
+    b.goto(&format!("{base}/orgs/default/projects/shop")).await;
+    assert_eq!(b.text("h1").await, "Project shop");
+    let table = b.text("#deployments + table").await;
+    assert_eq!(b.text("#deployment-api-dev").await, "api", "{table}");
+    assert!(table.contains("dev"), "{table}");
+    assert!(table.contains("api-"), "release shown: {table}");
+    assert_eq!(
+        b.text("#deployments + table [data-ready='True']").await,
+        "Ready",
+        "{table}"
+    );
+    assert_eq!(b.text("#deployments + table .replicas").await, "1/1");
+    assert_eq!(
+        b.text("#deployments + table a.path-url").await,
+        "/x/default/shop/dev/api/http/"
+    );
+    assert_eq!(
+        b.text("#deployments + table a.host-url").await,
+        format!("http://http--api--shop--dev.localhost:{}/", server.port)
+    );
+    save_png("console-deployments.png", &b.screenshot().await);
+
+    // Its logs: the request made before the page, rendered by the server.
+    b.click("#deployments + table a.logs").await;
+    b.wait_path("/orgs/default/projects/shop/components/api/logs?env=dev")
+        .await;
+    assert_eq!(b.text("h1").await, "Logs of api in dev");
+    wait_text(b, "#logs", "GET /env/BEFORE_THE_PAGE").await;
+    // Live: the page follows over EventSource, so a request made now appears without a reload.
+    wait_text(b, "#live-status", "Live").await;
+    b.cmd(
+        reqwest::Method::POST,
+        "/execute/sync",
+        Some(json!({"script": "document.body.setAttribute('data-kept', 'yes')", "args": []})),
+    )
+    .await;
+    let (code, body) = http_get(&format!(
+        "{base}/x/default/shop/dev/api/http/env/WHILE_WATCHING"
+    ))
+    .unwrap();
+    assert_eq!((code, body.as_str()), (200, "two\n"));
+    let logs = wait_text(b, "#logs", "GET /env/WHILE_WATCHING").await;
+    assert!(logs.contains("GET /env/BEFORE_THE_PAGE"), "{logs}");
+    // The same document, not a reload: what was set on it before the request is still there.
+    b.find("body[data-kept='yes']").await;
+    save_png("console-logs.png", &b.screenshot().await);
 }

@@ -45,6 +45,9 @@ form.login button:hover{background:#7c2f09}
 p.error{background:#fde2e1;border:1px solid #f5b5b1;border-radius:4px;padding:.5em .7em}
 .problem .status{font-size:.9em;color:#888;margin:0}
 .problem .detail{font-family:ui-monospace,monospace;font-size:.9em}
+.url{display:block;white-space:nowrap;font-size:.9em}
+pre.logs{background:#1e1a17;color:#f3e6da;padding:.8em 1em;border-radius:6px;overflow-x:auto;min-height:6em;font-size:.85em;line-height:1.4}
+pre.logs .stderr{color:#ffb4a8}pre.logs .meta{color:#a08f82}
 "#;
 
 /// Escapes text for HTML element content and attribute values.
@@ -438,6 +441,164 @@ pub fn component_detail_row(r: &Resource) -> Vec<String> {
         ready_cell(r, true),
         conditions_cell(r),
     ]
+}
+
+/// What the gateway URLs of a project's endpoints are built from.
+pub struct UrlBase<'a> {
+    pub org: &'a str,
+    pub project: &'a str,
+    pub base_domain: &'a str,
+    /// The port browsers reach the server on.
+    pub port: u16,
+}
+
+/// One component in one environment (its ReleaseBinding), for the project page: release, readiness with the
+/// reason it is not ready, replicas ready/desired, the gateway URLs of the release's public endpoints, and a link
+/// to its logs.
+pub fn deployment_row(
+    u: &UrlBase<'_>,
+    component: &Resource,
+    binding: &Resource,
+    release: Option<&Resource>,
+) -> Vec<String> {
+    let comp = component.metadata.name.as_str();
+    let env = s(binding, "environment");
+    let wanted = s(binding, "release");
+    let running = binding
+        .status
+        .get("release")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
+    let mut release_cell = format!("<code class=\"release\">{}</code>", esc(wanted));
+    if !running.is_empty() && running != wanted {
+        release_cell.push_str(&format!(
+            "<span class=\"muted url\">running {}</span>",
+            esc(running)
+        ));
+    }
+    if binding.spec.get("state").and_then(|v| v.as_str()) == Some("undeployed") {
+        release_cell.push_str("<span class=\"muted url\">undeployed</span>");
+    }
+    let count = |field: &str| binding.status.get(field).and_then(|v| v.as_u64());
+    let replicas = match (count("readyReplicas"), count("replicas")) {
+        (Some(r), Some(d)) => format!("<span class=\"replicas\">{r}/{d}</span>"),
+        _ => "<span class=\"none\">—</span>".into(),
+    };
+    let endpoints = release
+        .and_then(|r| r.spec.pointer("/snapshot/endpoints"))
+        .and_then(|e| e.as_array())
+        .cloned()
+        .unwrap_or_default();
+    let urls: Vec<String> = endpoints
+        .iter()
+        .filter(|e| e.get("visibility").and_then(|v| v.as_str()) == Some("public"))
+        .filter_map(|e| e.get("name").and_then(|v| v.as_str()))
+        .flat_map(|ep| {
+            let path = format!("/x/{}/{}/{env}/{comp}/{ep}/", u.org, u.project);
+            let host = format!(
+                "http://{ep}--{comp}--{}--{env}.{}:{}/",
+                u.project, u.base_domain, u.port
+            );
+            [
+                format!("<a class=\"url path-url\" href=\"{0}\">{0}</a>", esc(&path)),
+                format!("<a class=\"url host-url\" href=\"{0}\">{0}</a>", esc(&host)),
+            ]
+        })
+        .collect();
+    let logs = format!(
+        "/orgs/{}/projects/{}/components/{comp}/logs?env={env}",
+        u.org, u.project
+    );
+    let id = esc(&format!("deployment-{comp}-{env}"));
+    vec![
+        format!("<span class=\"component\" id=\"{id}\">{}</span>", esc(comp)),
+        format!("<span class=\"environment\">{}</span>", esc(env)),
+        release_cell,
+        ready_cell(binding, true),
+        replicas,
+        if urls.is_empty() {
+            "<span class=\"none\">—</span>".into()
+        } else {
+            urls.join("")
+        },
+        format!("<a class=\"logs\" href=\"{}\">Logs</a>", esc(&logs)),
+    ]
+}
+
+/// One log line as the logs page shows it (the script formats live lines the same way).
+fn log_line(l: &dataplane::LogLine) -> String {
+    format!(
+        "<span class=\"line {}\"><span class=\"meta\">{} [{}]</span> {}\n</span>",
+        if l.stream == "stderr" {
+            "stderr"
+        } else {
+            "stdout"
+        },
+        esc(&l.time.to_string()),
+        l.replica,
+        esc(&l.line)
+    )
+}
+
+/// Follows the API's Server-Sent Events: each (re)connection replays the recent lines, which replace what is
+/// shown, then appends lines as they come.
+const LOGS_SCRIPT: &str = r#"<script>
+(function () {
+  var pre = document.getElementById("logs"), st = document.getElementById("live-status");
+  if (!window.EventSource) return;
+  var es = new EventSource(pre.getAttribute("data-src")), fresh = true;
+  function span(cls, text) { var s = document.createElement("span"); s.className = cls; s.textContent = text; return s; }
+  es.onopen = function () { fresh = true; st.textContent = "Live: new lines appear as they are written."; st.setAttribute("data-live", "open"); };
+  es.onmessage = function (ev) {
+    var l; try { l = JSON.parse(ev.data); } catch (e) { return; }
+    if (fresh) { pre.textContent = ""; fresh = false; }
+    var line = span("line " + (l.stream === "stderr" ? "stderr" : "stdout"), "");
+    line.appendChild(span("meta", l.time + " [" + l.replica + "]"));
+    line.appendChild(document.createTextNode(" " + l.line + "\n"));
+    pre.appendChild(line);
+    while (pre.childNodes.length > 2000) pre.removeChild(pre.firstChild);
+    window.scrollTo(0, document.body.scrollHeight);
+  };
+  es.addEventListener("error", function (ev) {
+    var why = ""; try { why = JSON.parse(ev.data).error || ""; } catch (e) {}
+    st.textContent = why ? "Stream ended: " + why + " (retrying)" : "Disconnected; reconnecting…";
+    st.setAttribute("data-live", "closed");
+  });
+})();
+</script>"#;
+
+/// The logs page body: the last lines, rendered here so that the page works without JavaScript, and the
+/// script that follows new ones. `problem` says why there are none (e.g. nothing runs yet).
+pub fn logs(
+    component: &str,
+    env: &str,
+    src: &str,
+    lines: &[dataplane::LogLine],
+    problem: Option<&str>,
+) -> String {
+    let mut out = format!(
+        "<h1>Logs of {} in {}</h1><p id=\"live-status\" class=\"muted\" data-live=\"static\">The last {} lines; \
+         with JavaScript, new lines follow live.</p>",
+        esc(component),
+        esc(env),
+        lines.len()
+    );
+    if let Some(p) = problem {
+        out.push_str(&format!(
+            "<p class=\"empty\" id=\"logs-problem\">{}</p>",
+            esc(p)
+        ));
+    }
+    out.push_str(&format!(
+        "<pre class=\"logs\" id=\"logs\" data-src=\"{}\">",
+        esc(src)
+    ));
+    for l in lines {
+        out.push_str(&log_line(l));
+    }
+    out.push_str("</pre>");
+    out.push_str(LOGS_SCRIPT);
+    out
 }
 
 #[cfg(test)]

@@ -3,11 +3,12 @@
 
 mod html;
 
-use axum::extract::{Form, Path, State};
+use axum::extract::{Form, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
 use axum::Router;
+use futures_util::StreamExt;
 use model::{Kind, Resource};
 use serde::Deserialize;
 use store::{Key, ListQuery};
@@ -27,6 +28,10 @@ pub fn routes() -> Router<AppState> {
         .route("/orgs/{org}", get(org_page))
         .route("/orgs/{org}/environments", get(environments_page))
         .route("/orgs/{org}/projects/{project}", get(project_page))
+        .route(
+            "/orgs/{org}/projects/{project}/components/{component}/logs",
+            get(logs_page),
+        )
         .route("/static/kiln.css", get(css))
 }
 
@@ -309,6 +314,7 @@ async fn environments_page(
 async fn project_page(
     State(state): State<AppState>,
     p: MaybePrincipal,
+    headers: HeaderMap,
     Path((org, project)): Path<(String, String)>,
 ) -> Response {
     let p = match require(p) {
@@ -352,6 +358,48 @@ async fn project_page(
             &["Name", "Type", "Endpoints", "Ready", "Other conditions"],
             &rows,
         ));
+        let bindings = visible(&state, &acc, Kind::ReleaseBinding, &org, Some(&project)).await?;
+        let releases = visible(&state, &acc, Kind::Release, &org, Some(&project)).await?;
+        let urls = html::UrlBase {
+            org: &org,
+            project: &project,
+            base_domain: &state.config.base_domain,
+            port: request_port(&headers).unwrap_or(state.config.listen.port()),
+        };
+        let mut rows = Vec::new();
+        for c in &comps {
+            let mut mine: Vec<&Resource> = bindings
+                .iter()
+                .filter(|b| {
+                    b.spec.get("component").and_then(|v| v.as_str()) == Some(&c.metadata.name)
+                })
+                .collect();
+            mine.sort_by_key(|b| {
+                b.spec
+                    .get("environment")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("")
+                    .to_string()
+            });
+            for b in mine {
+                let release = b.spec.get("release").and_then(|v| v.as_str()).unwrap_or("");
+                let rel = releases.iter().find(|r| r.metadata.name == release);
+                rows.push(html::deployment_row(&urls, c, b, rel));
+            }
+        }
+        body.push_str("<h2 id=\"deployments\">Deployments</h2>");
+        body.push_str(&html::table(
+            &[
+                "Component",
+                "Environment",
+                "Release",
+                "Ready",
+                "Replicas",
+                "URLs",
+                "",
+            ],
+            &rows,
+        ));
         body.push_str("<h2 id=\"conditions\">Conditions</h2>");
         body.push_str(&html::conditions_table(&proj));
         Ok(body)
@@ -360,5 +408,93 @@ async fn project_page(
     match result {
         Ok(body) => page(&format!("Project {project}"), Some(&p.user.name), &body).into_response(),
         Err(e) => error_page(Some(&p.user.name), e, &[org_link(&org)]),
+    }
+}
+
+/// The port the browser reached this server on (from `Host`), for the gateway's subdomain URLs.
+fn request_port(headers: &HeaderMap) -> Option<u16> {
+    let host = headers.get(header::HOST)?.to_str().ok()?;
+    let (_, port) = host.rsplit_once(':')?;
+    port.parse().ok()
+}
+
+#[derive(Deserialize)]
+struct LogsQuery {
+    env: Option<String>,
+}
+
+/// How many past lines the logs page shows (rendered on the server; live lines follow through EventSource).
+const LOG_LINES: usize = 200;
+
+/// A component's logs in one environment: the last lines rendered on the server, then followed live by a few
+/// lines of script over the API's Server-Sent Events (`…/components/{name}/logs?env=ENV&follow=true`).
+async fn logs_page(
+    State(state): State<AppState>,
+    p: MaybePrincipal,
+    Path((org, project, component)): Path<(String, String, String)>,
+    Query(q): Query<LogsQuery>,
+) -> Response {
+    let p = match require(p) {
+        Ok(p) => p,
+        Err(r) => return r.into_response(),
+    };
+    let back = [
+        org_link(&org),
+        (
+            format!("/orgs/{org}/projects/{project}"),
+            format!("Project {project}"),
+        ),
+    ];
+    let result: Result<String, ApiError> = async {
+        let acc = rbac::org_access(&state, &p, &org).await?;
+        acc.check(
+            Verb::Get,
+            Kind::Component,
+            Some(&project),
+            &format!("Component {org}/{project}/{component}"),
+        )?;
+        let env = q.env.filter(|e| !e.is_empty()).ok_or_else(|| {
+            ApiError::bad_request("choose an environment: add ?env=ENV to the address")
+        })?;
+        let opts = dataplane::LogOptions {
+            tail: Some(LOG_LINES),
+            ..Default::default()
+        };
+        let (lines, problem) =
+            match crate::logs::open(&state, &org, &project, &component, &env, opts).await {
+                Ok(stream) => {
+                    let mut lines: Vec<dataplane::LogLine> = stream
+                        .take_while(|l| std::future::ready(l.is_ok()))
+                        .filter_map(|l| std::future::ready(l.ok()))
+                        .collect()
+                        .await;
+                    lines.sort_by_key(|l| l.time);
+                    let skip = lines.len().saturating_sub(LOG_LINES);
+                    (lines.split_off(skip), None)
+                }
+                // Not running (yet): say so, and let the live stream pick the lines up when it starts.
+                Err(e) if e.status == StatusCode::NOT_FOUND => (Vec::new(), Some(e.detail)),
+                Err(e) => return Err(e),
+            };
+        let src = format!(
+            "/api/v1/orgs/{org}/projects/{project}/components/{component}/logs?env={env}&follow=true&tail={LOG_LINES}"
+        );
+        let mut body = html::crumbs(
+            &[
+                ("/", "Organizations"),
+                (&format!("/orgs/{org}"), &org),
+                (&format!("/orgs/{org}/projects/{project}"), &project),
+            ],
+            &format!("{component} logs"),
+        );
+        body.push_str(&html::logs(&component, &env, &src, &lines, problem.as_deref()));
+        Ok(body)
+    }
+    .await;
+    match result {
+        Ok(body) => {
+            page(&format!("Logs of {component}"), Some(&p.user.name), &body).into_response()
+        }
+        Err(e) => error_page(Some(&p.user.name), e, &back),
     }
 }
