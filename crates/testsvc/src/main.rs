@@ -8,44 +8,149 @@
 //! - `GET /exit/<CODE>` — exits the process with that code after answering;
 //! - anything else — 404.
 //!
-//! Every request is logged to stdout; `$EXIT_AFTER_MS` makes it exit with code 3 after that many milliseconds,
-//! after printing a last line to stderr (a crashing workload for tests).
+//! Connections are HTTP/1.1 keep-alive: requests are answered in turn until the client closes, sends
+//! `Connection: close` (or speaks HTTP/1.0 without `Connection: keep-alive`), stays idle for 10 s, or has sent
+//! 10,000 requests. Request bodies (`Content-Length`) are read and ignored; chunked bodies end the connection.
+//!
+//! Every request is logged to stdout, unless `$QUIET` is set; `$EXIT_AFTER_MS` makes it exit with code 3 after
+//! that many milliseconds, after printing a last line to stderr (a crashing workload for tests).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
+
+/// Requests served on one connection before it is closed.
+const MAX_REQUESTS_PER_CONNECTION: usize = 10_000;
+/// How long a connection may sit idle (or a request take to arrive).
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest request line or header line accepted.
+const MAX_LINE: usize = 16 * 1024;
+/// Most header lines accepted per request.
+const MAX_HEADERS: usize = 100;
 
 fn env(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_string())
 }
 
-fn respond(stream: &mut TcpStream, status: &str, body: &str) {
-    let _ = write!(
-        stream,
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+fn respond(out: &mut impl Write, status: &str, body: &str, keep_alive: bool) -> bool {
+    let connection = if keep_alive { "keep-alive" } else { "close" };
+    write!(
+        out,
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n{body}",
         body.len()
-    );
-    let _ = stream.flush();
+    )
+    .and_then(|_| out.flush())
+    .is_ok()
 }
 
-fn handle(mut stream: TcpStream) {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-    let mut reader = BufReader::new(match stream.try_clone() {
-        Ok(s) => s,
-        Err(_) => return,
-    });
-    let mut request_line = String::new();
-    if reader.read_line(&mut request_line).is_err() {
-        return;
+/// Reads one line (up to `MAX_LINE` bytes) into `buf`. `None` on end of stream, error, timeout or overlong line.
+fn read_line(reader: &mut impl BufRead, buf: &mut String) -> Option<()> {
+    buf.clear();
+    let n = reader.by_ref().take(MAX_LINE as u64).read_line(buf).ok()?;
+    if n == 0 || !buf.ends_with('\n') {
+        return None;
     }
-    // Drain the headers.
+    Some(())
+}
+
+/// One parsed request head.
+struct Request {
+    method: String,
+    path: String,
+    keep_alive: bool,
+    content_length: u64,
+    chunked: bool,
+}
+
+fn read_request(reader: &mut impl BufRead) -> Option<Request> {
     let mut line = String::new();
-    while reader.read_line(&mut line).map(|n| n > 2).unwrap_or(false) {
-        line.clear();
+    // Tolerate blank lines between requests (RFC 9112 §2.2).
+    loop {
+        read_line(reader, &mut line)?;
+        if !line.trim().is_empty() {
+            break;
+        }
     }
-    let mut parts = request_line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or("/"));
-    println!("{method} {path}");
+    let mut parts = line.split_whitespace();
+    let method = parts.next().unwrap_or("").to_string();
+    let path = parts.next().unwrap_or("/").to_string();
+    let version = parts.next().unwrap_or("HTTP/1.0");
+    let mut keep_alive = version == "HTTP/1.1";
+    let mut content_length = 0;
+    let mut chunked = false;
+    let mut headers = 0;
+    loop {
+        read_line(reader, &mut line)?;
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        headers += 1;
+        if headers > MAX_HEADERS {
+            return None;
+        }
+        let Some((name, value)) = l.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("connection") {
+            for token in value.split(',').map(str::trim) {
+                if token.eq_ignore_ascii_case("close") {
+                    keep_alive = false;
+                } else if token.eq_ignore_ascii_case("keep-alive") {
+                    keep_alive = true;
+                }
+            }
+        } else if name.eq_ignore_ascii_case("content-length") {
+            content_length = value.parse().ok()?;
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = !value.eq_ignore_ascii_case("identity");
+        }
+    }
+    Some(Request {
+        method,
+        path,
+        keep_alive,
+        content_length,
+        chunked,
+    })
+}
+
+fn handle(stream: TcpStream, quiet: bool) {
+    let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
+    let _ = stream.set_nodelay(true);
+    let Ok(write_half) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    let mut out = BufWriter::new(write_half);
+    for served in 1..=MAX_REQUESTS_PER_CONNECTION {
+        let Some(req) = read_request(&mut reader) else {
+            return;
+        };
+        // Skip a body we do not use; a chunked one we do not parse, so that connection ends after this answer.
+        if req.content_length > 0
+            && std::io::copy(
+                &mut reader.by_ref().take(req.content_length),
+                &mut std::io::sink(),
+            )
+            .ok()
+                != Some(req.content_length)
+        {
+            return;
+        }
+        let keep_alive = req.keep_alive && !req.chunked && served < MAX_REQUESTS_PER_CONNECTION;
+        if !quiet {
+            println!("{} {}", req.method, req.path);
+        }
+        if !answer(&mut out, &req.path, keep_alive) || !keep_alive {
+            return;
+        }
+    }
+}
+
+/// Answers one request; false when the answer could not be written.
+fn answer(out: &mut impl Write, path: &str, keep_alive: bool) -> bool {
     let name = env("SERVICE_NAME", "testsvc");
     match path {
         "/" => {
@@ -54,29 +159,29 @@ fn handle(mut stream: TcpStream) {
                 env("KILN_RELEASE", "-"),
                 env("KILN_REPLICA", "-")
             );
-            respond(&mut stream, "200 OK", &body);
+            respond(out, "200 OK", &body, keep_alive)
         }
         "/healthz" => {
             let unhealthy = std::env::var("UNHEALTHY_FILE")
                 .ok()
                 .is_some_and(|f| std::path::Path::new(&f).exists());
             if unhealthy {
-                respond(&mut stream, "503 Service Unavailable", "unhealthy\n");
+                respond(out, "503 Service Unavailable", "unhealthy\n", keep_alive)
             } else {
-                respond(&mut stream, "200 OK", "ok\n");
+                respond(out, "200 OK", "ok\n", keep_alive)
             }
         }
         p if p.starts_with("/env/") => match std::env::var(&p[5..]) {
-            Ok(v) => respond(&mut stream, "200 OK", &format!("{v}\n")),
-            Err(_) => respond(&mut stream, "404 Not Found", "unset\n"),
+            Ok(v) => respond(out, "200 OK", &format!("{v}\n"), keep_alive),
+            Err(_) => respond(out, "404 Not Found", "unset\n", keep_alive),
         },
         p if p.starts_with("/exit/") => {
             let code: i32 = p[6..].parse().unwrap_or(1);
-            respond(&mut stream, "200 OK", &format!("exiting with {code}\n"));
+            respond(out, "200 OK", &format!("exiting with {code}\n"), false);
             eprintln!("exiting with {code} as asked");
             std::process::exit(code);
         }
-        _ => respond(&mut stream, "404 Not Found", "not found\n"),
+        _ => respond(out, "404 Not Found", "not found\n", keep_alive),
     }
 }
 
@@ -90,6 +195,7 @@ fn main() {
         }
     };
     println!("listening on {addr}");
+    let quiet = std::env::var_os("QUIET").is_some_and(|v| !v.is_empty());
     if let Some(ms) = std::env::var("EXIT_AFTER_MS")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
@@ -101,6 +207,9 @@ fn main() {
         });
     }
     for stream in listener.incoming().flatten() {
-        std::thread::spawn(move || handle(stream));
+        // A small stack: a connection needs little, and the 1,000-replica benchmark runs many of these.
+        let _ = std::thread::Builder::new()
+            .stack_size(64 * 1024)
+            .spawn(move || handle(stream, quiet));
     }
 }
