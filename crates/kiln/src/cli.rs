@@ -121,6 +121,10 @@ pub struct ServerArgs {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     pub log_json: bool,
+    /// For benchmarks only: serve `process` and `docker` DataPlanes with a no-op driver that runs nothing and
+    /// reports every replica ready.
+    #[arg(long, hide = true)]
+    pub noop_data_planes: bool,
 }
 
 #[derive(Debug, Args)]

@@ -58,6 +58,9 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// The domain under which the gateway's host names live (`<endpoint>--<component>--<project>--<env>.<base>`).
     pub base_domain: String,
+    /// Serve `process` and `docker` DataPlanes with the no-op driver, which runs nothing and reports every
+    /// replica ready. For measuring the control plane alone (benchmarks); never for serving anything.
+    pub noop_data_planes: bool,
 }
 
 impl Default for Config {
@@ -69,6 +72,7 @@ impl Default for Config {
             max_body_bytes: 1 << 20,
             drain_timeout: Duration::from_secs(30),
             base_domain: "localhost".into(),
+            noop_data_planes: false,
         }
     }
 }
@@ -352,7 +356,19 @@ async fn shutdown_signal() {
 
 /// The data plane drivers this server deploys with: supervised processes (state in `<data-dir>/workloads`)
 /// always; Docker when its Engine answers (otherwise environments on docker data planes say it is unavailable).
+/// With `noop_data_planes` (benchmarks only), both are the no-op driver and nothing runs.
 async fn data_plane_drivers(config: &Config) -> anyhow::Result<controllers::Drivers> {
+    if config.noop_data_planes {
+        tracing::warn!(
+            "--noop-data-planes: process and docker DataPlanes are served by the no-op driver; \
+             NOTHING WILL RUN, every replica is reported ready without existing (for benchmarks only)"
+        );
+        let noop: Arc<dyn dataplane::DataPlane> = Arc::new(dataplane::noop::NoopDriver::new());
+        return Ok(controllers::Drivers {
+            process: Some(noop.clone()),
+            docker: Some(noop),
+        });
+    }
     let process = dataplane::process::ProcessDriver::new(config.data_dir.join("workloads"))
         .context("starting the process data plane")?;
     let docker: Option<Arc<dyn dataplane::DataPlane>> =

@@ -392,6 +392,7 @@ async fn serve(args: &ServerArgs) -> anyhow::Result<()> {
         database_url: args.database_url.clone(),
         max_body_bytes: args.max_body_bytes,
         base_domain: args.base_domain.clone(),
+        noop_data_planes: args.noop_data_planes,
         ..Default::default()
     };
     server::run(config).await
