@@ -6,6 +6,7 @@ mod harness;
 mod cli;
 mod console;
 mod delivery;
+mod dependencies;
 mod durability;
 mod logs;
 mod smoke;
