@@ -38,9 +38,10 @@ use crate::Error;
 
 /// Finalizer that holds a binding until its workload is removed from the data plane.
 pub const FINALIZER: &str = "kiln.dev/workload";
-/// How often a binding is re-checked while it converges, and once it is ready.
-const PROGRESS_RECHECK: Duration = Duration::from_millis(500);
-const READY_RECHECK: Duration = Duration::from_secs(15);
+/// How often a binding is re-checked while it converges, and once it is ready. Both are safety nets: the
+/// driver's change notifications (see `changes.rs`) reconcile a binding as soon as its workload changes.
+const PROGRESS_RECHECK: Duration = Duration::from_secs(5);
+const READY_RECHECK: Duration = Duration::from_secs(30);
 
 /// The data plane drivers, by the type of DataPlane they serve. A type without a driver is reported on the
 /// bindings that need it.
@@ -133,16 +134,19 @@ pub(crate) fn controller(
     mesh: Option<Arc<dyn Mesh>>,
 ) -> Controller<BindingController> {
     let bindings = StoreSource::new(store.clone(), Kind::ReleaseBinding);
-    Controller::new(
+    let ctrl = Controller::new(
         "releasebindings",
         bindings,
         BindingController {
             store,
-            drivers,
+            drivers: drivers.clone(),
             mesh,
         },
     )
-    .concurrency(8)
+    .concurrency(8);
+    // Data plane changes (a replica started, became ready, crashed) reconcile the bindings they concern at once.
+    let triggers = crate::changes::binding_triggers(&drivers, ctrl.cache());
+    ctrl.triggers(triggers)
 }
 
 /// The variable-name prefix of a dependency: upper-cased, `-` and `.` as `_`.

@@ -8,6 +8,7 @@
 //! - Child failures surface on the parent's conditions.
 
 pub mod binding;
+mod changes;
 mod cleanup;
 pub mod component;
 pub mod environment;

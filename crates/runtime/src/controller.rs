@@ -6,6 +6,7 @@ use std::future::pending;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::stream::{BoxStream, Stream, StreamExt};
 use model::Resource;
 use store::Key;
 use tokio::sync::{mpsc, watch};
@@ -29,6 +30,7 @@ pub struct Controller<R: Reconciler> {
     name: Arc<str>,
     source: Arc<dyn Source>,
     secondaries: Vec<(Arc<dyn Source>, Mapper)>,
+    triggers: Vec<BoxStream<'static, Key>>,
     reconciler: Arc<R>,
     concurrency: usize,
     backoff: Backoff,
@@ -63,6 +65,7 @@ impl<R: Reconciler> Controller<R> {
             name: name.into(),
             source: Arc::new(source),
             secondaries: Vec::new(),
+            triggers: Vec::new(),
             reconciler: Arc::new(reconciler),
             concurrency: 1,
             backoff: Backoff::default(),
@@ -104,6 +107,15 @@ impl<R: Reconciler> Controller<R> {
         self
     }
 
+    /// Also queues every key that `keys` yields: changes the store does not see (e.g. a data plane reporting that
+    /// a workload's status changed). A triggered key goes through the same queue as a watched change, so it is
+    /// de-duplicated, never reconciled twice at once, and reconciled with the newest cached object (a key not in
+    /// the cache is skipped). The stream is polled while the controller runs; its end is not an error.
+    pub fn triggers(mut self, keys: impl Stream<Item = Key> + Send + 'static) -> Self {
+        self.triggers.push(keys.boxed());
+        self
+    }
+
     /// The controller's metrics, live while it runs.
     pub fn stats(&self) -> Arc<ControllerStats> {
         self.stats.clone()
@@ -116,7 +128,7 @@ impl<R: Reconciler> Controller<R> {
 
     /// Runs until `shutdown` becomes `true` (or its sender is dropped), then stops taking work, waits for the
     /// reconciles in flight and returns.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let (trigger_tx, mut trigger_rx) = mpsc::channel::<Key>(TRIGGER_BUFFER);
         let mut watchers = JoinSet::new();
         let primary = Sink::Primary {
@@ -143,6 +155,16 @@ impl<R: Reconciler> Controller<R> {
                 self.stats.clone(),
                 "secondary",
             ));
+        }
+        for mut keys in std::mem::take(&mut self.triggers) {
+            let tx = trigger_tx.clone();
+            watchers.spawn(async move {
+                while let Some(key) = keys.next().await {
+                    if tx.send(key).await.is_err() {
+                        break;
+                    }
+                }
+            });
         }
         drop(trigger_tx);
 

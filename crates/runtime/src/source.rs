@@ -58,6 +58,13 @@ impl Cache {
         self.read().is_empty()
     }
 
+    /// A cache holding `items` (for testing the mappers and triggers that read a controller's cache).
+    pub fn of(items: Vec<Resource>) -> Cache {
+        let cache = Cache::default();
+        cache.replace(items);
+        cache
+    }
+
     /// Replaces the whole content with a fresh listing; returns the keys of the listed objects, in listing order.
     pub(crate) fn replace(&self, items: Vec<Resource>) -> Vec<Key> {
         let fresh: Vec<(Key, Arc<Resource>)> = items

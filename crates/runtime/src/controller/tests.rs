@@ -667,6 +667,59 @@ async fn a_related_kind_queues_the_objects_its_mapper_names() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn triggered_keys_are_queued_like_changes() {
+    let source = MemSource::default();
+    source.put(org("a"));
+    source.put(org("b"));
+    let gate = Arc::new(Notify::new());
+    let probe = Probe::build(Duration::ZERO, Some(("a", gate.clone())), ok_await);
+    let (tx, rx) = mpsc::unbounded_channel::<Key>();
+    let keys = stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|k| (k, rx)) });
+    let ctrl = Controller::new("orgs", source.clone(), probe.clone())
+        .concurrency(2)
+        .triggers(keys);
+    let (_stop, _task) = start(ctrl);
+    sleep(SEC).await;
+    assert_eq!(probe.names(), ["a", "b"], "a is still running, gated");
+
+    // A trigger for an idle object reconciles it at once, with no store change.
+    tx.send(key("b")).unwrap();
+    sleep(SEC).await;
+    assert_eq!(probe.calls_for("b").len(), 2);
+
+    // Triggers for a running object wait for its reconcile, then give one more (never two at once).
+    for _ in 0..5 {
+        tx.send(key("a")).unwrap();
+    }
+    sleep(SEC).await;
+    assert_eq!(probe.calls_for("a").len(), 1);
+    gate.notify_one();
+    sleep(SEC).await;
+    assert!(!probe.0.overlap.load(Ordering::SeqCst));
+    assert_eq!(
+        probe.calls_for("a").len(),
+        2,
+        "five triggers meanwhile, one reconcile after"
+    );
+    gate.notify_one();
+
+    // A key that is not in the cache is not reconciled; a deleted object neither.
+    tx.send(key("nobody")).unwrap();
+    source.delete("b");
+    sleep(SEC).await;
+    tx.send(key("b")).unwrap();
+    sleep(SEC).await;
+    assert_eq!(probe.names().len(), 4, "{:?}", probe.names());
+
+    // The end of the stream is not the end of the controller.
+    drop(tx);
+    sleep(SEC).await;
+    source.put_spec("a", json!({ "i": 1 }));
+    sleep(SEC).await;
+    assert_eq!(probe.calls_for("a").len(), 3);
+}
+
+#[tokio::test(start_paused = true)]
 async fn shutdown_stops_taking_work_and_waits_for_reconciles_in_flight() {
     let source = MemSource::default();
     source.put(org("a"));
