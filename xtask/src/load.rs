@@ -113,21 +113,22 @@ pub struct RateResult {
 pub fn oha(
     oha: &Path,
     url: &str,
-    token: &str,
-    rate: u32,
+    token: Option<&str>,
+    rate: Option<u32>,
     conns: u32,
     secs: u64,
 ) -> Result<RateResult> {
-    let out = Command::new(oha)
-        .args(["-q", &rate.to_string(), "-c", &conns.to_string()])
+    let mut cmd = Command::new(oha);
+    cmd.args(["-c", &conns.to_string()])
         .args(["-z", &format!("{secs}s")])
-        .args([
-            "--latency-correction",
-            "--no-tui",
-            "--output-format",
-            "json",
-        ])
-        .args(["-H", &format!("Authorization: Bearer {token}")])
+        .args(["--no-tui", "--output-format", "json"]);
+    if let Some(rate) = rate {
+        cmd.args(["-q", &rate.to_string(), "--latency-correction"]);
+    }
+    if let Some(token) = token {
+        cmd.args(["-H", &format!("Authorization: Bearer {token}")]);
+    }
+    let out = cmd
         .arg(url)
         .output()
         .with_context(|| format!("running {}", oha.display()))?;

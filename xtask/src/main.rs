@@ -2,6 +2,7 @@
 //! PostgreSQL side by side against the performance targets and prints a summary table; it exits non-zero when
 //! a target is missed. See docs/benchmarks.md.
 
+mod deploy;
 mod load;
 mod server;
 
@@ -20,7 +21,8 @@ usage: cargo run -p xtask --release -- bench [options]
 Measures a release `kiln server` on SQLite and PostgreSQL against the targets in docs/benchmarks.md.
 
 options:
-  --only NAME[,NAME]   run only these: startup, rss, get, create, watch
+  --only NAME[,NAME]   run only these: startup, rss, get, create, watch (API and store, both backends);
+                       gateway, components, reconcile, promote (delivery, SQLite only)
   --backend B          sqlite, postgres or both (default: both)
   --runs N             server starts per startup case (default: 10)
   --get-secs S         length of the fixed-rate GET run (default: 10)
@@ -33,7 +35,19 @@ PostgreSQL: KILN_TEST_POSTGRES_URL (an admin URL); when unset, scripts/pg-test-e
 oha: $OHA, target/tools/bin/oha, or oha on PATH
      (cargo install oha --locked --root target/tools).";
 
-const SCENARIOS: [&str; 5] = ["startup", "rss", "get", "create", "watch"];
+const SCENARIOS: [&str; 9] = [
+    "startup",
+    "rss",
+    "get",
+    "create",
+    "watch",
+    "gateway",
+    "components",
+    "reconcile",
+    "promote",
+];
+/// The delivery scenarios: run once, on SQLite, whatever `--backend` says.
+const DELIVERY: [&str; 4] = ["gateway", "components", "reconcile", "promote"];
 
 // Workload shapes (the targets are stated for these).
 const GET_RATE: u32 = 1_000;
@@ -44,6 +58,13 @@ const WATCHERS: usize = 1_000;
 const WATCH_CHANGES: usize = 50;
 const WATCH_SPACING: Duration = Duration::from_millis(100);
 const IDLE_SETTLE: Duration = Duration::from_secs(2);
+const GATEWAY_CONNS: u32 = 32;
+const GATEWAY_SECS: u64 = 10;
+const GATEWAY_WARMUP: u64 = 2;
+const COMPONENTS: usize = 1_000;
+const RECONCILE_COMPONENTS: usize = 10_000;
+const RECONCILE_CONNS: usize = 32;
+const PROMOTIONS: usize = 5;
 
 struct Opts {
     only: Vec<String>,
@@ -233,6 +254,10 @@ enum Target {
     Below(f64),
     /// Must be below this on SQLite; reported for PostgreSQL.
     SqliteBelow(f64),
+    /// Must be at least this.
+    AtLeast(f64),
+    /// Must be at most this.
+    AtMost(f64),
     /// Must be zero.
     Zero,
     /// Reported only.
@@ -402,6 +427,132 @@ const METRICS: &[Metric] = &[
         target: Target::Info,
         decimals: 1,
     },
+    Metric {
+        key: "gw.kiln.rps",
+        label: "Gateway → 1 testsvc replica, 32 connections, max rate: kiln",
+        unit: "req/s",
+        target: Target::Info,
+        decimals: 0,
+    },
+    Metric {
+        key: "gw.nginx.rps",
+        label: "Same through nginx (upstream keep-alive)",
+        unit: "req/s",
+        target: Target::Info,
+        decimals: 0,
+    },
+    Metric {
+        key: "gw.ratio",
+        label: "Gateway requests/s, kiln/nginx",
+        unit: "×",
+        target: Target::AtLeast(1.0),
+        decimals: 2,
+    },
+    Metric {
+        key: "gw.kiln.p50",
+        label: "Gateway p50: kiln",
+        unit: "ms",
+        target: Target::Info,
+        decimals: 2,
+    },
+    Metric {
+        key: "gw.nginx.p50",
+        label: "Gateway p50: nginx",
+        unit: "ms",
+        target: Target::Info,
+        decimals: 2,
+    },
+    Metric {
+        key: "gw.kiln.p99",
+        label: "Gateway p99: kiln",
+        unit: "ms",
+        target: Target::Info,
+        decimals: 2,
+    },
+    Metric {
+        key: "gw.nginx.p99",
+        label: "Gateway p99: nginx",
+        unit: "ms",
+        target: Target::Info,
+        decimals: 2,
+    },
+    Metric {
+        key: "gw.p99ratio",
+        label: "Gateway p99, kiln/nginx",
+        unit: "×",
+        target: Target::AtMost(1.0),
+        decimals: 2,
+    },
+    Metric {
+        key: "gw.errors",
+        label: "Gateway errors (kiln + nginx)",
+        unit: "",
+        target: Target::Zero,
+        decimals: 0,
+    },
+    Metric {
+        key: "components.ready",
+        label: "1,000 components (process driver) from `kiln apply` to all Ready",
+        unit: "s",
+        target: Target::Below(60.0),
+        decimals: 1,
+    },
+    Metric {
+        key: "components.apply",
+        label: "`kiln apply` of the 1,000 components",
+        unit: "s",
+        target: Target::Info,
+        decimals: 1,
+    },
+    Metric {
+        key: "components.procs",
+        label: "Replica processes seen running",
+        unit: "",
+        target: Target::Info,
+        decimals: 0,
+    },
+    Metric {
+        key: "components.cleanup",
+        label: "Project delete until gone",
+        unit: "s",
+        target: Target::Info,
+        decimals: 1,
+    },
+    Metric {
+        key: "components.leftover",
+        label: "Replica processes left after the delete",
+        unit: "",
+        target: Target::Zero,
+        decimals: 0,
+    },
+    Metric {
+        key: "reconcile.ready",
+        label: "10,000 components to Ready, no-op data plane",
+        unit: "s",
+        target: Target::Below(30.0),
+        decimals: 1,
+    },
+    Metric {
+        key: "reconcile.put",
+        label: "10,000 component PUTs, 32 clients",
+        unit: "s",
+        target: Target::Info,
+        decimals: 1,
+    },
+    Metric {
+        key: "promote.median",
+        label: "`kiln promote` dev → staging until the gateway serves it, median of 5",
+        unit: "s",
+        target: Target::Below(2.0),
+        decimals: 2,
+    },
+    Metric {
+        key: "promote.max",
+        label: "Same, max of 5",
+        unit: "s",
+        target: Target::Below(2.0),
+        decimals: 2,
+    },
 ];
 
 type Results = BTreeMap<(&'static str, &'static str), f64>;
@@ -440,12 +591,21 @@ fn bench(o: Opts) -> Result<bool> {
     if !kiln.is_file() {
         bail!("{} not found (drop --no-build)", kiln.display());
     }
-    let pg_admin = if o.backends.contains(&Backend::Postgres) {
+    let wants = |s: &str| o.only.iter().any(|x| x == s);
+    let api_scenarios = SCENARIOS.iter().any(|s| !DELIVERY.contains(s) && wants(s));
+    let pg_admin = if api_scenarios && o.backends.contains(&Backend::Postgres) {
         Some(postgres_admin_url(&root)?)
     } else {
         None
     };
-    let wants = |s: &str| o.only.iter().any(|x| x == s);
+    let gateway_oha = if wants("gateway") {
+        Some(
+            find_oha(&root)
+                .context("oha not found (cargo install oha --locked --root target/tools)")?,
+        )
+    } else {
+        None
+    };
     let oha = match o.load_gen.as_str() {
         _ if !wants("get") => None,
         "builtin" => None,
@@ -459,6 +619,9 @@ fn bench(o: Opts) -> Result<bool> {
     if wants("watch") {
         raise_fd_limit(4 * o.watchers as u64);
     }
+    if wants("components") {
+        raise_fd_limit(16 * COMPONENTS as u64);
+    }
     let scratch = std::env::temp_dir().join(format!("kiln-bench-{}", std::process::id()));
     let mut env = Env::new(kiln, scratch, pg_admin)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -469,13 +632,26 @@ fn bench(o: Opts) -> Result<bool> {
     let mut notes = Vec::new();
     let started = Instant::now();
     let outcome = (|| -> Result<()> {
-        for &b in &o.backends {
-            run_backend(
+        if api_scenarios {
+            for &b in &o.backends {
+                run_backend(
+                    &o,
+                    &mut env,
+                    &rt,
+                    b,
+                    oha.as_deref(),
+                    &mut results,
+                    &mut notes,
+                )?;
+            }
+        }
+        if DELIVERY.iter().any(|s| wants(s)) {
+            run_delivery(
                 &o,
+                &root,
                 &mut env,
                 &rt,
-                b,
-                oha.as_deref(),
+                gateway_oha.as_deref(),
                 &mut results,
                 &mut notes,
             )?;
@@ -485,7 +661,11 @@ fn bench(o: Opts) -> Result<bool> {
     env.cleanup();
     outcome?;
 
-    let (table, pass) = summary(&o.backends, &results);
+    let mut shown = o.backends.clone();
+    if !shown.contains(&Backend::Sqlite) && DELIVERY.iter().any(|s| wants(s)) {
+        shown.insert(0, Backend::Sqlite);
+    }
+    let (table, pass) = summary(&shown, &results);
     let mut report = String::new();
     let _ = writeln!(
         report,
@@ -589,8 +769,9 @@ fn run_backend(
         let warmup = 2;
         let r = match oha {
             Some(oha) => {
-                load::oha(oha, &url, &token, GET_RATE, GET_CONNS, warmup)?;
-                load::oha(oha, &url, &token, GET_RATE, GET_CONNS, o.get_secs)?
+                let (t, q) = (Some(token.as_str()), Some(GET_RATE));
+                load::oha(oha, &url, t, q, GET_CONNS, warmup)?;
+                load::oha(oha, &url, t, q, GET_CONNS, o.get_secs)?
             }
             None => rt.block_on(async {
                 let d = |s| Duration::from_secs(s);
@@ -696,6 +877,336 @@ fn run_backend(
     Ok(())
 }
 
+/// The delivery scenarios, on SQLite: gateway vs nginx, promotion and 1,000 components on one server with the
+/// process driver; 10,000 components on another started with `--noop-data-planes`. Every replica process this
+/// run starts is a copy of `kiln-testsvc` in the scratch directory; all of them are gone when this returns.
+fn run_delivery(
+    o: &Opts,
+    root: &Path,
+    env: &mut Env,
+    rt: &tokio::runtime::Runtime,
+    oha: Option<&Path>,
+    results: &mut Results,
+    notes: &mut Vec<String>,
+) -> Result<()> {
+    let wants = |s: &str| o.only.iter().any(|x| x == s);
+    let label = Backend::Sqlite.label();
+    let mut put = |k: &'static str, v: f64| {
+        results.insert((k, label), v);
+    };
+    if o.build {
+        eprintln!("building kiln-testsvc (release)...");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let st = Command::new(cargo)
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "testsvc",
+                "--bin",
+                "kiln-testsvc",
+            ])
+            .current_dir(root)
+            .status()
+            .context("running cargo build")?;
+        if !st.success() {
+            bail!("cargo build --release -p testsvc failed");
+        }
+    }
+    let built = target_dir(root).join("release/kiln-testsvc");
+    let testsvc = env.scratch.join("bin/kiln-testsvc");
+    std::fs::create_dir_all(env.scratch.join("bin"))?;
+    std::fs::copy(&built, &testsvc)
+        .with_context(|| format!("copying {} (drop --no-build)", built.display()))?;
+    let kiln = env.kiln.clone();
+    let scratch = env.scratch.clone();
+
+    let outcome = (|| -> Result<()> {
+        if wants("gateway") || wants("promote") || wants("components") {
+            let inst = env.fresh(Backend::Sqlite)?;
+            let (server, _) = env.start(&inst)?;
+            let ctx = deploy::Ctx {
+                base: server.url(),
+                token: server.admin_token()?,
+                kiln: &kiln,
+                testsvc: &testsvc,
+                scratch: &scratch,
+            };
+            ctx.environments()?;
+            if wants("gateway") {
+                let oha = oha.context("oha is needed for the gateway run")?;
+                gateway(&ctx, rt, oha, &mut put)?;
+                let note = format!(
+                    "Gateway: one kiln-testsvc replica (process driver), `oha -c {GATEWAY_CONNS} -z {GATEWAY_SECS}s` \
+                     (no rate limit) on GET / through kiln's gateway (/x/default/bench-gw/dev/gw/http/) and through \
+                     nginx (proxy_pass to the replica's address, upstream keepalive 64), each after a \
+                     {GATEWAY_WARMUP} s warm-up; client, proxy and backend share the machine."
+                );
+                notes.push(note);
+            }
+            if wants("promote") {
+                promote(&ctx, rt, &mut put)?;
+                notes.push(format!(
+                    "Promote: {PROMOTIONS} times, a new release (changed env) is applied and Ready in dev, then the \
+                     time from running `kiln promote api --from dev --to staging` to the first 200 from the \
+                     gateway's staging URL whose body names the new release (polled every 5 ms)."
+                ));
+            }
+            if wants("components") {
+                components(&ctx, rt, &testsvc, &mut put)?;
+                notes.push(format!(
+                    "Components: {COMPONENTS} Components (1 replica of kiln-testsvc each, readiness probe every 1 s) \
+                     in one project by one `kiln apply -f`; time from starting the apply until a watch on the \
+                     project's ReleaseBindings has seen every one Ready on its release. Then the project is deleted \
+                     and each replica pid seen is checked to be gone."
+                ));
+            }
+            drop(server);
+        }
+        if wants("reconcile") {
+            let inst = env.fresh(Backend::Sqlite)?;
+            let (server, _) = env.start_with(&inst, &["--noop-data-planes"])?;
+            let ctx = deploy::Ctx {
+                base: server.url(),
+                token: server.admin_token()?,
+                kiln: &kiln,
+                testsvc: &testsvc,
+                scratch: &scratch,
+            };
+            ctx.environments()?;
+            rt.block_on(async {
+                let project = "bench-noop";
+                ctx.apply("noop-project.yaml", &deploy::Ctx::project_yaml(project))?;
+                let rev = load::store_revision(&ctx.base).await?;
+                let start = Instant::now();
+                let watch = tokio::spawn(deploy::all_ready(
+                    ctx.base.clone(),
+                    ctx.token.clone(),
+                    project.into(),
+                    rev,
+                    RECONCILE_COMPONENTS,
+                    Duration::from_secs(300),
+                ));
+                let put_wall = deploy::put_components(
+                    &ctx.base,
+                    &ctx.token,
+                    project,
+                    &testsvc,
+                    RECONCILE_COMPONENTS,
+                    RECONCILE_CONNS,
+                )
+                .await?;
+                let done = watch.await??;
+                let took = done - start;
+                eprintln!(
+                    "[no-op data plane] {RECONCILE_COMPONENTS} components: PUTs {:.1} s, all Ready {:.1} s",
+                    put_wall.as_secs_f64(),
+                    took.as_secs_f64()
+                );
+                put("reconcile.put", put_wall.as_secs_f64());
+                put("reconcile.ready", took.as_secs_f64());
+                Ok::<_, anyhow::Error>(())
+            })?;
+            notes.push(format!(
+                "Reconcile: a server started with `--noop-data-planes` (the no-op data plane: nothing runs, every \
+                 replica reports ready); {RECONCILE_COMPONENTS} Components PUT through the API by \
+                 {RECONCILE_CONNS} clients; time from the first PUT until a watch has seen every ReleaseBinding \
+                 Ready on its release."
+            ));
+            drop(server);
+        }
+        Ok(())
+    })();
+    // Whatever happened, no replica of this run may outlive it.
+    let left = deploy::pids_of(&testsvc);
+    if !left.is_empty() {
+        eprintln!(
+            "warning: {} kiln-testsvc processes of this run still running; stopping them by pid",
+            left.len()
+        );
+        for pid in left {
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .arg(pid.to_string())
+                .status();
+        }
+    }
+    outcome
+}
+
+fn gateway(
+    ctx: &deploy::Ctx,
+    rt: &tokio::runtime::Runtime,
+    oha: &Path,
+    put: &mut impl FnMut(&'static str, f64),
+) -> Result<()> {
+    let project = "bench-gw";
+    ctx.apply(
+        "gw.yaml",
+        &format!(
+            "{}---\n{}",
+            deploy::Ctx::project_yaml(project),
+            ctx.component_yaml(project, "gw", 0)
+        ),
+    )?;
+    let (release, addrs) =
+        rt.block_on(ctx.ready_binding(project, "gw-dev", None, Duration::from_secs(60)))?;
+    let backend = addrs
+        .first()
+        .context("the ready binding lists no address")?;
+    let kiln_url = format!("{}/x/default/{project}/dev/gw/http/", ctx.base);
+    rt.block_on(deploy::wait_serving(
+        &kiln_url,
+        &release,
+        Duration::from_secs(30),
+    ))?;
+    let nginx = deploy::Nginx::start(&ctx.scratch.join("nginx"), backend)?;
+    let nginx_url = format!("http://127.0.0.1:{}/", nginx.port);
+    rt.block_on(deploy::wait_serving(
+        &nginx_url,
+        &release,
+        Duration::from_secs(10),
+    ))?;
+    let k = deploy::oha_max(oha, &kiln_url, GATEWAY_CONNS, GATEWAY_WARMUP, GATEWAY_SECS)?;
+    let n = deploy::oha_max(oha, &nginx_url, GATEWAY_CONNS, GATEWAY_WARMUP, GATEWAY_SECS)?;
+    drop(nginx);
+    for (who, r) in [("kiln", &k), ("nginx", &n)] {
+        eprintln!(
+            "[gateway] {who}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors of {}",
+            r.achieved_rps, r.latency.p50, r.latency.p99, r.errors, r.requests
+        );
+    }
+    put("gw.kiln.rps", k.achieved_rps);
+    put("gw.nginx.rps", n.achieved_rps);
+    put("gw.ratio", k.achieved_rps / n.achieved_rps);
+    put("gw.kiln.p50", k.latency.p50);
+    put("gw.nginx.p50", n.latency.p50);
+    put("gw.kiln.p99", k.latency.p99);
+    put("gw.nginx.p99", n.latency.p99);
+    put("gw.p99ratio", k.latency.p99 / n.latency.p99);
+    put("gw.errors", (k.errors + n.errors) as f64);
+    rt.block_on(ctx.delete_project(project, Duration::from_secs(60)))?;
+    Ok(())
+}
+
+fn promote(
+    ctx: &deploy::Ctx,
+    rt: &tokio::runtime::Runtime,
+    put: &mut impl FnMut(&'static str, f64),
+) -> Result<()> {
+    let project = "bench-promo";
+    let limit = Duration::from_secs(60);
+    let url = format!("{}/x/default/{project}/staging/api/http/", ctx.base);
+    let manifest = |v: u32| {
+        format!(
+            "{}---\n{}",
+            deploy::Ctx::project_yaml(project),
+            ctx.component_yaml(project, "api", v)
+        )
+    };
+    // A ready release in dev and in staging first.
+    ctx.apply("promo.yaml", &manifest(0))?;
+    let (mut current, _) = rt.block_on(ctx.ready_binding(project, "api-dev", None, limit))?;
+    ctx.cli(&[
+        "promote", "api", "--from", "dev", "--to", "staging", "-p", project,
+    ])?;
+    rt.block_on(deploy::wait_serving(&url, &current, limit))?;
+    let mut times = Vec::new();
+    for i in 1..=PROMOTIONS {
+        ctx.apply("promo.yaml", &manifest(i as u32))?;
+        let (release, _) =
+            rt.block_on(ctx.ready_binding(project, "api-dev", Some(&current), limit))?;
+        let start = Instant::now();
+        ctx.cli(&[
+            "promote", "api", "--from", "dev", "--to", "staging", "-p", project,
+        ])?;
+        let (served, bound) = rt.block_on(async {
+            tokio::join!(
+                async {
+                    let n = deploy::wait_serving(&url, &release, limit).await?;
+                    Ok::<_, anyhow::Error>((start.elapsed(), n))
+                },
+                async {
+                    ctx.ready_binding(project, "api-staging", Some(&current), limit)
+                        .await?;
+                    Ok::<_, anyhow::Error>(start.elapsed())
+                }
+            )
+        });
+        let ((served, timeouts), bound) = (served?, bound?);
+        let t = served.as_secs_f64();
+        eprintln!(
+            "[promote] {i}/{PROMOTIONS}: {release} served by staging after {t:.3} s (binding Ready after {:.3} s; \
+             {timeouts} gateway requests timed out meanwhile)",
+            bound.as_secs_f64()
+        );
+        times.push(t);
+        current = release;
+    }
+    let (m, x) = median_max(times);
+    put("promote.median", m);
+    put("promote.max", x);
+    rt.block_on(ctx.delete_project(project, limit))?;
+    Ok(())
+}
+
+fn components(
+    ctx: &deploy::Ctx,
+    rt: &tokio::runtime::Runtime,
+    testsvc: &Path,
+    put: &mut impl FnMut(&'static str, f64),
+) -> Result<()> {
+    let project = "bench-many";
+    let mut yaml = deploy::Ctx::project_yaml(project);
+    for i in 0..COMPONENTS {
+        yaml.push_str("---\n");
+        yaml.push_str(&ctx.component_yaml(project, &format!("c-{i:04}"), 0));
+    }
+    let file = ctx.scratch.join("components.yaml");
+    std::fs::write(&file, yaml)?;
+    let rev = rt.block_on(load::store_revision(&ctx.base))?;
+    let start = Instant::now();
+    let watch = rt.spawn(deploy::all_ready(
+        ctx.base.clone(),
+        ctx.token.clone(),
+        project.into(),
+        rev,
+        COMPONENTS,
+        Duration::from_secs(300),
+    ));
+    ctx.cli(&["apply", "-f", &file.to_string_lossy()])?;
+    let applied = start.elapsed();
+    let done = rt.block_on(watch)??;
+    let took = done - start;
+    let pids = deploy::pids_of(testsvc);
+    eprintln!(
+        "[components] {COMPONENTS}: apply {:.1} s, all Ready {:.1} s, {} replica processes",
+        applied.as_secs_f64(),
+        took.as_secs_f64(),
+        pids.len()
+    );
+    put("components.apply", applied.as_secs_f64());
+    put("components.ready", took.as_secs_f64());
+    put("components.procs", pids.len() as f64);
+    let cleanup = rt.block_on(ctx.delete_project(project, Duration::from_secs(300)))?;
+    // The workloads are removed before the bindings go; give exiting processes a moment to be reaped.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut left = deploy::alive(&pids, testsvc);
+    while !left.is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        left = deploy::alive(&pids, testsvc);
+    }
+    eprintln!(
+        "[components] project deleted in {:.1} s; {} of {} replica processes left",
+        cleanup.as_secs_f64(),
+        left.len(),
+        pids.len()
+    );
+    put("components.cleanup", cleanup.as_secs_f64());
+    put("components.leftover", left.len() as f64);
+    Ok(())
+}
+
 fn fmt(v: Option<f64>, decimals: usize) -> String {
     match v {
         Some(v) if v.is_finite() => {
@@ -741,6 +1252,8 @@ fn summary(backends: &[Backend], results: &Results) -> (String, bool) {
         let target = match m.target {
             Target::Below(x) => format!("< {}{unit}", fmt(Some(x), 0)),
             Target::SqliteBelow(x) => format!("< {}{unit} (SQLite)", fmt(Some(x), 0)),
+            Target::AtLeast(x) => format!("≥ {x}{unit}"),
+            Target::AtMost(x) => format!("≤ {x}{unit}"),
             Target::Zero => "0".into(),
             Target::Info => String::new(),
         };
@@ -750,6 +1263,8 @@ fn summary(backends: &[Backend], results: &Results) -> (String, bool) {
             let ok = match m.target {
                 Target::Below(x) => v < x,
                 Target::SqliteBelow(x) => b != Backend::Sqlite || v < x,
+                Target::AtLeast(x) => v >= x,
+                Target::AtMost(x) => v <= x,
                 Target::Zero => v == 0.0,
                 Target::Info => true,
             };

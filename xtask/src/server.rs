@@ -95,6 +95,11 @@ impl Env {
     /// Starts a server on `inst` and waits until `/readyz` answers 200. The returned duration runs from just
     /// before the process is spawned to the first 200.
     pub fn start(&self, inst: &Instance) -> Result<(Server, Duration)> {
+        self.start_with(inst, &[])
+    }
+
+    /// [`Env::start`] with extra `kiln server` flags.
+    pub fn start_with(&self, inst: &Instance, extra: &[&str]) -> Result<(Server, Duration)> {
         let port = free_port()?;
         let log_path = self.scratch.join("servers.log");
         let log = std::fs::OpenOptions::new()
@@ -111,6 +116,7 @@ impl Env {
         if let Some(url) = &inst.database_url {
             cmd.arg("--database-url").arg(url);
         }
+        cmd.args(extra);
         cmd.env_remove("KILN_DATABASE_URL")
             .env("KILN_LOG", "warn")
             .stdin(Stdio::null())
