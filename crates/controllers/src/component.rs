@@ -60,10 +60,9 @@ pub(crate) fn controller(store: Store) -> Controller<ComponentController> {
         .watches(bindings, component_of_child)
 }
 
-/// The component a release or binding belongs to (its label, else its `spec.component`), when that component
-/// is being deleted: a deletion waits for its bindings to go. A live component is not woken by its bindings, so
-/// that deleting an auto-deployed binding by hand sticks until the component changes.
-fn component_of_child(child: &Resource, components: &Cache) -> Vec<Key> {
+/// The component a release or binding belongs to (its label, else its `spec.component`): a binding's status
+/// feeds the component's `Ready`, and a deletion waits for its bindings to go.
+fn component_of_child(child: &Resource, _components: &Cache) -> Vec<Key> {
     let name = child
         .metadata
         .labels
@@ -73,20 +72,12 @@ fn component_of_child(child: &Resource, components: &Cache) -> Vec<Key> {
     let (Some(name), Some(_)) = (name, &child.metadata.project) else {
         return Vec::new();
     };
-    let key = Key {
+    vec![Key {
         kind: Kind::Component,
         organization: child.metadata.organization.clone(),
         project: child.metadata.project.clone(),
         name: name.to_owned(),
-    };
-    let deleting = components
-        .get(&key)
-        .is_some_and(|c| c.metadata.deletion_timestamp.is_some());
-    if deleting {
-        vec![key]
-    } else {
-        Vec::new()
-    }
+    }]
 }
 
 /// Whether a release or binding belongs to `component` (by label, or by `spec.component` when unlabelled).
@@ -334,7 +325,21 @@ impl ComponentController {
             reason: "AutoDeployed",
             message: format!("release {release} {how} environment {env}"),
         };
+        let deployed_before = component
+            .status
+            .get("deployedRelease")
+            .and_then(Value::as_str)
+            == Some(release);
         match self.get(&key).await? {
+            // The binding of a release that was deployed before was deleted on purpose: leave it deleted until
+            // a new release (or a promotion) deploys again.
+            None if deployed_before => Ok(Deployed {
+                status: ConditionStatus::False,
+                reason: "BindingRemoved",
+                message: format!(
+                    "the binding of {release} in environment {env} was deleted; a new release deploys again"
+                ),
+            }),
             None => {
                 let spec = ReleaseBindingSpec {
                     component: component.metadata.name.clone(),
@@ -529,6 +534,12 @@ impl Reconciler for ComponentController {
         );
         if spec.auto_deploy {
             let d = self.auto_deploy(&obj, &name).await?;
+            if d.status == ConditionStatus::True {
+                // Remembered so that a binding of this release deleted by hand is not recreated.
+                if let Value::Object(map) = &mut status {
+                    map.insert("deployedRelease".into(), Value::String(name.clone()));
+                }
+            }
             set_condition(
                 &mut status,
                 new_condition("Deployed", d.status, d.reason, d.message, generation),
@@ -539,10 +550,67 @@ impl Reconciler for ComponentController {
         } else {
             status = serde_json::json!({ "latestRelease": name });
         }
+        let bindings = self.children(&obj, &ctx.key, Kind::ReleaseBinding).await?;
+        let (ready, environments) = readiness(&bindings);
+        set_condition(
+            &mut status,
+            new_condition("Ready", ready.0, ready.1, ready.2, generation),
+        );
+        if let Value::Object(map) = &mut status {
+            map.insert("environments".into(), Value::Array(environments));
+        }
         Ok(write_status(&self.store, &ctx.key, &obj, status)
             .await?
             .action())
     }
+}
+
+/// The component's `Ready` over the environments it runs in, and a summary per environment: ready when every
+/// active binding is ready; otherwise not ready, naming each environment that is not and why (a crash in one
+/// environment surfaces here).
+fn readiness(bindings: &[Resource]) -> ((ConditionStatus, &'static str, String), Vec<Value>) {
+    let mut summary = Vec::new();
+    let mut problems = Vec::new();
+    let mut active = 0;
+    for b in bindings {
+        let env = spec_str(b, "environment").unwrap_or("?").to_owned();
+        let state = spec_str(b, "state").unwrap_or("active");
+        let ready = b.condition("Ready");
+        summary.push(serde_json::json!({
+            "environment": env,
+            "release": spec_str(b, "release"),
+            "state": state,
+            "ready": ready.as_ref().is_some_and(|c| c.status == ConditionStatus::True),
+            "readyReplicas": b.status.get("readyReplicas"),
+            "replicas": b.status.get("replicas"),
+        }));
+        if state != "active" {
+            continue;
+        }
+        active += 1;
+        match ready {
+            Some(c) if c.status == ConditionStatus::True => {}
+            Some(c) => problems.push(format!("{env}: {} ({})", c.reason, c.message)),
+            None => problems.push(format!("{env}: not reported yet")),
+        }
+    }
+    summary.sort_by(|a, b| a["environment"].as_str().cmp(&b["environment"].as_str()));
+    let ready = if active == 0 {
+        (
+            ConditionStatus::False,
+            "NotDeployed",
+            "the component runs in no environment".to_owned(),
+        )
+    } else if problems.is_empty() {
+        (
+            ConditionStatus::True,
+            "Ready",
+            format!("ready in {active} environment(s)"),
+        )
+    } else {
+        (ConditionStatus::False, "NotReady", problems.join("; "))
+    };
+    (ready, summary)
 }
 
 #[cfg(test)]

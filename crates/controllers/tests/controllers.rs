@@ -820,6 +820,17 @@ async fn a_binding_on_a_data_plane_without_a_driver_says_so() {
         .unwrap()
         .message
         .contains("kubernetes data planes are not available yet"));
+    // The child's failure surfaces on the component, naming the environment.
+    let c = condition(
+        s,
+        &in_project(Kind::Component, "web"),
+        "Ready",
+        ConditionStatus::False,
+        "NotReady",
+    )
+    .await;
+    let message = c.condition("Ready").unwrap().message;
+    assert!(message.contains("prod: DataPlaneUnavailable"), "{message}");
     let _ = h.stop_tx.send(true);
 }
 
@@ -1242,5 +1253,45 @@ async fn deleting_a_project_removes_its_components_and_all_they_deployed_in_orde
     s.get(&key(Kind::DeploymentPipeline, Some("acme"), "default"))
         .await
         .unwrap();
+    let _ = h.stop_tx.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_component_is_ready_when_its_environments_are_and_a_deleted_binding_stays_deleted() {
+    let h = start().await;
+    delivery_fixture(&h).await;
+    let comp = model::normalize(resource(
+        Kind::Component,
+        Some("acme"),
+        Some("shop"),
+        "web",
+        web(1),
+    ))
+    .unwrap();
+    h.store.create(comp).await.unwrap();
+    let ck = in_project(Kind::Component, "web");
+    let c = condition(&h.store, &ck, "Ready", ConditionStatus::True, "Ready").await;
+    assert_eq!(c.status["environments"][0]["environment"], "dev");
+    assert_eq!(c.status["environments"][0]["ready"], true);
+    // Deleting the auto-deployed binding by hand sticks: the component says so instead of recreating it.
+    let bk = in_project(Kind::ReleaseBinding, "web-dev");
+    h.store.delete(&bk, None).await.unwrap();
+    condition(
+        &h.store,
+        &ck,
+        "Deployed",
+        ConditionStatus::False,
+        "BindingRemoved",
+    )
+    .await;
+    condition(
+        &h.store,
+        &ck,
+        "Ready",
+        ConditionStatus::False,
+        "NotDeployed",
+    )
+    .await;
+    assert!(h.store.get(&bk).await.is_err());
     let _ = h.stop_tx.send(true);
 }

@@ -182,7 +182,13 @@ struct Env {
 
 /// Connects to the Engine, or says why not: `None` means skip (outside CI).
 async fn setup(test: &str) -> Option<Env> {
-    let driver = match DockerDriver::connect().await {
+    let org = format!("kt{}-{test}", std::process::id());
+    // Each test's driver acts only on its own organization's containers, as tests share one Engine.
+    let config = dataplane::docker::DockerConfig {
+        scope_prefix: Some(org.clone()),
+        ..Default::default()
+    };
+    let driver = match DockerDriver::connect_config(config).await {
         Ok(d) => d,
         Err(e) => {
             if std::env::var("CI").is_ok_and(|v| v == "true") {
@@ -193,7 +199,6 @@ async fn setup(test: &str) -> Option<Env> {
         }
     };
     let image = tokio::task::spawn_blocking(image).await.unwrap();
-    let org = format!("kt{}-{test}", std::process::id());
     Some(Env {
         driver,
         image: image.tag.clone(),

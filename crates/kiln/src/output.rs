@@ -74,7 +74,7 @@ fn s(v: &Value, pointer: &str) -> String {
 
 fn wide_columns(kind: Kind) -> &'static [&'static str] {
     match kind {
-        Kind::Component => &["TYPE", "ENDPOINTS"],
+        Kind::Component => &["TYPE", "ENDPOINTS", "ENVIRONMENTS"],
         Kind::Environment => &["DATAPLANE", "PRODUCTION"],
         Kind::Project => &["PIPELINE"],
         Kind::DataPlane => &["TYPE"],
@@ -101,7 +101,28 @@ fn wide_values(kind: Kind, r: &Resource) -> Vec<String> {
                 })
                 .filter(|x| !x.is_empty())
                 .unwrap_or_else(|| "-".into());
-            vec![s(spec, "/type"), eps]
+            // Each environment with its release and ready replicas, e.g. `dev=web-1a2b3c4d5e(2/2)`.
+            let envs = r
+                .status
+                .get("environments")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .map(|e| {
+                            format!(
+                                "{}={}({}/{})",
+                                s(e, "/environment"),
+                                s(e, "/release"),
+                                s(e, "/readyReplicas"),
+                                s(e, "/replicas")
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .filter(|x| !x.is_empty())
+                .unwrap_or_else(|| "-".into());
+            vec![s(spec, "/type"), eps, envs]
         }
         Kind::Environment => vec![s(spec, "/dataPlaneRef"), s(spec, "/isProduction")],
         Kind::Project => vec![s(spec, "/deploymentPipelineRef")],

@@ -57,6 +57,9 @@ fn handle(inner: &Arc<Inner>, event: Event) {
     let Some(id) = attrs.get(LABEL_WORKLOAD).and_then(|s| WorkloadId::parse(s)) else {
         return;
     };
+    if !inner.in_scope(&id) {
+        return;
+    }
     let name = attrs.get("name").cloned().unwrap_or_default();
     inner.notify(&id);
     if spec::is_retiring(&name) {
@@ -137,6 +140,9 @@ async fn sweep(inner: &Arc<Inner>) {
         let Some(id) = c.label(LABEL_WORKLOAD).and_then(WorkloadId::parse) else {
             continue;
         };
+        if !inner.in_scope(&id) {
+            continue;
+        }
         if c.state == "exited" && !spec::is_retiring(c.name()) {
             tokio::spawn(revive_if_stopped(inner.clone(), c.id.clone(), id.clone()));
         }

@@ -35,6 +35,13 @@ pub(super) async fn check(inner: Arc<Inner>) {
         };
         tracked.retain(|id, _| containers.iter().any(|c| &c.id == id));
         for c in containers {
+            if !c
+                .label(LABEL_WORKLOAD)
+                .and_then(WorkloadId::parse)
+                .is_some_and(|id| inner.in_scope(&id))
+            {
+                continue;
+            }
             if c.state != "running" || spec::is_retiring(c.name()) {
                 tracked.remove(&c.id);
                 continue;

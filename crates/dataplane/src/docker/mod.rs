@@ -55,6 +55,10 @@ pub struct DockerConfig {
     /// During a rolling replacement, how long to wait for a new replica to become ready before its predecessor
     /// is taken down anyway (a new replica that crashes ends the wait at once).
     pub rollout_ready_timeout: Duration,
+    /// When set, the driver's background work (reviving stopped containers, liveness checks) only touches
+    /// workloads whose organization starts with this prefix, so several drivers can share one Engine without
+    /// acting on each other's containers. `None`: every Kiln workload on the Engine.
+    pub scope_prefix: Option<String>,
 }
 
 impl Default for DockerConfig {
@@ -64,6 +68,7 @@ impl Default for DockerConfig {
             publish_ip: "127.0.0.1".into(),
             stop_timeout_secs: 10,
             rollout_ready_timeout: Duration::from_secs(30),
+            scope_prefix: None,
         }
     }
 }
@@ -92,7 +97,12 @@ impl DockerDriver {
     /// Connects to the Engine named by `DOCKER_HOST` (a `unix://` socket) or `/var/run/docker.sock`, with the
     /// default settings.
     pub async fn connect() -> Result<DockerDriver> {
-        DockerDriver::connect_with(Engine::from_env()?.socket(), DockerConfig::default()).await
+        DockerDriver::connect_config(DockerConfig::default()).await
+    }
+
+    /// Like [`DockerDriver::connect`], with the given settings.
+    pub async fn connect_config(config: DockerConfig) -> Result<DockerDriver> {
+        DockerDriver::connect_with(Engine::from_env()?.socket(), config).await
     }
 
     /// Connects to the Engine listening on `socket`. Fails, naming the socket, when the Engine does not answer.
@@ -176,6 +186,14 @@ impl DataPlane for DockerDriver {
 }
 
 impl Inner {
+    /// Whether the driver's background work may act on this workload (see [`DockerConfig::scope_prefix`]).
+    pub(crate) fn in_scope(&self, id: &WorkloadId) -> bool {
+        self.config
+            .scope_prefix
+            .as_deref()
+            .is_none_or(|p| id.organization.starts_with(p))
+    }
+
     fn notify(&self, id: &WorkloadId) {
         // No receiver is not an error: nobody is watching yet.
         let _ = self.changes_tx.send(id.clone());
