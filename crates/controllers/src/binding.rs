@@ -295,7 +295,18 @@ fn observe(
     release: &str,
     generation: Option<u64>,
 ) -> bool {
-    let (ready, desired) = ws.map(|s| (s.ready(), s.desired)).unwrap_or((0, 0));
+    // Readiness is judged on the replicas of the bound release only: during a rollout the previous release's
+    // replicas may still be ready, but they are not what the binding asks for.
+    let (ready, desired) = ws
+        .map(|s| {
+            let current = s
+                .replicas
+                .iter()
+                .filter(|r| r.release == release && r.ready)
+                .count() as u32;
+            (current, s.desired)
+        })
+        .unwrap_or((0, 0));
     let crashed: Vec<String> = ws
         .map(|s| {
             s.replicas
@@ -324,11 +335,7 @@ fn observe(
                 .collect()
         })
         .unwrap_or_default();
-    let all_ready = ws.is_some()
-        && ready == desired
-        && ws.is_some_and(|s| {
-            s.replicas.iter().filter(|r| r.release == release).count() as u32 >= desired
-        });
+    let all_ready = ws.is_some() && ready >= desired;
     let (rs, rr, rm) = if all_ready {
         (
             ConditionStatus::True,
@@ -369,7 +376,14 @@ fn observe(
     let endpoints: BTreeMap<String, Vec<String>> = ws
         .map(|s| {
             let mut m: BTreeMap<String, Vec<String>> = BTreeMap::new();
-            for r in s.replicas.iter().filter(|r| r.ready) {
+            // Traffic goes to the bound release's ready replicas; until one of them is ready (early in a rollout),
+            // to whatever replicas are ready.
+            let current_ready = s.replicas.iter().any(|r| r.ready && r.release == release);
+            for r in s
+                .replicas
+                .iter()
+                .filter(|r| r.ready && (!current_ready || r.release == release))
+            {
                 for (name, addr) in &r.endpoints {
                     m.entry(name.clone()).or_default().push(addr.to_string());
                 }
@@ -843,6 +857,43 @@ impl Reconciler for BindingController {
 
 #[cfg(test)]
 mod tests {
+
+    fn replica(release: &str, ready: bool, port: u16) -> dataplane::ReplicaStatus {
+        dataplane::ReplicaStatus {
+            index: 0,
+            release: release.into(),
+            state: ReplicaState::Running,
+            ready,
+            restarts: 0,
+            endpoints: [(
+                "http".to_string(),
+                std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            )]
+            .into(),
+            last_logs: vec![],
+        }
+    }
+
+    #[test]
+    fn a_rollout_is_ready_only_when_the_bound_release_is() {
+        let mut status = json!({});
+        // The old release still serves while the new one starts: not ready, traffic stays on the old.
+        let ws = WorkloadStatus {
+            desired: 1,
+            replicas: vec![replica("old", true, 1001), replica("new", false, 1002)],
+        };
+        assert!(!observe(&mut status, Some(&ws), "new", Some(1)));
+        assert_eq!(status["endpoints"]["http"], json!(["127.0.0.1:1001"]));
+        assert_eq!(status["readyReplicas"], 0);
+        // Once the new one is ready, it alone takes the traffic.
+        let ws = WorkloadStatus {
+            desired: 1,
+            replicas: vec![replica("old", true, 1001), replica("new", true, 1002)],
+        };
+        assert!(observe(&mut status, Some(&ws), "new", Some(1)));
+        assert_eq!(status["endpoints"]["http"], json!(["127.0.0.1:1002"]));
+    }
+
     use super::*;
 
     #[test]
