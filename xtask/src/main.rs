@@ -974,7 +974,7 @@ fn run_delivery(
                 scratch: &scratch,
             };
             ctx.environments()?;
-            rt.block_on(async {
+            let miss = rt.block_on(async {
                 let project = "bench-noop";
                 ctx.apply("noop-project.yaml", &deploy::Ctx::project_yaml(project))?;
                 let rev = load::store_revision(&ctx.base).await?;
@@ -985,7 +985,7 @@ fn run_delivery(
                     project.into(),
                     rev,
                     RECONCILE_COMPONENTS,
-                    Duration::from_secs(300),
+                    Duration::from_secs(120),
                 ));
                 let put_wall = deploy::put_components(
                     &ctx.base,
@@ -996,17 +996,29 @@ fn run_delivery(
                     RECONCILE_CONNS,
                 )
                 .await?;
-                let done = watch.await??;
-                let took = done - start;
-                eprintln!(
-                    "[no-op data plane] {RECONCILE_COMPONENTS} components: PUTs {:.1} s, all Ready {:.1} s",
-                    put_wall.as_secs_f64(),
-                    took.as_secs_f64()
-                );
                 put("reconcile.put", put_wall.as_secs_f64());
-                put("reconcile.ready", took.as_secs_f64());
-                Ok::<_, anyhow::Error>(())
+                // A miss is reported in the table (n/a, FAIL) rather than ending the whole run.
+                match watch.await? {
+                    Ok(done) => {
+                        let took = done - start;
+                        eprintln!(
+                            "[no-op data plane] {RECONCILE_COMPONENTS} components: PUTs {:.1} s, all Ready {:.1} s",
+                            put_wall.as_secs_f64(),
+                            took.as_secs_f64()
+                        );
+                        put("reconcile.ready", took.as_secs_f64());
+                        Ok::<_, anyhow::Error>(None)
+                    }
+                    Err(e) => {
+                        eprintln!("[no-op data plane] {e:#}");
+                        put("reconcile.ready", f64::NAN);
+                        Ok(Some(format!("Reconcile (no-op data plane): {e:#}.")))
+                    }
+                }
             })?;
+            if let Some(n) = miss {
+                notes.push(n);
+            }
             notes.push(format!(
                 "Reconcile: a server started with `--noop-data-planes` (the no-op data plane: nothing runs, every \
                  replica reports ready); {RECONCILE_COMPONENTS} Components PUT through the API by \
