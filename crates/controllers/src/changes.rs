@@ -41,7 +41,52 @@ pub(crate) fn binding_triggers(drivers: &Drivers, cache: Cache) -> impl Stream<I
         .into_iter()
         .map(|d| changes(d.changes()).boxed())
         .collect();
-    stream::select_all(receivers).flat_map(move |c| stream::iter(keys_for(&cache, c)))
+    // Notifications that arrive together are handled together, so a burst costs one pass over the cache.
+    stream::select_all(receivers)
+        .ready_chunks(4096)
+        .flat_map(move |batch| stream::iter(keys_for_batch(&cache, batch)))
+}
+
+/// The keys for a batch of notifications, without duplicates; at most one scan of the cache for the batch.
+fn keys_for_batch(cache: &Cache, batch: Vec<Change>) -> Vec<Key> {
+    let mut keys: Vec<Key> = Vec::new();
+    let mut unnamed: Vec<WorkloadId> = Vec::new();
+    let mut places: Vec<(String, String)> = Vec::new();
+    for change in batch {
+        match change {
+            Change::Lagged(_) => return keys_for(cache, change),
+            Change::Workload(id) => {
+                let named = Key {
+                    kind: Kind::ReleaseBinding,
+                    organization: Some(id.organization.clone()),
+                    project: Some(id.project.clone()),
+                    name: ReleaseBindingSpec::name_for(&id.component, &id.environment),
+                };
+                if cache.get(&named).is_some_and(|b| runs(&b, &id)) {
+                    keys.push(named);
+                } else {
+                    unnamed.push(id.clone());
+                }
+                let place = (id.organization, id.environment);
+                if !places.contains(&place) {
+                    places.push(place);
+                }
+            }
+        }
+    }
+    let found = cache.filter(|r| {
+        let waiting = places.iter().any(|(org, env)| {
+            r.metadata.organization.as_deref() == Some(org.as_str())
+                && spec_is(r, "environment", env)
+        }) && condition_is(r, DEPENDENCIES_READY, ConditionStatus::False);
+        waiting || unnamed.iter().any(|id| runs(r, id))
+    });
+    keys.extend(found.iter().filter_map(|r| Key::of(r)));
+    keys.sort_by(|a, b| {
+        (&a.organization, &a.project, &a.name).cmp(&(&b.organization, &b.project, &b.name))
+    });
+    keys.dedup();
+    keys
 }
 
 fn changes(rx: broadcast::Receiver<WorkloadId>) -> impl Stream<Item = Change> + Send {
@@ -54,8 +99,22 @@ fn changes(rx: broadcast::Receiver<WorkloadId>) -> impl Stream<Item = Change> + 
     })
 }
 
+/// Whether the condition `type_` has `status`, read straight from the JSON (this runs over every cached binding).
 fn condition_is(r: &Resource, type_: &str, status: ConditionStatus) -> bool {
-    r.condition(type_).is_some_and(|c| c.status == status)
+    let want = match status {
+        ConditionStatus::True => "True",
+        ConditionStatus::False => "False",
+        ConditionStatus::Unknown => "Unknown",
+    };
+    r.status
+        .get("conditions")
+        .and_then(|c| c.as_array())
+        .is_some_and(|cs| {
+            cs.iter().any(|c| {
+                c.get("type").and_then(|t| t.as_str()) == Some(type_)
+                    && c.get("status").and_then(|s| s.as_str()) == Some(want)
+            })
+        })
 }
 
 fn spec_is(r: &Resource, field: &str, value: &str) -> bool {

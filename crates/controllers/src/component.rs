@@ -226,11 +226,11 @@ impl ComponentController {
         }
     }
 
-    /// The first environment of the component's project's pipeline, or why there is none.
-    async fn first_environment(
+    /// The component's project's pipeline, or why there is none.
+    async fn pipeline(
         &self,
         component: &Resource,
-    ) -> Result<Result<String, (&'static str, String)>, Error> {
+    ) -> Result<Result<DeploymentPipelineSpec, (&'static str, String)>, Error> {
         let org = component.metadata.organization.clone();
         let project_key = Key {
             kind: Kind::Project,
@@ -262,19 +262,48 @@ impl ComponentController {
                 format!("DeploymentPipeline {pipeline_name:?} does not exist"),
             )));
         };
-        let spec: DeploymentPipelineSpec = match model::typed_spec(&pipeline) {
-            Ok(s) => s,
-            Err(e) => {
-                return Ok(Err((
-                    "InvalidPipeline",
-                    format!("DeploymentPipeline {pipeline_name:?}: {e}"),
-                )))
-            }
+        Ok(model::typed_spec(&pipeline).map_err(|e| {
+            (
+                "InvalidPipeline",
+                format!("DeploymentPipeline {pipeline_name:?}: {e}"),
+            )
+        }))
+    }
+
+    /// The first environment of the component's project's pipeline, or why there is none.
+    async fn first_environment(
+        &self,
+        component: &Resource,
+    ) -> Result<Result<String, (&'static str, String)>, Error> {
+        Ok(match self.pipeline(component).await? {
+            Ok(spec) => first_environment(&spec).ok_or((
+                "EmptyPipeline",
+                "the deployment pipeline names no environments".to_owned(),
+            )),
+            Err(e) => Err(e),
+        })
+    }
+
+    /// The component's bindings in the environments of its pipeline, by their conventional names
+    /// (`<component>-<environment>`: every binding Kiln creates is named so). A few point reads, so that a
+    /// project with thousands of components does not make every reconcile list every binding.
+    async fn bindings_in_pipeline(&self, component: &Resource) -> Result<Vec<Resource>, Error> {
+        let Ok(spec) = self.pipeline(component).await? else {
+            return Ok(Vec::new());
         };
-        Ok(first_environment(&spec).ok_or((
-            "EmptyPipeline",
-            format!("DeploymentPipeline {pipeline_name:?} names no environments"),
-        )))
+        let mut out = Vec::new();
+        for (env, _) in spec.environment_refs() {
+            let key = Key {
+                kind: Kind::ReleaseBinding,
+                organization: component.metadata.organization.clone(),
+                project: component.metadata.project.clone(),
+                name: ReleaseBindingSpec::name_for(&component.metadata.name, env),
+            };
+            if let Some(b) = self.get(&key).await? {
+                out.push(b);
+            }
+        }
+        Ok(out)
     }
 
     /// Binds `release` in the pipeline's first environment (creating the binding, or re-pointing it there).
@@ -550,7 +579,7 @@ impl Reconciler for ComponentController {
         } else {
             status = serde_json::json!({ "latestRelease": name });
         }
-        let bindings = self.children(&obj, &ctx.key, Kind::ReleaseBinding).await?;
+        let bindings = self.bindings_in_pipeline(&obj).await?;
         let (ready, environments) = readiness(&bindings);
         set_condition(
             &mut status,

@@ -780,6 +780,16 @@ async fn a_binding_on_a_data_plane_without_a_driver_says_so() {
     ))
     .await
     .unwrap();
+    // prod joins the pipeline after staging.
+    let mut pipeline = s
+        .get(&key(Kind::DeploymentPipeline, Some("acme"), "default"))
+        .await
+        .unwrap();
+    pipeline.spec = json!({"promotionPaths": [
+        {"sourceEnvironmentRef": "dev", "targetEnvironmentRefs": [{"name": "staging"}]},
+        {"sourceEnvironmentRef": "staging", "targetEnvironmentRefs": [{"name": "prod"}]}
+    ]});
+    s.update(pipeline).await.unwrap();
     let comp = model::normalize(resource(
         Kind::Component,
         Some("acme"),
