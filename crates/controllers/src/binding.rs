@@ -126,7 +126,13 @@ pub struct BindingController {
     store: Store,
     drivers: Drivers,
     mesh: Option<Arc<dyn Mesh>>,
+    /// Bindings whose `DependenciesReady` is `False`: a data plane change may be what they wait for.
+    waiting: Waiting,
 }
+
+/// The keys of the bindings waiting on a dependency, kept by the reconciler as it writes that condition, so
+/// a data plane notification finds them without scanning every binding.
+pub(crate) type Waiting = Arc<std::sync::Mutex<std::collections::HashSet<Key>>>;
 
 pub(crate) fn controller(
     store: Store,
@@ -134,6 +140,7 @@ pub(crate) fn controller(
     mesh: Option<Arc<dyn Mesh>>,
 ) -> Controller<BindingController> {
     let bindings = StoreSource::new(store.clone(), Kind::ReleaseBinding);
+    let waiting = Waiting::default();
     let ctrl = Controller::new(
         "releasebindings",
         bindings,
@@ -141,11 +148,12 @@ pub(crate) fn controller(
             store,
             drivers: drivers.clone(),
             mesh,
+            waiting: waiting.clone(),
         },
     )
     .concurrency(8);
     // Data plane changes (a replica started, became ready, crashed) reconcile the bindings they concern at once.
-    let triggers = crate::changes::binding_triggers(&drivers, ctrl.cache());
+    let triggers = crate::changes::binding_triggers(&drivers, ctrl.cache(), waiting);
     ctrl.triggers(triggers)
 }
 
@@ -796,6 +804,13 @@ impl Reconciler for BindingController {
         let dependency_env = self
             .dependencies(&id, &release, driver.name(), &mut status, generation)
             .await?;
+        if let Ok(mut w) = self.waiting.lock() {
+            if condition_status(&status, DEPENDENCIES_READY) == Some(ConditionStatus::False) {
+                w.insert(ctx.key.clone());
+            } else {
+                w.remove(&ctx.key);
+            }
+        }
         let mut workload = render(id.clone(), &spec.release, &release);
         // A variable the component sets itself wins over the injected one.
         for (k, v) in dependency_env {

@@ -16,7 +16,7 @@ use runtime::Cache;
 use store::Key;
 use tokio::sync::broadcast::{self, error::RecvError};
 
-use crate::binding::{Drivers, DEPENDENCIES_READY};
+use crate::binding::{Drivers, Waiting, DEPENDENCIES_READY};
 
 /// What one receiver reports.
 enum Change {
@@ -26,7 +26,11 @@ enum Change {
 }
 
 /// The keys of the bindings to reconcile, from the change notifications of every driver in `drivers`.
-pub(crate) fn binding_triggers(drivers: &Drivers, cache: Cache) -> impl Stream<Item = Key> + Send {
+pub(crate) fn binding_triggers(
+    drivers: &Drivers,
+    cache: Cache,
+    waiting: Waiting,
+) -> impl Stream<Item = Key> + Send {
     let mut planes: Vec<&Arc<dyn DataPlane>> = Vec::new();
     for d in [drivers.process.as_ref(), drivers.docker.as_ref()]
         .into_iter()
@@ -44,11 +48,11 @@ pub(crate) fn binding_triggers(drivers: &Drivers, cache: Cache) -> impl Stream<I
     // Notifications that arrive together are handled together, so a burst costs one pass over the cache.
     stream::select_all(receivers)
         .ready_chunks(4096)
-        .flat_map(move |batch| stream::iter(keys_for_batch(&cache, batch)))
+        .flat_map(move |batch| stream::iter(keys_for_batch(&cache, &waiting, batch)))
 }
 
 /// The keys for a batch of notifications, without duplicates; at most one scan of the cache for the batch.
-fn keys_for_batch(cache: &Cache, batch: Vec<Change>) -> Vec<Key> {
+fn keys_for_batch(cache: &Cache, waiting: &Waiting, batch: Vec<Change>) -> Vec<Key> {
     let mut keys: Vec<Key> = Vec::new();
     let mut unnamed: Vec<WorkloadId> = Vec::new();
     let mut places: Vec<(String, String)> = Vec::new();
@@ -74,14 +78,27 @@ fn keys_for_batch(cache: &Cache, batch: Vec<Change>) -> Vec<Key> {
             }
         }
     }
-    let found = cache.filter(|r| {
-        let waiting = places.iter().any(|(org, env)| {
-            r.metadata.organization.as_deref() == Some(org.as_str())
-                && spec_is(r, "environment", env)
-        }) && condition_is(r, DEPENDENCIES_READY, ConditionStatus::False);
-        waiting || unnamed.iter().any(|id| runs(r, id))
-    });
-    keys.extend(found.iter().filter_map(|r| Key::of(r)));
+    // Bindings waiting on a dependency in one of the batch's organization-environments.
+    let waiters: Vec<Key> = waiting
+        .lock()
+        .map(|w| w.iter().cloned().collect())
+        .unwrap_or_default();
+    for k in waiters {
+        let in_place = cache.get(&k).is_some_and(|r| {
+            places.iter().any(|(org, env)| {
+                r.metadata.organization.as_deref() == Some(org.as_str())
+                    && spec_is(&r, "environment", env)
+            })
+        });
+        if in_place {
+            keys.push(k);
+        }
+    }
+    // A workload whose binding is not named by convention: one scan for all of them.
+    if !unnamed.is_empty() {
+        let found = cache.filter(|r| unnamed.iter().any(|id| runs(r, id)));
+        keys.extend(found.iter().filter_map(|r| Key::of(r)));
+    }
     keys.sort_by(|a, b| {
         (&a.organization, &a.project, &a.name).cmp(&(&b.organization, &b.project, &b.name))
     });
