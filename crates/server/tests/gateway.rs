@@ -4,9 +4,9 @@
 //! ReleaseBinding controller writes them from what the data plane reports.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -19,22 +19,9 @@ use tokio::net::{TcpListener, TcpStream};
 const ORG: &str = "acme";
 const RELEASE: &str = "web-0123456789";
 
-/// Builds `kiln-testsvc` once per test run and returns its path.
+/// The test service binary (built on first use).
 fn testsvc() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let status = std::process::Command::new(env!("CARGO"))
-            .args(["build", "-p", "testsvc", "--bin", "kiln-testsvc"])
-            .status()
-            .expect("run cargo build -p testsvc");
-        assert!(status.success(), "cargo build -p testsvc failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
-        let bin = target.join("debug").join("kiln-testsvc");
-        assert!(bin.exists(), "{} is missing", bin.display());
-        bin
-    })
+    testsvc::binary()
 }
 
 /// A running `kiln-testsvc` replica, stopped on drop.

@@ -3,30 +3,17 @@
 //! controller resolving dependencies into addresses and conditions (missing and not-visible dependencies).
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use controllers::{Mesh as _, MeshRoute, MeshTarget};
 use serde_json::{json, Value};
 use server::mesh::Mesh;
 
-/// Builds `kiln-testsvc` once per test run and returns its path.
+/// The test service binary (built on first use).
 fn testsvc() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let status = std::process::Command::new(env!("CARGO"))
-            .args(["build", "-p", "testsvc", "--bin", "kiln-testsvc"])
-            .status()
-            .expect("run cargo build -p testsvc");
-        assert!(status.success(), "cargo build -p testsvc failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
-        let bin = target.join("debug").join("kiln-testsvc");
-        assert!(bin.exists(), "{} is missing", bin.display());
-        bin
-    })
+    testsvc::binary()
 }
 
 /// A running `kiln-testsvc` replica, stopped on drop.
