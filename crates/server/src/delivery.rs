@@ -230,6 +230,27 @@ fn ok(result: &str, env: &str, release: &str, message: String) -> Response {
     .into_response()
 }
 
+/// What every delivery action starts with: the component from the path, named to the audit log, the request
+/// body decoded, and the caller allowed to re-point its bindings.
+async fn begin<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    p: &Principal,
+    slot: &AuditSlotExt,
+    params: &HashMap<String, String>,
+    body: Body,
+) -> ApiResult<(Target, T)> {
+    let t = Target::from(params);
+    slot.0.set_target(
+        Kind::Component.as_str(),
+        Some(&t.org),
+        Some(&t.project),
+        Some(&t.component),
+    );
+    let req: T = decode_json(&read_body(state, body).await?)?;
+    authorize(state, p, &t, Verb::Update, Kind::ReleaseBinding).await?;
+    Ok((t, req))
+}
+
 async fn promote(
     State(state): State<AppState>,
     p: Principal,
@@ -237,15 +258,7 @@ async fn promote(
     Path(params): Path<HashMap<String, String>>,
     body: Body,
 ) -> ApiResult<Response> {
-    let t = Target::from(&params);
-    slot.0.set_target(
-        Kind::Component.as_str(),
-        Some(&t.org),
-        Some(&t.project),
-        Some(&t.component),
-    );
-    let req: PromoteRequest = decode_json(&read_body(&state, body).await?)?;
-    authorize(&state, &p, &t, Verb::Update, Kind::ReleaseBinding).await?;
+    let (t, req): (Target, PromoteRequest) = begin(&state, &p, &slot, &params, body).await?;
     let (pipeline_name, pipeline) = pipeline(&state, &t).await?;
     let allowed: Vec<&str> = pipeline
         .promotion_paths
@@ -335,15 +348,7 @@ async fn approve(
     Path(params): Path<HashMap<String, String>>,
     body: Body,
 ) -> ApiResult<Response> {
-    let t = Target::from(&params);
-    slot.0.set_target(
-        Kind::Component.as_str(),
-        Some(&t.org),
-        Some(&t.project),
-        Some(&t.component),
-    );
-    let req: ApproveRequest = decode_json(&read_body(&state, body).await?)?;
-    authorize(&state, &p, &t, Verb::Update, Kind::ReleaseBinding).await?;
+    let (t, req): (Target, ApproveRequest) = begin(&state, &p, &slot, &params, body).await?;
     let b = get_opt(&state, &t.binding_key(&req.environment)).await?;
     let pending = b
         .as_ref()
@@ -379,15 +384,7 @@ async fn rollback(
     Path(params): Path<HashMap<String, String>>,
     body: Body,
 ) -> ApiResult<Response> {
-    let t = Target::from(&params);
-    slot.0.set_target(
-        Kind::Component.as_str(),
-        Some(&t.org),
-        Some(&t.project),
-        Some(&t.component),
-    );
-    let req: RollbackRequest = decode_json(&read_body(&state, body).await?)?;
-    authorize(&state, &p, &t, Verb::Update, Kind::ReleaseBinding).await?;
+    let (t, req): (Target, RollbackRequest) = begin(&state, &p, &slot, &params, body).await?;
     let b = get_opt(&state, &t.binding_key(&req.environment))
         .await?
         .ok_or_else(|| {
