@@ -18,27 +18,29 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::Request;
+use axum::http::header::InvalidHeaderValue;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1;
+use hyper::client::conn::{http1, TrySendError};
 use hyper_util::rt::TokioIo;
 use model::kinds::Visibility;
 use model::kinds::{BindingState, Endpoint, EndpointProtocol, ReleaseBindingSpec, ReleaseSpec};
 use model::{Kind, Resource};
 use serde_json::Value;
 use store::{EventType, Key, ListQuery, Store, StoreError, WatchQuery};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -48,6 +50,10 @@ use crate::AppState;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Idle connections kept per backend address.
 const MAX_IDLE_PER_BACKEND: usize = 64;
+/// How long a backend connection may sit idle in the pool.
+const MAX_IDLE: Duration = Duration::from_secs(60);
+/// How often the pool is swept for connections idle too long or closed by their backend.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
 /// How often bindings whose release could not be read are retried.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 /// More cached releases than this and the cache starts over.
@@ -174,13 +180,23 @@ impl Table {
 // ---- the table's maintenance ----
 
 /// Starts the task that keeps the gateway's routing table: it lists the ReleaseBindings, then follows their
-/// changes (re-listing when the watch breaks), until `shutdown` flips.
+/// changes (re-listing when the watch breaks), until `shutdown` flips. The same task closes idle backend
+/// connections now and then.
 pub fn spawn_gateway_table(state: AppState, shutdown: watch::Receiver<bool>) -> JoinHandle<()> {
-    tokio::spawn(maintain(
-        state.store.clone(),
-        state.gateway.clone(),
-        shutdown,
-    ))
+    let pool = state.gateway.pool.clone();
+    let mut stop = shutdown.clone();
+    let sweep = async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(SWEEP_EVERY) => pool.sweep(MAX_IDLE),
+                _ = stopped(&mut stop) => return,
+            }
+        }
+    };
+    let table = maintain(state.store.clone(), state.gateway.clone(), shutdown);
+    tokio::spawn(async move {
+        tokio::join!(table, sweep);
+    })
 }
 
 enum Stopped {
@@ -424,7 +440,7 @@ impl Sync {
 // ---- request routing ----
 
 /// What a request addresses, when it is for the gateway.
-enum Target {
+pub(crate) enum Target {
     Host {
         project: String,
         env: String,
@@ -433,15 +449,9 @@ enum Target {
     },
     /// A host under the base domain that looks like a gateway host but does not have four parts.
     BadHost(String),
-    Path {
-        org: String,
-        project: String,
-        env: String,
-        component: String,
-        endpoint: String,
-        /// The part of the path after the endpoint, without its leading `/`.
-        rest: String,
-    },
+    /// `/x/<org>/<project>/<env>/<component>/<endpoint>/<rest>`: the path's bytes `3..key_end` are the route key
+    /// (`org/project/env/component/endpoint`), and what follows the `/` after it is the rest.
+    Path { key_end: usize },
     /// `/x/…` with fewer than five names.
     BadPath,
     /// `/x/o/p/e/c/ep` without the trailing slash: redirect to it.
@@ -466,7 +476,8 @@ fn gateway_label<'a>(host: &'a str, base: &str) -> Option<&'a str> {
     (!label.contains('.') && label.contains("--")).then_some(label)
 }
 
-fn target(base: &str, req: &Request) -> Option<Target> {
+/// Whether `req` is for the gateway, and what it addresses. Allocates only for subdomain hosts.
+pub(crate) fn target<B>(base: &str, req: &axum::http::Request<B>) -> Option<Target> {
     if let Some(host) = req
         .headers()
         .get(header::HOST)
@@ -491,14 +502,14 @@ fn target(base: &str, req: &Request) -> Option<Target> {
     let path = req.uri().path();
     let tail = path.strip_prefix("/x/")?;
     let mut it = tail.splitn(6, '/');
-    let mut names = [""; 5];
-    for n in &mut names {
-        *n = it.next().unwrap_or("");
+    let mut key_len = 0;
+    for i in 0..5 {
+        let name = it.next().unwrap_or("");
+        if name.is_empty() {
+            return Some(Target::BadPath);
+        }
+        key_len += name.len() + usize::from(i > 0);
     }
-    if names.iter().any(|n| n.is_empty()) {
-        return Some(Target::BadPath);
-    }
-    let [org, project, env, component, endpoint] = names.map(str::to_owned);
     Some(match it.next() {
         None => {
             let mut to = format!("{path}/");
@@ -508,24 +519,20 @@ fn target(base: &str, req: &Request) -> Option<Target> {
             }
             Target::Slash(to)
         }
-        Some(rest) => Target::Path {
-            org,
-            project,
-            env,
-            component,
-            endpoint,
-            rest: rest.to_owned(),
+        Some(_) => Target::Path {
+            key_end: "/x/".len() + key_len,
         },
     })
 }
 
-/// The middleware in front of the whole router: requests for a gateway host or a `/x/` path are proxied;
-/// everything else goes on to the API and console unchanged.
-pub(crate) async fn layer(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let Some(target) = target(&state.config.base_domain, &req) else {
-        return next.run(req).await;
-    };
-    let resp = serve(&state, target, req).await;
+/// Answers a request [`target`] found to be for the gateway (the listener calls it ahead of the API router).
+pub(crate) async fn handle(
+    state: &AppState,
+    target: Target,
+    req: Request,
+    peer: SocketAddr,
+) -> Response {
+    let resp = serve(state, target, req, peer).await;
     state.metrics.observe_gateway(resp.status().as_u16());
     resp
 }
@@ -559,7 +566,7 @@ fn join_path(base: &str, rest: &str, query: Option<&str>) -> String {
     out
 }
 
-async fn serve(state: &AppState, target: Target, req: Request) -> Response {
+async fn serve(state: &AppState, target: Target, req: Request, peer: SocketAddr) -> Response {
     let gw = &state.gateway;
     let html = wants_html(req.headers());
     if !gw.is_loaded() {
@@ -602,33 +609,26 @@ async fn serve(state: &AppState, target: Target, req: Request) -> Response {
                 html,
             );
         }
-        Target::Path {
-            org,
-            project,
-            env,
-            component,
-            endpoint,
-            rest,
-        } => {
+        Target::Path { key_end } => {
+            let full = req.uri().path();
+            let key = &full[3..key_end];
             let found = gw.table.read().ok().map(|t| {
-                t.routes
-                    .get(&route_key(&org, &project, &env, &component, &endpoint))
-                    .cloned()
-                    .ok_or_else(|| {
-                        t.deployed
-                            .contains_key(&format!("{org}/{project}/{env}/{component}"))
-                    })
+                t.routes.get(key).cloned().ok_or_else(|| {
+                    // `org/project/env/component`: is the component deployed at all?
+                    let component = key.rsplit_once('/').map_or(key, |(c, _)| c);
+                    t.deployed.contains_key(component)
+                })
             });
             let route = match found {
                 Some(Ok(r)) => r,
                 Some(Err(deployed)) => {
-                    return not_found(&org, &project, &env, &component, &endpoint, deployed, html)
+                    let n: Vec<&str> = key.split('/').collect();
+                    return not_found(n[0], n[1], n[2], n[3], n[4], deployed, html);
                 }
                 None => return internal(html),
             };
-            let path = join_path(&route.path, &rest, query);
-            let prefix = format!("/x/{org}/{project}/{env}/{component}/{endpoint}");
-            (route, path, Some(prefix))
+            let path = join_path(&route.path, &full[key_end + 1..], query);
+            (route, path, Some(&full[..key_end]))
         }
         Target::Host {
             project,
@@ -750,7 +750,8 @@ async fn serve(state: &AppState, target: Target, req: Request) -> Response {
             html,
         );
     }
-    proxy(state, &route, req, backend_path, prefix, html).await
+    let prefix = prefix.map(HeaderValue::from_str);
+    proxy(state, &route, req, peer, backend_path, prefix, html).await
 }
 
 fn not_found(
@@ -948,16 +949,13 @@ async fn proxy(
     state: &AppState,
     route: &Route,
     mut req: Request,
+    peer: SocketAddr,
     path: String,
-    prefix: Option<String>,
+    prefix: Option<Result<HeaderValue, InvalidHeaderValue>>,
     html: bool,
 ) -> Response {
     let upgrade = is_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let client_ip = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip());
     let (parts, body) = req.into_parts();
     let mut headers = parts.headers;
     let upgrade_proto = headers.get(header::UPGRADE).cloned();
@@ -967,20 +965,19 @@ async fn proxy(
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, proto);
     }
-    if let Some(ip) = client_ip {
-        let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-            Some(prev) => format!("{prev}, {ip}"),
-            None => ip.to_string(),
-        };
-        if let Ok(v) = HeaderValue::from_str(&xff) {
-            headers.insert(X_FORWARDED_FOR.clone(), v);
-        }
+    let ip = peer.ip();
+    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
     }
     if let Some(host) = headers.get(header::HOST).cloned() {
         headers.insert(X_FORWARDED_HOST.clone(), host);
     }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-    match prefix.map(HeaderValue::try_from) {
+    match prefix {
         Some(Ok(p)) => {
             headers.insert(X_FORWARDED_PREFIX.clone(), p);
         }
@@ -1068,7 +1065,7 @@ async fn proxy(
 fn respond(
     pool: &Arc<Pool>,
     mut resp: axum::http::Response<Incoming>,
-    conn: Option<http1::SendRequest<Body>>,
+    upstream: Option<Upstream>,
     addr: SocketAddr,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Response {
@@ -1104,12 +1101,13 @@ fn respond(
         return Response::from_parts(parts, Body::empty());
     }
     let (mut parts, body) = resp.into_parts();
-    let keep = conn.filter(|_| !connection_close(&parts.headers));
+    let keep = !connection_close(&parts.headers);
     strip_hop_by_hop(&mut parts.headers);
     strip_session_set_cookie(&mut parts.headers);
     let body = PooledBody {
         inner: body,
-        conn: keep.map(|c| (c, addr, pool.clone())),
+        upstream,
+        keep: keep.then(|| (addr, pool.clone())),
     };
     Response::from_parts(parts, Body::new(body))
 }
@@ -1121,50 +1119,113 @@ enum SendError {
     Failed(String),
 }
 
+type Connection = http1::Connection<TokioIo<TcpStream>, Body>;
+
+/// An HTTP/1 connection to a backend whose I/O is driven by the task using it: the request's own task while
+/// it sends the request and streams the response body, nobody while it sits idle in the pool. One task per
+/// proxied exchange instead of a driver task beside it saves a cross-task wake-up at every step.
+struct Upstream {
+    send: http1::SendRequest<Body>,
+    /// `None` once the connection has ended.
+    conn: Option<Connection>,
+    /// When it went back to the pool.
+    idle_since: Instant,
+}
+
+impl Upstream {
+    /// Moves the connection's I/O along; false once it has ended.
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        if let Some(conn) = self.conn.as_mut() {
+            if let Poll::Ready(r) = Pin::new(conn).poll(cx) {
+                if let Err(e) = r {
+                    tracing::trace!(error = %e, "gateway: backend connection ended");
+                }
+                self.conn = None;
+            }
+        }
+        self.conn.is_some()
+    }
+
+    /// Waits until the connection can take a request; false if it has closed.
+    async fn ready(&mut self) -> bool {
+        std::future::poll_fn(|cx| {
+            let alive = self.drive(cx);
+            match self.send.poll_ready(cx) {
+                Poll::Ready(r) => Poll::Ready(r.is_ok()),
+                Poll::Pending if alive => Poll::Pending,
+                Poll::Pending => Poll::Ready(false),
+            }
+        })
+        .await
+    }
+
+    /// Sends `req` and waits for the response's head, driving the connection meanwhile.
+    async fn exchange(
+        &mut self,
+        req: axum::http::Request<Body>,
+    ) -> Result<axum::http::Response<Incoming>, TrySendError<axum::http::Request<Body>>> {
+        let mut response = std::pin::pin!(self.send.try_send_request(req));
+        std::future::poll_fn(|cx| {
+            self.drive(cx);
+            response.as_mut().poll(cx)
+        })
+        .await
+    }
+}
+
 /// Idle HTTP/1 connections to backends, by address.
 #[derive(Default)]
 struct Pool {
-    idle: Mutex<HashMap<SocketAddr, Vec<http1::SendRequest<Body>>>>,
+    idle: Mutex<HashMap<SocketAddr, Vec<Upstream>>>,
 }
 
 impl Pool {
-    fn take(&self, addr: SocketAddr) -> Option<http1::SendRequest<Body>> {
+    fn take(&self, addr: SocketAddr) -> Option<Upstream> {
         self.idle.lock().ok()?.get_mut(&addr)?.pop()
     }
 
-    fn put(&self, addr: SocketAddr, conn: http1::SendRequest<Body>) {
-        if conn.is_closed() {
+    fn put(&self, addr: SocketAddr, mut up: Upstream) {
+        if up.conn.is_none() || up.send.is_closed() {
             return;
         }
+        up.idle_since = Instant::now();
         if let Ok(mut idle) = self.idle.lock() {
             let list = idle.entry(addr).or_default();
             if list.len() < MAX_IDLE_PER_BACKEND {
-                list.push(conn);
+                list.push(up);
             }
         }
     }
 
+    /// Closes connections idle for longer than `max_idle` and those the backend has closed (nothing reads an
+    /// idle connection, so a backend that went away would otherwise leave its sockets open here).
+    fn sweep(&self, max_idle: Duration) {
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let Ok(mut idle) = self.idle.lock() else {
+            return;
+        };
+        idle.retain(|_, list| {
+            list.retain_mut(|up| up.idle_since.elapsed() < max_idle && up.drive(&mut cx));
+            !list.is_empty()
+        });
+    }
+
     /// Sends `req` to `addr` over an idle connection, or a new one. Upgrade requests always get a connection
-    /// of their own, which is never pooled.
+    /// of their own, driven by a task of its own and never pooled.
     async fn send(
         &self,
         addr: SocketAddr,
         mut req: axum::http::Request<Body>,
         upgrade: bool,
-    ) -> Result<
-        (
-            axum::http::Response<Incoming>,
-            Option<http1::SendRequest<Body>>,
-        ),
-        SendError,
-    > {
+    ) -> Result<(axum::http::Response<Incoming>, Option<Upstream>), SendError> {
         if !upgrade {
-            while let Some(mut conn) = self.take(addr) {
-                if conn.ready().await.is_err() {
+            while let Some(mut up) = self.take(addr) {
+                if !up.ready().await {
                     continue;
                 }
-                match conn.try_send_request(req).await {
-                    Ok(resp) => return Ok((resp, Some(conn))),
+                match up.exchange(req).await {
+                    Ok(resp) => return Ok((resp, Some(up))),
                     Err(mut e) => match e.take_message() {
                         // Never written: the connection had closed. Try another.
                         Some(r) => req = r,
@@ -1173,49 +1234,55 @@ impl Pool {
                 }
             }
         }
-        let stream =
-            match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr)).await
-            {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => return Err(SendError::Connect(Box::new(req), e.to_string())),
-                Err(_) => {
-                    return Err(SendError::Connect(
-                        Box::new(req),
-                        format!("no connection within {}s", CONNECT_TIMEOUT.as_secs()),
-                    ))
-                }
-            };
+        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(SendError::Connect(Box::new(req), e.to_string())),
+            Err(_) => {
+                return Err(SendError::Connect(
+                    Box::new(req),
+                    format!("no connection within {}s", CONNECT_TIMEOUT.as_secs()),
+                ))
+            }
+        };
         let _ = stream.set_nodelay(true);
-        let (mut conn, driver) = match http1::handshake(TokioIo::new(stream)).await {
+        let (mut send, conn) = match http1::handshake(TokioIo::new(stream)).await {
             Ok(x) => x,
             Err(e) => return Err(SendError::Connect(Box::new(req), e.to_string())),
         };
         if upgrade {
             tokio::spawn(async move {
-                let _ = driver.with_upgrades().await;
+                let _ = conn.with_upgrades().await;
             });
-        } else {
-            tokio::spawn(async move {
-                let _ = driver.await;
-            });
+            return match send.send_request(req).await {
+                Ok(resp) => Ok((resp, None)),
+                Err(e) => Err(SendError::Failed(e.to_string())),
+            };
         }
-        match conn.send_request(req).await {
-            Ok(resp) => Ok((resp, (!upgrade).then_some(conn))),
-            Err(e) => Err(SendError::Failed(e.to_string())),
+        let mut up = Upstream {
+            send,
+            conn: Some(conn),
+            idle_since: Instant::now(),
+        };
+        match up.exchange(req).await {
+            Ok(resp) => Ok((resp, Some(up))),
+            Err(e) => Err(SendError::Failed(e.into_error().to_string())),
         }
     }
 }
 
-/// A backend's response body that hands its connection back to the pool once it has been read to the end.
+/// A backend's response body. Reading it drives the backend connection; once it has been read to the end the
+/// connection goes back to the pool (unless the backend asked to close it).
 struct PooledBody {
     inner: Incoming,
-    conn: Option<(http1::SendRequest<Body>, SocketAddr, Arc<Pool>)>,
+    upstream: Option<Upstream>,
+    /// Where the connection goes back to, if it may be reused.
+    keep: Option<(SocketAddr, Arc<Pool>)>,
 }
 
 impl PooledBody {
     fn release(&mut self) {
-        if let Some((conn, addr, pool)) = self.conn.take() {
-            pool.put(addr, conn);
+        if let (Some(up), Some((addr, pool))) = (self.upstream.take(), self.keep.take()) {
+            pool.put(addr, up);
         }
     }
 }
@@ -1229,10 +1296,13 @@ impl hyper::body::Body for PooledBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
+        if let Some(up) = this.upstream.as_mut() {
+            up.drive(cx);
+        }
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => this.release(),
-            Poll::Ready(Some(Err(_))) => this.conn = None,
+            Poll::Ready(Some(Err(_))) => this.upstream = None,
             _ => {}
         }
         polled

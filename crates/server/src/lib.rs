@@ -16,6 +16,7 @@ mod delivery;
 pub mod error;
 pub mod gateway;
 mod identity_api;
+pub mod listen;
 mod logs;
 pub mod mesh;
 mod metrics;
@@ -283,11 +284,6 @@ pub fn app(state: AppState) -> Router {
             audit::layer,
         ))
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
-        // Outermost: gateway hosts and `/x/` paths are proxied before any API routing, audit or API metrics.
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            gateway::layer,
-        ))
         .with_state(state)
 }
 
@@ -452,19 +448,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             config.data_dir.join("admin-token").display()
         ),
     }
-    let app = app(state.clone());
     let drain_timeout = config.drain_timeout;
-    let serve = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
+    let serve = listen::serve(listener, state.clone(), async move {
         shutdown_signal().await;
         tracing::info!("shutting down: draining in-flight requests");
         let _ = shutdown_tx.send(true);
     });
     let mut stop = shutdown_rx.clone();
-    let serve = tokio::spawn(async move { serve.await });
+    let serve = tokio::spawn(serve);
     // After the signal, give in-flight requests `drain_timeout` to finish.
     let drained = async {
         let _ = stop.wait_for(|s| *s).await;

@@ -1,0 +1,131 @@
+//! The HTTP listener: accepts TCP connections and serves HTTP/1.1 on each (keep-alive, upgrades, a 30 s limit on
+//! reading a request's head). Gateway requests (a gateway host or a `/x/` path, see [`crate::gateway`]) go
+//! straight to the proxy, in the connection's own task and ahead of every API layer; everything else goes to the
+//! API and console router with the peer address as [`ConnectInfo`].
+//!
+//! Shutdown is graceful: when `signal` completes the listener stops accepting, every connection finishes the
+//! request it is serving and closes, and [`serve`] returns once all have.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::{pin, Pin};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use axum::response::Response;
+use axum::Router;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tower::ServiceExt as _;
+
+use crate::{gateway, AppState};
+
+/// How long a connection may take to send a request's head.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves `state`'s application on `listener` until `signal` completes, then drains the open connections.
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    signal: impl Future<Output = ()> + Send,
+) -> std::io::Result<()> {
+    let shared = Arc::new(Shared {
+        router: crate::app(state.clone()),
+        state,
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .keep_alive(true);
+    // Each connection task holds a clone; once the signal has fired and every clone is gone, all are closed.
+    let (open_tx, mut open_rx) = mpsc::channel::<()>(1);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut signal = pin!(signal);
+    loop {
+        let (stream, peer) = tokio::select! {
+            biased;
+            _ = &mut signal => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors and the like: wait a moment rather than spin.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let front = Front {
+            shared: shared.clone(),
+            peer,
+        };
+        let conn = builder.serve_connection(TokioIo::new(stream), front);
+        let open = open_tx.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut conn = pin!(conn.with_upgrades());
+            tokio::select! {
+                biased;
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::trace!(error = %e, "connection ended with an error");
+                    }
+                }
+                _ = async { let _ = stop.wait_for(|s| *s).await; } => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+            drop(open);
+        });
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    drop(open_tx);
+    let _ = open_rx.recv().await;
+    Ok(())
+}
+
+struct Shared {
+    state: AppState,
+    router: Router,
+}
+
+/// One connection's service: the gateway or the router.
+#[derive(Clone)]
+struct Front {
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+impl hyper::service::Service<hyper::Request<Incoming>> for Front {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = BoxFuture;
+
+    fn call(&self, req: hyper::Request<Incoming>) -> BoxFuture {
+        let mut req = req.map(Body::new);
+        match gateway::target(&self.shared.state.config.base_domain, &req) {
+            Some(target) => {
+                let shared = self.shared.clone();
+                let peer = self.peer;
+                Box::pin(async move { Ok(gateway::handle(&shared.state, target, req, peer).await) })
+            }
+            None => {
+                req.extensions_mut().insert(ConnectInfo(self.peer));
+                let router = self.shared.router.clone();
+                Box::pin(router.oneshot(req))
+            }
+        }
+    }
+}
