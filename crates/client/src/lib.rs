@@ -127,6 +127,8 @@ pub struct LogQuery {
     pub since: Option<String>,
     /// At most this many past lines per replica.
     pub tail: Option<usize>,
+    /// The logs of this run of a scheduled task instead.
+    pub run: Option<u64>,
 }
 
 /// A line of the logs stream: a log line, or the error that ended the stream.
@@ -384,6 +386,9 @@ impl Client {
         let mut query = vec![("env", q.environment.clone())];
         if q.follow {
             query.push(("follow", "true".into()));
+        }
+        if let Some(r) = q.run {
+            query.push(("run", r.to_string()));
         }
         if let Some(r) = q.replica {
             query.push(("replica", r.to_string()));

@@ -20,12 +20,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dataplane::{
-    DataPlane, PortSpec, Probe as DpProbe, ProbeSpec, ReplicaState, Workload, WorkloadId,
-    WorkloadStatus,
+    DataPlane, HostAddress, PortSpec, Probe as DpProbe, ProbeSpec, ReplicaState, Workload,
+    WorkloadId, WorkloadStatus,
 };
 use model::kinds::{
-    BindingState, ComponentSpec, DataPlaneSpec, DataPlaneType, Dependency, EndpointProtocol,
-    EnvironmentSpec, Probe, ReleaseBindingSpec, ReleaseSpec, Visibility,
+    BindingState, ComponentSpec, ComponentType, DataPlaneSpec, DataPlaneType, Dependency,
+    EndpointProtocol, EnvironmentSpec, Probe, ReleaseBindingSpec, ReleaseSpec, Visibility,
 };
 use model::{ConditionStatus, Kind, Resource};
 use runtime::conditions::{condition_status, new_condition, set_condition};
@@ -105,13 +105,18 @@ pub struct MeshRoute {
     /// Whether connections are forwarded (the dependency exists and its visibility admits the consumer);
     /// otherwise they are accepted and closed.
     pub allowed: bool,
+    /// The address the consumer's replicas reach the server's host at, where the listener is bound and whose
+    /// network alone may connect (a docker network's gateway); `None` for the mesh's own host address
+    /// (loopback, for replicas on the host).
+    pub host: Option<HostAddress>,
 }
 
 /// Owns the addresses consumers reach their dependencies at (implemented by the server, which can open
 /// listeners). Calls are cheap and idempotent: the binding controller makes them on every reconcile.
 pub trait Mesh: Send + Sync {
     /// Ensures an address serves `route` and returns it. A route already served keeps its address (its target and
-    /// `allowed` are updated); a new one binds `preferred` (the address assigned before a restart) when it can.
+    /// `allowed` are updated) unless it must move to another host address; a new one binds `preferred` (the
+    /// address assigned before a restart) when it can.
     fn listen(
         &self,
         route: &MeshRoute,
@@ -451,7 +456,7 @@ impl BindingController {
         &self,
         id: &WorkloadId,
         release: &ReleaseSpec,
-        driver: &str,
+        driver: &dyn DataPlane,
         status: &mut Value,
         generation: Option<u64>,
     ) -> Result<BTreeMap<String, String>, Error> {
@@ -485,18 +490,6 @@ impl BindingController {
             return Ok(env);
         }
         let mesh = match &self.mesh {
-            Some(_) if driver == "docker" => {
-                self.forget_dependencies(id);
-                condition(
-                    status,
-                    ConditionStatus::False,
-                    "DependenciesUnsupported",
-                    "dependencies on components are not routed on the docker data plane yet: \
-                     no variables were injected"
-                        .into(),
-                );
-                return Ok(env);
-            }
             Some(m) => m.clone(),
             None => {
                 condition(
@@ -504,6 +497,22 @@ impl BindingController {
                     ConditionStatus::False,
                     "DependenciesUnsupported",
                     "this server routes no dependencies: no variables were injected".into(),
+                );
+                return Ok(env);
+            }
+        };
+        // Where the replicas reach the server's host (a docker network's gateway); `None`: loopback.
+        let host = match driver.host_address(id).await {
+            Ok(h) => h,
+            Err(e) => {
+                condition(
+                    status,
+                    ConditionStatus::False,
+                    "DependencyAddressUnavailable",
+                    format!(
+                        "{} data plane: the replicas' address of the server is unknown: {e}",
+                        driver.name()
+                    ),
                 );
                 return Ok(env);
             }
@@ -580,6 +589,7 @@ impl BindingController {
                 dependency: name.clone(),
                 target,
                 allowed,
+                host,
             };
             let preferred = previous
                 .get(&name)
@@ -802,7 +812,7 @@ impl Reconciler for BindingController {
             }
         };
         let dependency_env = self
-            .dependencies(&id, &release, driver.name(), &mut status, generation)
+            .dependencies(&id, &release, driver.as_ref(), &mut status, generation)
             .await?;
         if let Ok(mut w) = self.waiting.lock() {
             if condition_status(&status, DEPENDENCIES_READY) == Some(ConditionStatus::False) {
@@ -820,6 +830,37 @@ impl Reconciler for BindingController {
             .get("release")
             .and_then(Value::as_str)
             .map(str::to_owned);
+        if release.snapshot.type_ == ComponentType::ScheduledTask {
+            if status.get("endpoints").is_some() {
+                // It ran replicas before (the component changed type): they stop.
+                if let Err(e) = driver.remove(&id).await {
+                    tracing::warn!(workload = %id, error = %e, "removing replicas of a scheduled task failed");
+                }
+            }
+            workload.replicas = 1;
+            let out = crate::schedule::reconcile(
+                &self.store,
+                &ctx.key,
+                &obj,
+                &mut status,
+                &release.snapshot,
+                &workload,
+                driver.as_ref(),
+                generation,
+            )
+            .await;
+            if before.as_deref() != Some(spec.release.as_str()) {
+                if let Value::Object(map) = &mut status {
+                    map.insert("release".into(), json!(spec.release));
+                }
+                push_history(&mut status, &spec.release);
+            }
+            let written = write_status(&self.store, &ctx.key, &obj, status).await?;
+            return Ok(match written.action().requeue_after() {
+                Some(d) => Action::requeue(d),
+                None => Action::requeue(out.requeue),
+            });
+        }
         if let Err(e) = driver.apply(&workload).await {
             not_ready(
                 &mut status,

@@ -118,6 +118,9 @@ pub fn snapshot(spec: &ComponentSpec) -> ReleaseSnapshot {
         endpoints: spec.endpoints.clone(),
         dependencies: spec.dependencies.clone(),
         schedule: spec.schedule.clone(),
+        timezone: spec.timezone.clone(),
+        concurrency_policy: spec.concurrency_policy,
+        run_history_limit: spec.run_history_limit,
     }
 }
 

@@ -14,6 +14,7 @@ pub mod component;
 pub mod environment;
 mod organization;
 mod project;
+pub mod schedule;
 mod status;
 
 use std::sync::Arc;

@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 
 use serde::{Deserialize, Serialize};
@@ -170,6 +170,29 @@ pub struct LogOptions {
     pub since: Option<jiff::Timestamp>,
     /// At most this many lines from the past (per replica).
     pub tail: Option<usize>,
+    /// The logs of this run of a scheduled task instead of the replicas'.
+    pub run: Option<u64>,
+}
+
+/// Where a run of a scheduled task is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RunState {
+    Running,
+    Succeeded,
+    Failed,
+}
+
+/// One run of a scheduled task, as the driver knows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunStatus {
+    /// The run's number (chosen by the caller of [`DataPlane::start_run`]).
+    pub run: u64,
+    pub state: RunState,
+    pub exit_code: Option<i32>,
+    /// Why it ended, when it has (`exited with code 1`, `killed by signal 9`, `stopped`).
+    pub message: String,
+    /// The last lines it wrote (finished runs).
+    pub last_logs: Vec<String>,
 }
 
 /// One line a replica wrote.
@@ -195,6 +218,34 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The server host's address on a workload's network, and that network's extent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostAddress {
+    /// The host's address on the network (where listeners for the workload are bound).
+    pub ip: IpAddr,
+    /// The network's prefix length: peers within `ip/prefix_len` are on the workload's network.
+    pub prefix_len: u8,
+}
+
+impl HostAddress {
+    /// Whether `peer` is on this network.
+    pub fn admits(&self, peer: IpAddr) -> bool {
+        match (self.ip, peer) {
+            (IpAddr::V4(a), IpAddr::V4(b)) => {
+                let bits = u32::from(self.prefix_len.min(32));
+                let mask = u32::MAX.checked_shl(32 - bits).unwrap_or(0);
+                u32::from(a) & mask == u32::from(b) & mask
+            }
+            (IpAddr::V6(a), IpAddr::V6(b)) => {
+                let bits = u32::from(self.prefix_len.min(128));
+                let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+                u128::from(a) & mask == u128::from(b) & mask
+            }
+            _ => false,
+        }
+    }
+}
 
 /// A boxed future, so that [`DataPlane`] is object-safe.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -225,4 +276,47 @@ pub trait DataPlane: Send + Sync {
     /// A receiver that yields a workload's id whenever its status may have changed (a replica started, became
     /// ready, crashed), so controllers re-read it instead of polling.
     fn changes(&self) -> tokio::sync::broadcast::Receiver<WorkloadId>;
+
+    /// The address at which the workload's replicas reach the server's host, where their dependency addresses
+    /// are bound; `None` when that is the host's loopback (replicas run on the host itself). May prepare what
+    /// the workload will run in (the docker driver creates the project-environment network to learn its
+    /// gateway).
+    fn host_address<'a>(
+        &'a self,
+        id: &'a WorkloadId,
+    ) -> BoxFuture<'a, Result<Option<HostAddress>>> {
+        let _ = id;
+        Box::pin(async { Ok(None) })
+    }
+
+    /// Starts run `run` of a scheduled task: one instance of the workload, run to completion, its exit and logs
+    /// kept until [`DataPlane::remove_run`] (or `remove`). Starting a run that was started before does nothing.
+    fn start_run<'a>(&'a self, workload: &'a Workload, run: u64) -> BoxFuture<'a, Result<()>> {
+        let _ = run;
+        let name = self.name();
+        Box::pin(async move {
+            Err(Error::Unsupported(format!(
+                "the {name} data plane does not run scheduled tasks ({})",
+                workload.id
+            )))
+        })
+    }
+
+    /// The runs of a workload the driver keeps, oldest first.
+    fn runs<'a>(&'a self, id: &'a WorkloadId) -> BoxFuture<'a, Result<Vec<RunStatus>>> {
+        let _ = id;
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    /// Stops a running run (it ends `Failed`, "stopped"). Stopping a finished or unknown run does nothing.
+    fn stop_run<'a>(&'a self, id: &'a WorkloadId, run: u64) -> BoxFuture<'a, Result<()>> {
+        let _ = (id, run);
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Forgets a run (stopping it first if it still runs): its exit and logs go.
+    fn remove_run<'a>(&'a self, id: &'a WorkloadId, run: u64) -> BoxFuture<'a, Result<()>> {
+        let _ = (id, run);
+        Box::pin(async { Ok(()) })
+    }
 }

@@ -7,9 +7,8 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::Command;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use dataplane::docker::DockerDriver;
@@ -23,44 +22,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 // ---------------------------------------------------------------------------------------------------------------
 // Fixtures
 
-/// A static TCP-connect probe put into the test image next to the test service, to try connections from inside
-/// a network: exits 0 when `argv[1]` (`host:port`) accepts a connection within two seconds, 1 otherwise.
-const NETPROBE_SRC: &str = r#"
-use std::net::{TcpStream, ToSocketAddrs};
-use std::time::Duration;
-fn main() {
-    let target = std::env::args().nth(1).expect("host:port");
-    let addrs: Vec<_> = match target.to_socket_addrs() {
-        Ok(a) => a.collect(),
-        Err(e) => { println!("resolve {target}: {e}"); std::process::exit(1) }
-    };
-    for a in addrs {
-        match TcpStream::connect_timeout(&a, Duration::from_secs(2)) {
-            Ok(_) => { println!("connected to {a}"); std::process::exit(0) }
-            Err(e) => println!("{a}: {e}"),
-        }
-    }
-    std::process::exit(1)
-}
-"#;
-
-/// The test image; removed (with its build directory) when the last test holding it finishes.
-struct TestImage {
-    tag: String,
-    dir: PathBuf,
-}
-
-impl Drop for TestImage {
-    fn drop(&mut self) {
-        let _ = Command::new("docker")
-            .args(["rmi", "-f", &self.tag])
-            .output();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-static IMAGE: Mutex<Weak<TestImage>> = Mutex::new(Weak::new());
-
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(
@@ -70,50 +31,6 @@ fn run(cmd: &mut Command) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// Builds `kiln-testsvc` statically and an image `FROM scratch` holding it (and the network probe), once for
-/// all tests running at the same time.
-fn image() -> Arc<TestImage> {
-    let mut slot = IMAGE.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(image) = slot.upgrade() {
-        return image;
-    }
-    let pid = std::process::id();
-    let dir = std::env::temp_dir().join(format!("kiln-docker-test-{pid}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let testsvc = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testsvc/src/main.rs");
-    std::fs::write(dir.join("netprobe.rs"), NETPROBE_SRC).unwrap();
-    for (src, out) in [
-        (testsvc, "kiln-testsvc"),
-        (dir.join("netprobe.rs"), "kiln-netprobe"),
-    ] {
-        run(Command::new("rustc")
-            .args([
-                "--edition",
-                "2021",
-                "-O",
-                "-C",
-                "target-feature=+crt-static",
-            ])
-            .arg(&src)
-            .arg("-o")
-            .arg(dir.join(out)));
-    }
-    std::fs::write(
-        dir.join("Dockerfile"),
-        "FROM scratch\nCOPY kiln-testsvc /kiln-testsvc\nCOPY kiln-netprobe /kiln-netprobe\n\
-         ENTRYPOINT [\"/kiln-testsvc\"]\n",
-    )
-    .unwrap();
-    let tag = format!("kiln-testsvc:test-{pid}");
-    run(Command::new("docker")
-        .args(["build", "-q", "-t", &tag])
-        .arg(&dir)
-        .env("DOCKER_BUILDKIT", "0"));
-    let image = Arc::new(TestImage { tag, dir });
-    *slot = Arc::downgrade(&image);
-    image
 }
 
 /// Removes every container and network of one test's organization when dropped, passing or failing. Declared
@@ -177,7 +94,7 @@ struct Env {
     org: String,
     image: String,
     _cleanup: Cleanup,
-    _image: Arc<TestImage>,
+    _image: Arc<testsvc::DockerImage>,
 }
 
 /// Connects to the Engine, or says why not: `None` means skip (outside CI).
@@ -198,7 +115,9 @@ async fn setup(test: &str) -> Option<Env> {
             return None;
         }
     };
-    let image = tokio::task::spawn_blocking(image).await.unwrap();
+    let image = tokio::task::spawn_blocking(testsvc::docker_image)
+        .await
+        .unwrap();
     Some(Env {
         driver,
         image: image.tag.clone(),

@@ -79,6 +79,10 @@ pub enum Command {
     },
     /// Logs of a component's replicas in one environment, `[r<replica>] <line>` each.
     Logs(LogsArgs),
+    /// Scheduled tasks: start a run now (besides the schedule). Runs are listed in the binding's status
+    /// (`kiln get releasebinding <component>-<env> -o yaml`); `kiln logs --run N` prints one.
+    #[command(subcommand)]
+    Task(TaskCommand),
     /// Organizations.
     #[command(subcommand)]
     Org(OrgCommand),
@@ -267,6 +271,19 @@ pub struct AuditArgs {
     pub output: OutputFormat,
 }
 
+#[derive(Debug, Subcommand)]
+pub enum TaskCommand {
+    /// Ask for a run of a scheduled task now; it follows the task's concurrency policy like a scheduled one.
+    Run {
+        component: String,
+        /// The environment.
+        #[arg(long = "env")]
+        environment: String,
+        #[arg(long, short = 'p')]
+        project: Option<String>,
+    },
+}
+
 #[derive(Debug, Args)]
 pub struct LogsArgs {
     pub component: String,
@@ -285,6 +302,9 @@ pub struct LogsArgs {
     /// At most this many past lines per replica.
     #[arg(long)]
     pub tail: Option<usize>,
+    /// The output of this run of a scheduled task (its number, as `status.runs` lists it).
+    #[arg(long)]
+    pub run: Option<u64>,
     /// Prefix each line with the time it was written.
     #[arg(long)]
     pub timestamps: bool,

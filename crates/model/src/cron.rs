@@ -1,4 +1,6 @@
-//! Syntax check for the cron schedules of scheduled-task components (five fields, or an `@daily`-style macro).
+//! The cron schedules of scheduled-task components (five fields, or an `@daily`-style macro): a syntax check
+//! that says which field is wrong, and [`Schedule`], which says whether a civil date and time matches. Finding
+//! the next run in a time zone is the caller's (the model does no time-zone I/O).
 
 const MACROS: &[&str] = &[
     "@yearly",
@@ -85,6 +87,107 @@ pub fn check(expr: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A parsed schedule: for each field, the set of values that match (bit `v` set for value `v`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Schedule {
+    minutes: u64,
+    hours: u32,
+    days: u32,
+    months: u16,
+    /// Sunday is 0 (7 is folded onto it).
+    weekdays: u8,
+    /// Whether day-of-month and day-of-week were both restricted (then either may match, as in Vixie cron).
+    either_day: bool,
+}
+
+impl Schedule {
+    /// Parses what [`check`] accepts.
+    pub fn parse(expr: &str) -> Result<Schedule, String> {
+        check(expr)?;
+        let expr = match expr.trim() {
+            "@yearly" | "@annually" => "0 0 1 1 *",
+            "@monthly" => "0 0 1 * *",
+            "@weekly" => "0 0 * * 0",
+            "@daily" | "@midnight" => "0 0 * * *",
+            "@hourly" => "0 * * * *",
+            e => e,
+        };
+        let parts: Vec<&str> = expr.split_whitespace().collect();
+        let mut sets = [0u64; 5];
+        for (i, (part, field)) in parts.iter().zip(FIELDS.iter()).enumerate() {
+            for item in part.split(',') {
+                sets[i] |= item_bits(item, field)?;
+            }
+        }
+        // Weekday 7 is Sunday.
+        if sets[4] & (1 << 7) != 0 {
+            sets[4] = (sets[4] & !(1 << 7)) | 1;
+        }
+        let restricted = |p: &str| !p.starts_with('*');
+        Ok(Schedule {
+            minutes: sets[0],
+            hours: sets[1] as u32,
+            days: sets[2] as u32,
+            months: sets[3] as u16,
+            weekdays: sets[4] as u8,
+            either_day: restricted(parts[2]) && restricted(parts[4]),
+        })
+    }
+
+    /// Whether the day (month 1-12, day 1-31, weekday 0-6 from Sunday) is one the schedule runs on.
+    pub fn day_matches(&self, month: u32, day: u32, weekday: u32) -> bool {
+        if self.months & (1 << month) == 0 {
+            return false;
+        }
+        let dom = self.days & (1 << day) != 0;
+        let dow = self.weekdays & (1 << (weekday % 7)) != 0;
+        if self.either_day {
+            dom || dow
+        } else {
+            dom && dow
+        }
+    }
+
+    /// Whether the hour (0-23) is one the schedule runs in.
+    pub fn hour_matches(&self, hour: u32) -> bool {
+        self.hours & (1 << hour) != 0
+    }
+
+    /// Whether the minute (0-59) is one the schedule runs at.
+    pub fn minute_matches(&self, minute: u32) -> bool {
+        self.minutes & (1 << minute) != 0
+    }
+}
+
+/// The values one comma-separated item of a field stands for, as bits.
+fn item_bits(item: &str, field: &Field) -> Result<u64, String> {
+    check_item(item, field)?;
+    let (range, step) = match item.split_once('/') {
+        Some((r, s)) => (r, s.parse::<u32>().map_err(|e| e.to_string())?),
+        None => (item, 1),
+    };
+    let (lo, hi) = if range == "*" {
+        (field.min, field.max)
+    } else {
+        match range.split_once('-') {
+            Some((a, b)) => (value(a, field)?, value(b, field)?),
+            // `5/15`: from 5 to the end, every 15.
+            None if item.contains('/') => (value(range, field)?, field.max),
+            None => {
+                let v = value(range, field)?;
+                (v, v)
+            }
+        }
+    };
+    let mut bits = 0u64;
+    let mut v = lo;
+    while v <= hi {
+        bits |= 1 << v;
+        v += step;
+    }
+    Ok(bits)
+}
+
 fn check_item(item: &str, field: &Field) -> Result<(), String> {
     let (range, step) = match item.split_once('/') {
         Some((r, s)) => (r, Some(s)),
@@ -131,7 +234,34 @@ fn value(s: &str, field: &Field) -> Result<u32, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::check;
+    use super::{check, Schedule};
+
+    #[test]
+    fn schedules_match() {
+        let s = Schedule::parse("*/15 9-17 * * MON-FRI").unwrap();
+        assert!(s.minute_matches(0) && s.minute_matches(45) && !s.minute_matches(10));
+        assert!(s.hour_matches(9) && s.hour_matches(17) && !s.hour_matches(18));
+        // 2026-11-20 is a Friday (5), 2026-11-21 a Saturday (6).
+        assert!(s.day_matches(11, 20, 5) && !s.day_matches(11, 21, 6));
+        // Both day fields restricted: either matches.
+        let s = Schedule::parse("0 0 1 * SUN").unwrap();
+        assert!(s.day_matches(3, 1, 3) && s.day_matches(3, 8, 0) && !s.day_matches(3, 9, 1));
+        // Only one restricted: that one decides.
+        let s = Schedule::parse("0 0 13 * *").unwrap();
+        assert!(s.day_matches(2, 13, 4) && !s.day_matches(2, 14, 4));
+        let s = Schedule::parse("0 0 * * 7").unwrap();
+        assert!(s.day_matches(5, 3, 0) && !s.day_matches(5, 4, 1));
+        let s = Schedule::parse("@hourly").unwrap();
+        assert!(s.minute_matches(0) && !s.minute_matches(1) && s.hour_matches(13));
+        let s = Schedule::parse("5/20 * * JAN,jul *").unwrap();
+        assert!(
+            s.minute_matches(5)
+                && s.minute_matches(25)
+                && s.minute_matches(45)
+                && !s.minute_matches(0)
+        );
+        assert!(s.day_matches(1, 9, 2) && s.day_matches(7, 9, 2) && !s.day_matches(2, 9, 2));
+    }
 
     #[test]
     fn accepts() {

@@ -7,7 +7,7 @@
 //! The path of a manifest through this crate: [`decode_manifests`] turns text (YAML or JSON) into raw
 //! [`Resource`]s, [`normalize`] checks one and fills in its defaults, [`references`] lists what it refers to.
 
-mod cron;
+pub mod cron;
 pub mod decode;
 mod error;
 pub mod kinds;

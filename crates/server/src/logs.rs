@@ -48,6 +48,7 @@ pub fn register(api: Api) -> Api {
             "Only lines at or after this time: RFC 3339, or a duration back from now such as 10m, 2h",
         )
         .query("tail", "At most this many past lines per replica")
+        .query("run", "The output of this run of a scheduled task instead")
         .returns_type(200, "application/x-ndjson"),
         logs,
     )
@@ -104,6 +105,7 @@ fn options(q: &HashMap<String, String>) -> ApiResult<LogOptions> {
         replica: parse_num(q, "replica")?,
         since,
         tail: parse_num(q, "tail")?,
+        run: parse_num(q, "run")?,
     })
 }
 
@@ -242,10 +244,12 @@ pub(crate) async fn open(
         .map_err(|(_, reason)| unavailable(reason))?;
 
     let id = controllers::binding::workload_id(&binding, &spec);
+    let run = opts.run;
     driver.logs(&id, opts).await.map_err(|e| match e {
-        dataplane::Error::NotFound(_) => ApiError::not_found(format!(
-            "component {component} has no replicas running in environment {env}"
-        )),
+        dataplane::Error::NotFound(_) => ApiError::not_found(match run {
+            Some(n) => format!("component {component} has no run {n} in environment {env}"),
+            None => format!("component {component} has no replicas running in environment {env}"),
+        }),
         dataplane::Error::Unsupported(m) => ApiError::conflict(m),
         dataplane::Error::Backend(m) => unavailable(format!("reading logs: {m}")),
     })

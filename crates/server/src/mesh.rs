@@ -3,8 +3,11 @@
 //! For each declared dependency of a running consumer (`{component, endpoint, project}` in its release), the
 //! ReleaseBinding controller asks the mesh (through [`controllers::Mesh`]) for an address, injects it as
 //! `<NAME>_URL`/`_HOST`/`_PORT`, and records it in the consumer binding's `status.dependencies`. The mesh owns one
-//! TCP listener per (consumer workload, dependency), bound on its host address (`127.0.0.1` for the process data
-//! plane), on the port recorded before a restart when that port is still free. Each accepted connection is
+//! TCP listener per (consumer workload, dependency), bound on the address where the consumer's replicas reach the
+//! server's host — loopback for the process data plane; for docker, the gateway of the consumer's
+//! project-environment network, accepting only peers on that network (a container of another network could
+//! otherwise reach the host's address on this one) — on the port recorded before a restart when that port is
+//! still free. Each accepted connection is
 //! forwarded at layer 4 — bytes both ways, so HTTP, gRPC and WebSocket all pass — to a ready replica of the
 //! dependency's binding in the consumer's environment, round-robin, trying the next replica when one refuses.
 //!
@@ -25,7 +28,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use controllers::{MeshRoute, MeshTarget};
-use dataplane::WorkloadId;
+use dataplane::{HostAddress, WorkloadId};
 use model::kinds::{BindingState, ReleaseBindingSpec};
 use model::{Kind, Resource};
 use serde_json::Value;
@@ -58,6 +61,9 @@ struct Inner {
 struct RouteState {
     target: MeshTarget,
     allowed: bool,
+    /// Connections from outside this network are closed at once (`None`: the host's loopback, where any local
+    /// process can connect anyway).
+    network: Option<HostAddress>,
 }
 
 struct Listener {
@@ -163,20 +169,30 @@ impl controllers::Mesh for Mesh {
         route: &MeshRoute,
         preferred: Option<SocketAddr>,
     ) -> Result<SocketAddr, String> {
+        let host = route.host.map_or(self.inner.host, |h| h.ip);
         let mut all = self.inner.listeners.lock().map_err(|e| e.to_string())?;
         let mine = all.entry(route.consumer.clone()).or_default();
-        if let Some(l) = mine.get(&route.dependency) {
-            if let Ok(mut s) = l.state.write() {
-                s.target = route.target.clone();
-                s.allowed = route.allowed;
+        match mine.get(&route.dependency) {
+            Some(l) if l.addr.ip() == host => {
+                if let Ok(mut s) = l.state.write() {
+                    s.target = route.target.clone();
+                    s.allowed = route.allowed;
+                    s.network = route.host;
+                }
+                return Ok(l.addr);
             }
-            return Ok(l.addr);
+            // The consumer's host address changed (its docker network was re-created): serve on the new one.
+            Some(_) => {
+                mine.remove(&route.dependency);
+            }
+            None => {}
         }
-        let listener = bind(self.inner.host, preferred).map_err(|e| e.to_string())?;
+        let listener = bind(host, preferred).map_err(|e| e.to_string())?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         let state = Arc::new(RwLock::new(RouteState {
             target: route.target.clone(),
             allowed: route.allowed,
+            network: route.host,
         }));
         let task = tokio::spawn(accept(listener, state.clone(), self.inner.clone()));
         tracing::debug!(consumer = %route.consumer, dependency = %route.dependency, %addr, "mesh: serving a dependency");
@@ -200,8 +216,8 @@ impl controllers::Mesh for Mesh {
 async fn accept(listener: TcpListener, state: Arc<RwLock<RouteState>>, inner: Arc<Inner>) {
     let next = Arc::new(AtomicUsize::new(0));
     loop {
-        let conn = match listener.accept().await {
-            Ok((conn, _)) => conn,
+        let (conn, peer) = match listener.accept().await {
+            Ok(c) => c,
             Err(e) => {
                 tracing::debug!(error = %e, "mesh: accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -209,7 +225,10 @@ async fn accept(listener: TcpListener, state: Arc<RwLock<RouteState>>, inner: Ar
             }
         };
         let (target, allowed) = match state.read() {
-            Ok(s) => (s.target.clone(), s.allowed),
+            Ok(s) => (
+                s.target.clone(),
+                s.allowed && s.network.is_none_or(|n| n.admits(peer.ip())),
+            ),
             Err(_) => continue,
         };
         if !allowed {

@@ -108,6 +108,7 @@ fn route(allowed: bool) -> MeshRoute {
         dependency: "api".into(),
         target: api_target(),
         allowed,
+        host: None,
     }
 }
 

@@ -1,7 +1,9 @@
-//! For tests of other crates: where the `kiln-testsvc` binary is, built on first use.
+//! For tests of other crates: where the `kiln-testsvc` binary is, built on first use, and a Docker image of it
+//! built `FROM scratch` (no registry is reachable).
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::process::Command;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 /// Builds `kiln-testsvc` (once per test process) and returns its path. Tests that deploy it as a workload call
 /// this; the binary is not built by depending on the crate.
@@ -35,4 +37,97 @@ pub fn binary() -> &'static Path {
         assert!(bin.exists(), "{} is missing", bin.display());
         bin
     })
+}
+
+/// A static TCP-connect probe put into the image next to the test service, to try connections from inside a
+/// network: exits 0 when `argv[1]` (`host:port`) accepts a connection within two seconds, 1 otherwise.
+const NETPROBE_SRC: &str = r#"
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::Duration;
+fn main() {
+    let target = std::env::args().nth(1).expect("host:port");
+    let addrs: Vec<_> = match target.to_socket_addrs() {
+        Ok(a) => a.collect(),
+        Err(e) => { println!("resolve {target}: {e}"); std::process::exit(1) }
+    };
+    for a in addrs {
+        match TcpStream::connect_timeout(&a, Duration::from_secs(2)) {
+            Ok(_) => { println!("connected to {a}"); std::process::exit(0) }
+            Err(e) => println!("{a}: {e}"),
+        }
+    }
+    std::process::exit(1)
+}
+"#;
+
+/// A Docker image holding `/kiln-testsvc` (the entrypoint) and `/kiln-netprobe`, both static. Removed (with its
+/// build directory) when the last holder drops it.
+pub struct DockerImage {
+    pub tag: String,
+    dir: PathBuf,
+}
+
+impl Drop for DockerImage {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["rmi", "-f", &self.tag])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Builds `kiln-testsvc` and the network probe statically with `rustc` and an image `FROM scratch` holding them,
+/// once for all the tests of a process holding it at the same time. Needs the Docker Engine (`docker build`).
+pub fn docker_image() -> Arc<DockerImage> {
+    static IMAGE: Mutex<Weak<DockerImage>> = Mutex::new(Weak::new());
+    let mut slot = IMAGE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(image) = slot.upgrade() {
+        return image;
+    }
+    let pid = std::process::id();
+    let dir = std::env::temp_dir().join(format!("kiln-testsvc-image-{pid}"));
+    std::fs::create_dir_all(&dir).expect("a build directory for the image");
+    let testsvc = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/main.rs");
+    std::fs::write(dir.join("netprobe.rs"), NETPROBE_SRC).expect("write netprobe.rs");
+    for (src, out) in [
+        (testsvc, "kiln-testsvc"),
+        (dir.join("netprobe.rs"), "kiln-netprobe"),
+    ] {
+        run(Command::new("rustc")
+            .args([
+                "--edition",
+                "2021",
+                "-O",
+                "-C",
+                "target-feature=+crt-static",
+            ])
+            .arg(&src)
+            .arg("-o")
+            .arg(dir.join(out)));
+    }
+    std::fs::write(
+        dir.join("Dockerfile"),
+        "FROM scratch\nCOPY kiln-testsvc /kiln-testsvc\nCOPY kiln-netprobe /kiln-netprobe\n\
+         ENTRYPOINT [\"/kiln-testsvc\"]\n",
+    )
+    .expect("write the Dockerfile");
+    let tag = format!("kiln-testsvc:test-{pid}");
+    run(Command::new("docker")
+        .args(["build", "-q", "-t", &tag])
+        .arg(&dir)
+        .env("DOCKER_BUILDKIT", "0"));
+    let image = Arc::new(DockerImage { tag, dir });
+    *slot = Arc::downgrade(&image);
+    image
 }

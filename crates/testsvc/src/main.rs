@@ -6,6 +6,9 @@
 //! - `GET /healthz` — 200, or 503 while the file named by `$UNHEALTHY_FILE` exists;
 //! - `GET /env/<NAME>` — the value of an environment variable (404 if unset);
 //! - `GET /exit/<CODE>` — exits the process with that code after answering;
+//! - `GET /get/<HOST:PORT>/<PATH>` — makes `GET /<PATH>` to `HOST:PORT` (or, for `$NAME`, to the address in
+//!   `$NAME_HOST` and `$NAME_PORT`: a dependency's variables) and answers 200 with the status line and body it
+//!   got, or 502 naming what failed (to test what a workload can reach);
 //! - anything else — 404.
 //!
 //! Connections are HTTP/1.1 keep-alive: requests are answered in turn until the client closes, sends
@@ -175,6 +178,10 @@ fn answer(out: &mut impl Write, path: &str, keep_alive: bool) -> bool {
             Ok(v) => respond(out, "200 OK", &format!("{v}\n"), keep_alive),
             Err(_) => respond(out, "404 Not Found", "unset\n", keep_alive),
         },
+        p if p.starts_with("/get/") => match fetch(&p[5..]) {
+            Ok(got) => respond(out, "200 OK", &got, keep_alive),
+            Err(e) => respond(out, "502 Bad Gateway", &format!("{e}\n"), keep_alive),
+        },
         p if p.starts_with("/exit/") => {
             let code: i32 = p[6..].parse().unwrap_or(1);
             respond(out, "200 OK", &format!("exiting with {code}\n"), false);
@@ -182,6 +189,40 @@ fn answer(out: &mut impl Write, path: &str, keep_alive: bool) -> bool {
             std::process::exit(code);
         }
         _ => respond(out, "404 Not Found", "not found\n", keep_alive),
+    }
+}
+
+/// `HOST:PORT/PATH` (or `$NAME/PATH`, where `$NAME_HOST` and `$NAME_PORT` give the address): one HTTP/1.0 GET,
+/// answered as `<status line>\n<body>`.
+fn fetch(spec: &str) -> Result<String, String> {
+    let (addr, path) = spec.split_once('/').unwrap_or((spec, ""));
+    let addr = match addr.strip_prefix('$') {
+        Some(name) => {
+            let var = |suffix: &str| {
+                std::env::var(format!("{name}_{suffix}"))
+                    .map_err(|_| format!("{name}_{suffix} is not set"))
+            };
+            format!("{}:{}", var("HOST")?, var("PORT")?)
+        }
+        None => addr.to_string(),
+    };
+    let sock: std::net::SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(&addr)
+        .map_err(|e| format!("{addr}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{addr}: no address"))?;
+    let mut conn = TcpStream::connect_timeout(&sock, Duration::from_secs(3))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+    write!(conn, "GET /{path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")
+        .map_err(|e| format!("send to {addr}: {e}"))?;
+    let mut raw = Vec::new();
+    conn.read_to_end(&mut raw)
+        .map_err(|e| format!("read from {addr}: {e}"))?;
+    let text = String::from_utf8_lossy(&raw);
+    match text.split_once("\r\n\r\n") {
+        Some((head, body)) => Ok(format!("{}\n{body}", head.lines().next().unwrap_or(""))),
+        None if text.is_empty() => Err(format!("{addr} closed the connection without answering")),
+        None => Err(format!("{addr} sent no complete answer: {text:?}")),
     }
 }
 

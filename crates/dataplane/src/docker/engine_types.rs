@@ -97,6 +97,37 @@ pub struct PortBinding {
     pub host_port: String,
 }
 
+/// A network as `GET /networks` and `GET /networks/{id}` describe it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct NetworkInspect {
+    #[serde(rename = "Id")]
+    pub id: String,
+    #[serde(rename = "Name")]
+    pub name: String,
+    /// RFC 3339 with nanoseconds, so ordering the strings orders the times (same zone).
+    #[serde(rename = "Created", default)]
+    pub created: String,
+    #[serde(rename = "IPAM", default)]
+    pub ipam: Ipam,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Ipam {
+    #[serde(default)]
+    pub config: Vec<IpamConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct IpamConfig {
+    #[serde(default)]
+    pub gateway: Option<String>,
+    /// `172.18.0.0/16`.
+    #[serde(default)]
+    pub subnet: Option<String>,
+}
+
 /// A line of `GET /events`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Event {

@@ -32,11 +32,11 @@ use serde_json::json;
 use tokio::sync::broadcast;
 
 use crate::{
-    BoxFuture, DataPlane, Error, LogOptions, LogStream, Result, Workload, WorkloadId,
+    BoxFuture, DataPlane, Error, HostAddress, LogOptions, LogStream, Result, Workload, WorkloadId,
     WorkloadStatus, LABEL_WORKLOAD,
 };
 use api::{query_escape, ApiError, Engine};
-use engine_types::ContainerSummary;
+use engine_types::{ContainerSummary, NetworkInspect};
 pub use spec::{
     LABEL_ENVIRONMENT, LABEL_LIVENESS, LABEL_NETWORK, LABEL_PORTS, LABEL_READINESS, LABEL_REPLICA,
     LABEL_SPEC_HASH,
@@ -91,6 +91,8 @@ struct Inner {
     revived: Mutex<HashMap<String, u32>>,
     /// The last readiness seen per container id, to announce changes of it.
     ready: Mutex<HashMap<String, bool>>,
+    /// Held while a network is looked up and perhaps created.
+    networks_lock: tokio::sync::Mutex<()>,
 }
 
 impl DockerDriver {
@@ -124,6 +126,7 @@ impl DockerDriver {
             desired: Mutex::new(HashMap::new()),
             revived: Mutex::new(HashMap::new()),
             ready: Mutex::new(HashMap::new()),
+            networks_lock: tokio::sync::Mutex::new(()),
         });
         let tasks = vec![
             tokio::spawn(events::watch(inner.clone())),
@@ -182,6 +185,16 @@ impl DataPlane for DockerDriver {
 
     fn changes(&self) -> broadcast::Receiver<WorkloadId> {
         self.inner.changes_tx.subscribe()
+    }
+
+    fn host_address<'a>(
+        &'a self,
+        id: &'a WorkloadId,
+    ) -> BoxFuture<'a, Result<Option<HostAddress>>> {
+        Box::pin(async move {
+            let net = self.inner.ensure_network(id).await?;
+            Inner::network_gateway(&net).map(Some)
+        })
     }
 }
 
@@ -350,39 +363,76 @@ impl Inner {
         }
     }
 
-    async fn ensure_network(&self, id: &WorkloadId) -> Result<()> {
+    /// Creates the project-environment network unless it exists, and returns it. Creation is serialized: the
+    /// Engine accepts two networks of one name (it no longer checks for duplicates), after which the name is
+    /// ambiguous. Duplicates left by an earlier race are removed, keeping the oldest.
+    async fn ensure_network(&self, id: &WorkloadId) -> Result<NetworkInspect> {
         let name = spec::network_name(id);
-        match self
-            .engine
-            .call(Method::GET, &format!("/networks/{name}"), None)
-            .await
-        {
-            Ok(_) => return Ok(()),
-            Err(e) if e.is_not_found() => {}
-            Err(e) => return Err(e.into()),
+        let _guard = self.networks_lock.lock().await;
+        let mut found = self.networks_named(&name).await?;
+        if found.is_empty() {
+            self.engine
+                .call(
+                    Method::POST,
+                    "/networks/create",
+                    Some(&spec::network_body(id)),
+                )
+                .await?;
+            tracing::info!(network = %name, "created the project-environment network");
+            found = self.networks_named(&name).await?;
         }
-        match self
-            .engine
-            .call(
-                Method::POST,
-                "/networks/create",
-                Some(&spec::network_body(id)),
-            )
-            .await
-        {
-            Ok(_) => {
-                tracing::info!(network = %name, "created the project-environment network");
-                Ok(())
+        found.sort_by(|a, b| a.created.cmp(&b.created));
+        let mut found = found.into_iter();
+        let keep = found.next().ok_or_else(|| {
+            Error::Backend(format!("network {name} vanished right after its creation"))
+        })?;
+        for extra in found {
+            match self
+                .engine
+                .call(Method::DELETE, &format!("/networks/{}", extra.id), None)
+                .await
+            {
+                Ok(_) => {
+                    tracing::warn!(network = %name, id = %extra.id, "removed a duplicate network")
+                }
+                Err(e) => {
+                    tracing::warn!(network = %name, id = %extra.id, error = %e, "a duplicate network could not be removed")
+                }
             }
-            // Created meanwhile by someone else: fine.
-            Err(e) if e.is_conflict() => Ok(()),
-            Err(e) => Err(e.into()),
         }
+        Ok(keep)
+    }
+
+    /// The networks whose name is exactly `name` (the Engine's name filter matches substrings).
+    async fn networks_named(&self, name: &str) -> Result<Vec<NetworkInspect>> {
+        let filters = query_escape(&json!({ "name": [name] }).to_string());
+        let all: Vec<NetworkInspect> = self
+            .engine
+            .json(Method::GET, &format!("/networks?filters={filters}"), None)
+            .await?;
+        Ok(all.into_iter().filter(|n| n.name == name).collect())
+    }
+
+    /// The host's address on the project-environment network (its IPv4 gateway) and the network's prefix.
+    fn network_gateway(net: &NetworkInspect) -> Result<HostAddress> {
+        net.ipam
+            .config
+            .iter()
+            .filter_map(|c| {
+                let ip = c.gateway.as_deref()?.parse::<std::net::IpAddr>().ok()?;
+                let prefix_len = c.subnet.as_deref()?.split_once('/')?.1.parse().ok()?;
+                Some(HostAddress { ip, prefix_len })
+            })
+            .find(|h| h.ip.is_ipv4())
+            .ok_or_else(|| {
+                Error::Backend(format!("network {} has no IPv4 gateway address", net.name))
+            })
     }
 
     /// Removes the project-environment network once no container of ours is on it.
     async fn remove_network_if_unused(&self, id: &WorkloadId) -> Result<()> {
         let name = spec::network_name(id);
+        let _guard = self.networks_lock.lock().await;
         if !self
             .containers(&format!("{LABEL_NETWORK}={name}"))
             .await?

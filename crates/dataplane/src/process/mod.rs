@@ -35,6 +35,7 @@ mod files;
 mod probe;
 mod procfs;
 mod replica;
+mod runs;
 mod workload;
 
 use std::collections::{HashMap, HashSet};
@@ -53,8 +54,8 @@ use self::files::{
 use self::replica::{lock, Replica, Start};
 use self::workload::{reconcile, Entry};
 use crate::{
-    BoxFuture, DataPlane, Error, LogLine, LogOptions, LogStream, Probe, Result, Workload,
-    WorkloadId, WorkloadStatus,
+    BoxFuture, DataPlane, Error, LogLine, LogOptions, LogStream, Probe, Result, RunStatus,
+    Workload, WorkloadId, WorkloadStatus,
 };
 
 /// Knobs of the process driver. The defaults suit production; tests shorten the waits.
@@ -97,6 +98,8 @@ pub(crate) struct Shared {
     pub ports_in_use: Mutex<HashSet<u16>>,
     pub next_instance: AtomicU64,
     pub entries: Mutex<HashMap<WorkloadId, Arc<Entry>>>,
+    /// Runs of scheduled tasks (see `runs.rs`).
+    pub runs: runs::Runs,
 }
 
 /// Runs workloads as supervised local processes; see the [module documentation](self).
@@ -139,6 +142,7 @@ impl ProcessDriver {
             ports_in_use: Mutex::new(HashSet::new()),
             next_instance: AtomicU64::new(first_instance),
             entries: Mutex::new(HashMap::new()),
+            runs: runs::Runs::default(),
         });
         adopt(&shared).map_err(|e| io_error(&shared.state_dir, e))?;
         Ok(ProcessDriver {
@@ -214,6 +218,7 @@ impl ProcessDriver {
     }
 
     async fn remove_now(&self, id: &WorkloadId) -> Result<()> {
+        runs::remove_all(&self.shared, id).await;
         let Some(entry) = self.entry(id) else {
             return Ok(());
         };
@@ -245,6 +250,9 @@ impl ProcessDriver {
     }
 
     async fn logs_now(&self, id: &WorkloadId, opts: LogOptions) -> Result<LogStream> {
+        if let Some(run) = opts.run {
+            return runs::logs(&self.shared, id, run, &opts);
+        }
         let entry = self.entry(id).ok_or_else(|| Error::NotFound(id.clone()))?;
         let mut indexes = entry.log_indexes();
         if let Some(replica) = opts.replica {
@@ -464,6 +472,28 @@ impl DataPlane for ProcessDriver {
         opts: LogOptions,
     ) -> BoxFuture<'a, Result<LogStream>> {
         Box::pin(self.logs_now(id, opts))
+    }
+
+    fn start_run<'a>(&'a self, workload: &'a Workload, run: u64) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move { runs::start(&self.shared, workload, run) })
+    }
+
+    fn runs<'a>(&'a self, id: &'a WorkloadId) -> BoxFuture<'a, Result<Vec<RunStatus>>> {
+        Box::pin(async move { Ok(runs::list(&self.shared, id)) })
+    }
+
+    fn stop_run<'a>(&'a self, id: &'a WorkloadId, run: u64) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            runs::stop(&self.shared, id, run).await;
+            Ok(())
+        })
+    }
+
+    fn remove_run<'a>(&'a self, id: &'a WorkloadId, run: u64) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            runs::remove(&self.shared, id, run).await;
+            Ok(())
+        })
     }
 
     fn changes(&self) -> broadcast::Receiver<WorkloadId> {

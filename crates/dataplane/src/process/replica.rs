@@ -20,7 +20,8 @@ use super::{probe, procfs, ProcessOptions, Shared};
 use crate::{ProbeSpec, ReplicaState, ReplicaStatus, Workload, WorkloadId};
 
 /// Variables passed from the server's environment to every process; everything else comes from the workload.
-const INHERITED_ENV: &[&str] = &["PATH", "HOME", "USER", "LANG", "LC_ALL", "TZ", "TMPDIR"];
+pub(crate) const INHERITED_ENV: &[&str] =
+    &["PATH", "HOME", "USER", "LANG", "LC_ALL", "TZ", "TMPDIR"];
 /// How often readiness is checked before it first passes.
 const FIRST_READY_POLL: Duration = Duration::from_millis(100);
 /// How often an adopted process (not our child: no exit notification) is looked up in `/proc`.

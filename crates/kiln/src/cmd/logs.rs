@@ -12,6 +12,32 @@ use super::resources::locate_project;
 use super::Ctx;
 use crate::cli::LogsArgs;
 
+/// `kiln task run`: sets the binding's `kiln.dev/run-requested` annotation to a new value; the binding
+/// controller starts the run.
+pub async fn run_task(
+    ctx: &Ctx,
+    component: &str,
+    environment: &str,
+    project: Option<&str>,
+) -> anyhow::Result<()> {
+    let project = locate_project(ctx, Kind::Component, component, project).await?;
+    let scope = Scoped {
+        org: &ctx.org,
+        project: project.as_deref(),
+    };
+    let binding = format!("{component}-{environment}");
+    let nonce = jiff::Timestamp::now().to_string();
+    let patch = serde_json::json!({
+        "metadata": {"annotations": {"kiln.dev/run-requested": nonce}}
+    });
+    ctx.client
+        .patch(Kind::ReleaseBinding, &scope, &binding, &patch)
+        .await
+        .map_err(|e| anyhow::anyhow!("releasebinding {binding}: {e}"))?;
+    println!("run of {component} in {environment} requested");
+    Ok(())
+}
+
 pub async fn logs(ctx: &Ctx, args: &LogsArgs) -> anyhow::Result<()> {
     let project = locate_project(
         ctx,
@@ -30,6 +56,7 @@ pub async fn logs(ctx: &Ctx, args: &LogsArgs) -> anyhow::Result<()> {
         replica: args.replica,
         since: args.since.clone(),
         tail: args.tail,
+        run: args.run,
     };
     let mut lines = Box::pin(ctx.client.logs(&scope, &args.component, &query).await?);
     let stdout = std::io::stdout();

@@ -11,7 +11,9 @@ use clap::CommandFactory;
 use client::Client;
 use serde_json::{json, Value};
 
-use crate::cli::{Cli, Command, OrgCommand, OutputFormat, ServerArgs, TokenCommand, UserCommand};
+use crate::cli::{
+    Cli, Command, OrgCommand, OutputFormat, ServerArgs, TaskCommand, TokenCommand, UserCommand,
+};
 use crate::{config, output};
 
 /// The server URL used when neither a flag, the environment nor `kiln login` names one.
@@ -143,6 +145,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             output,
         } => resources::releases(&ctx(&cli)?, component, project.as_deref(), *output).await,
         Command::Logs(args) => logs::logs(&ctx(&cli)?, args).await,
+        Command::Task(TaskCommand::Run {
+            component,
+            environment,
+            project,
+        }) => logs::run_task(&ctx(&cli)?, component, environment, project.as_deref()).await,
         Command::Org(OrgCommand::Create { name, display_name }) => {
             let c = ctx(&cli)?;
             let mut spec = json!({});

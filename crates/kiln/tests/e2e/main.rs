@@ -7,6 +7,8 @@ mod cli;
 mod console;
 mod delivery;
 mod dependencies;
+mod docker;
 mod durability;
 mod logs;
 mod smoke;
+mod tasks;

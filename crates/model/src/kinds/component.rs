@@ -62,7 +62,34 @@ pub struct ComponentSpec {
     /// A cron expression; required for, and only valid for, `scheduled-task` components.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<String>,
+    /// The IANA time zone the schedule is read in, e.g. `Europe/Paris`. Default `UTC`. Scheduled tasks only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    /// What happens when a run is due while the previous one still runs: `Allow` (both run), `Forbid` (the new
+    /// one is skipped) or `Replace` (the old one is stopped). Default `Allow`. Scheduled tasks only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency_policy: Option<ConcurrencyPolicy>,
+    /// Finished runs kept (their exit and logs), 1-100. Default 10. Scheduled tasks only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_history_limit: Option<u32>,
 }
+
+/// What a scheduled task does when a run is due while an earlier one is still running.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ConcurrencyPolicy {
+    /// Start the new run beside the running one.
+    #[default]
+    Allow,
+    /// Skip the new run.
+    Forbid,
+    /// Stop the running one, then start the new run.
+    Replace,
+}
+
+/// The most runs a scheduled task keeps.
+pub const MAX_RUN_HISTORY: u32 = 100;
+/// Runs a scheduled task keeps by default.
+pub const DEFAULT_RUN_HISTORY: u32 = 10;
 
 /// The kind of workload.
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
@@ -229,6 +256,44 @@ impl KindSpec for ComponentSpec {
                 }
             }
             (None, false) => {}
+        }
+        if !scheduled {
+            for (set, path) in [
+                (self.timezone.is_some(), "spec.timezone"),
+                (self.concurrency_policy.is_some(), "spec.concurrencyPolicy"),
+                (self.run_history_limit.is_some(), "spec.runHistoryLimit"),
+            ] {
+                if set {
+                    errors.push(FieldError::new(
+                        path,
+                        "only valid for scheduled-task components",
+                    ));
+                }
+            }
+        }
+        if let Some(tz) = &self.timezone {
+            // The zone's existence is checked where the time-zone database is (at admission).
+            let ok = !tz.is_empty()
+                && tz.len() <= 64
+                && tz
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"/_+-".contains(&b))
+                && !tz.starts_with('/')
+                && !tz.split('/').any(|p| p.is_empty() || p == "." || p == "..");
+            if !ok {
+                errors.push(FieldError::new(
+                    "spec.timezone",
+                    format!("{tz:?} is not an IANA time zone name (such as \"Europe/Paris\" or \"UTC\")"),
+                ));
+            }
+        }
+        if let Some(n) = self.run_history_limit {
+            if n == 0 || n > MAX_RUN_HISTORY {
+                errors.push(FieldError::new(
+                    "spec.runHistoryLimit",
+                    format!("must be 1-{MAX_RUN_HISTORY}, got {n}"),
+                ));
+            }
         }
         if scheduled && !self.endpoints.is_empty() {
             errors.push(FieldError::new(

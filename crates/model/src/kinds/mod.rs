@@ -15,8 +15,8 @@ mod secret;
 mod workload;
 
 pub use component::{
-    Build, ComponentSpec, ComponentType, Dependency, Endpoint, EndpointProtocol, GitSource, Source,
-    Visibility, MAX_REPLICAS,
+    Build, ComponentSpec, ComponentType, ConcurrencyPolicy, Dependency, Endpoint, EndpointProtocol,
+    GitSource, Source, Visibility, DEFAULT_RUN_HISTORY, MAX_REPLICAS, MAX_RUN_HISTORY,
 };
 pub use dataplane::{
     Cluster, DataPlaneSpec, DataPlaneType, DockerConfig, KubernetesConfig, NodeGroup, ProcessConfig,

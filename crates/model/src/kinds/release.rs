@@ -5,7 +5,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::component::{ComponentType, Dependency, Endpoint};
+use super::component::{ComponentType, ConcurrencyPolicy, Dependency, Endpoint};
 use super::workload::{Probes, Resources, Workload};
 use super::{check_name, KindSpec};
 use crate::{FieldError, Kind, ObjectMeta};
@@ -58,6 +58,15 @@ pub struct ReleaseSnapshot {
     /// The cron schedule of a scheduled task.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<String>,
+    /// The time zone of the schedule (default UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    /// What a due run does while another runs (default `Allow`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency_policy: Option<ConcurrencyPolicy>,
+    /// Finished runs kept (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_history_limit: Option<u32>,
 }
 
 impl KindSpec for ReleaseSpec {

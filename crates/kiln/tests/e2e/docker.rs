@@ -1,0 +1,224 @@
+//! The docker data plane through the whole server: components run from an image of the test service built
+//! `FROM scratch`, answer through the gateway, reach a declared dependency at a Kiln address on their
+//! project-environment network, and that address is closed to containers of other project-environments.
+//!
+//! Without a reachable Docker Engine the test prints `SKIPPED` and passes, except under `CI=true`, where it
+//! fails.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+
+/// Whether the Engine answers; under CI it must.
+fn docker_available() -> bool {
+    let up = Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !up {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true and the Docker Engine is not reachable"
+        );
+        eprintln!("\n*** SKIPPED: Docker Engine not reachable ***\n");
+    }
+    up
+}
+
+/// Removes the containers and networks of the test's projects when it ends, passing or failing (after the
+/// server has had its chance to remove them itself).
+struct Cleanup {
+    prefixes: Vec<String>,
+}
+
+impl Cleanup {
+    fn containers(&self) -> Vec<String> {
+        let out = Command::new("docker")
+            .args([
+                "ps",
+                "-a",
+                "--filter",
+                "label=kiln.dev/workload",
+                "--format",
+                "{{.ID}} {{.Label \"kiln.dev/workload\"}}",
+            ])
+            .output()
+            .expect("docker ps");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .filter(|(_, w)| self.prefixes.iter().any(|p| w.starts_with(p.as_str())))
+            .map(|(id, _)| id.to_string())
+            .collect()
+    }
+
+    fn networks(&self) -> Vec<String> {
+        let out = Command::new("docker")
+            .args([
+                "network",
+                "ls",
+                "--filter",
+                "label=kiln.dev/environment",
+                "--format",
+                "{{.ID}} {{.Label \"kiln.dev/environment\"}}",
+            ])
+            .output()
+            .expect("docker network ls");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .filter(|(_, e)| self.prefixes.iter().any(|p| e.starts_with(p.as_str())))
+            .map(|(n, _)| n.to_string())
+            .collect()
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let ids = self.containers();
+        if !ids.is_empty() {
+            let _ = Command::new("docker")
+                .args(["rm", "-f"])
+                .args(&ids)
+                .output();
+        }
+        for n in self.networks() {
+            let _ = Command::new("docker").args(["network", "rm", &n]).output();
+        }
+    }
+}
+
+fn binding(s: &Server, project: &str, name: &str) -> Option<serde_json::Value> {
+    let out = s.kiln(&["get", "releasebinding", name, "-p", project, "-o", "json"]);
+    out.status
+        .success()
+        .then(|| serde_json::from_str(&stdout(&out)).expect("json"))
+}
+
+fn ready(b: &serde_json::Value) -> bool {
+    b["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+}
+
+fn wait_ready(s: &Server, project: &str, name: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let b = binding(s, project, name);
+        if let Some(b) = &b {
+            if ready(b) {
+                return b.clone();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{project}/{name} never became Ready: {b:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// GET through the server until it answers 200 (a fresh route may take a moment to reach the gateway's table).
+fn get_ok(url: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = http_get(url);
+        if let Ok((200, body)) = &r {
+            return body.clone();
+        }
+        assert!(Instant::now() < deadline, "GET {url}: {r:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn docker_components_serve_through_the_gateway_and_reach_only_declared_dependencies() {
+    if !docker_available() {
+        return;
+    }
+    let image = testsvc::docker_image();
+    let pid = std::process::id();
+    let (pa, pb) = (format!("dk{pid}a"), format!("dk{pid}b"));
+    let _cleanup = Cleanup {
+        prefixes: vec![format!("default/{pa}/"), format!("default/{pb}/")],
+    };
+    let s = Server::start();
+    let component = |project: &str, name: &str, visibility: &str, deps: &str| {
+        format!(
+            "---\napiVersion: kiln.dev/v1\nkind: Component\nmetadata: {{name: {name}, project: {project}}}\nspec:\n  \
+             type: service\n  workload:\n    image: {image}\n    env: [{{name: SERVICE_NAME, value: {name}}}]\n  \
+             endpoints: [{{name: http, port: 8080, visibility: {visibility}}}]\n  dependencies: {deps}\n  \
+             probes:\n    readiness: {{httpGet: {{path: /healthz, port: 8080}}, periodSeconds: 1}}\n",
+            image = image.tag,
+        )
+    };
+    let manifest = format!(
+        "apiVersion: kiln.dev/v1\nkind: DataPlane\nmetadata: {{name: dock}}\nspec: {{type: docker}}\n---\n\
+         apiVersion: kiln.dev/v1\nkind: Environment\nmetadata: {{name: ddev}}\nspec: {{dataPlaneRef: dock}}\n---\n\
+         apiVersion: kiln.dev/v1\nkind: Environment\nmetadata: {{name: dstage}}\nspec: {{dataPlaneRef: dock}}\n---\n\
+         apiVersion: kiln.dev/v1\nkind: DeploymentPipeline\nmetadata: {{name: dline}}\n\
+         spec: {{promotionPaths: [{{sourceEnvironmentRef: ddev, targetEnvironmentRefs: [{{name: dstage}}]}}]}}\n---\n\
+         apiVersion: kiln.dev/v1\nkind: Project\nmetadata: {{name: {pa}}}\nspec: {{deploymentPipelineRef: dline}}\n---\n\
+         apiVersion: kiln.dev/v1\nkind: Project\nmetadata: {{name: {pb}}}\nspec: {{deploymentPipelineRef: dline}}\n{}{}{}",
+        component(&pa, "api", "project", "[]"),
+        component(&pa, "web", "public", "[{component: api, endpoint: http}]"),
+        component(&pb, "intruder", "public", "[]"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("docker.yaml");
+    std::fs::write(&file, manifest).unwrap();
+    ok(s.kiln(&["apply", "-f", file.to_str().unwrap()]));
+
+    wait_ready(&s, &pa, "api-ddev");
+    let web = wait_ready(&s, &pa, "web-ddev");
+    wait_ready(&s, &pb, "intruder-ddev");
+    let deps = &web["status"]["dependencies"]["api"];
+    assert_eq!(deps["forwarding"], true, "{web}");
+    let kiln_addr = deps["address"].as_str().expect("api's address").to_string();
+    assert!(
+        !kiln_addr.starts_with("127."),
+        "a container's dependency address must be on its network, not the host's loopback: {web}"
+    );
+
+    // Through the gateway to a container; the api endpoint is project-only, so not served there.
+    let base = |project: &str, component: &str| {
+        format!("{}/x/default/{project}/ddev/{component}/http", s.url)
+    };
+    let hello = get_ok(&format!("{}/", base(&pa, "web")));
+    assert!(hello.contains("hello from web"), "{hello}");
+    let (code, body) = http_get(&format!("{}/", base(&pa, "api"))).unwrap();
+    assert_eq!(code, 404, "{body}");
+
+    // The container's variables point at the Kiln address, which reaches api.
+    let url = get_ok(&format!("{}/env/API_URL", base(&pa, "web")));
+    assert_eq!(url.trim(), format!("http://{kiln_addr}/"));
+    let via = get_ok(&format!("{}/get/$API/env/SERVICE_NAME", base(&pa, "web")));
+    assert!(via.contains(" 200 OK\napi\n"), "{via}");
+
+    // A container of another project-environment cannot use the address (that it cannot reach api's containers
+    // directly is the docker driver's own test).
+    let (code, refused) = http_get(&format!(
+        "{}/get/{kiln_addr}/env/SERVICE_NAME",
+        base(&pb, "intruder")
+    ))
+    .unwrap();
+    assert_eq!(code, 502, "{refused}");
+    assert!(!refused.contains("api"), "{refused}");
+
+    // Deleting the projects removes their containers and networks.
+    ok(s.kiln(&["delete", "project", &pa]));
+    ok(s.kiln(&["delete", "project", &pb]));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !_cleanup.containers().is_empty() || !_cleanup.networks().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "containers {:?} and networks {:?} left after deleting the projects",
+            _cleanup.containers(),
+            _cleanup.networks()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
