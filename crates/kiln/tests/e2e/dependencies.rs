@@ -6,13 +6,25 @@ use std::time::{Duration, Instant};
 
 use crate::harness::*;
 
-/// Deletes the bindings when the test ends, passing or not, so no replica outlives it.
+/// Deletes the bindings when the test ends, passing or not, and waits until they are gone (their finalizer stops
+/// the replicas), so no replica outlives the server.
 struct Cleanup<'a>(&'a Server);
 
 impl Drop for Cleanup<'_> {
     fn drop(&mut self) {
         for b in ["api-dev", "web-dev"] {
             let _ = self.0.kiln(&["delete", "releasebinding", b, "-p", "shop"]);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline
+            && ["api-dev", "web-dev"].iter().any(|b| {
+                self.0
+                    .kiln(&["get", "releasebinding", b, "-p", "shop"])
+                    .status
+                    .success()
+            })
+        {
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 }
