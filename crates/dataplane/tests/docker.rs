@@ -22,17 +22,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 // ---------------------------------------------------------------------------------------------------------------
 // Fixtures
 
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 /// Removes every container and network of one test's organization when dropped, passing or failing. Declared
 /// after the image, so it runs before the image goes.
 struct Cleanup {
@@ -236,7 +225,7 @@ fn endpoint(s: &WorkloadStatus, replica: u32) -> SocketAddr {
 
 /// The workload's containers as (name, id), by `docker ps`.
 fn containers(id: &WorkloadId) -> Vec<(String, String)> {
-    let out = run(Command::new("docker").args([
+    let out = testsvc::run(Command::new("docker").args([
         "ps",
         "-a",
         "--filter",
@@ -254,7 +243,7 @@ fn containers(id: &WorkloadId) -> Vec<(String, String)> {
 }
 
 fn inspect(container: &str, format: &str) -> String {
-    run(Command::new("docker").args(["inspect", "-f", format, container]))
+    testsvc::run(Command::new("docker").args(["inspect", "-f", format, container]))
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -648,7 +637,7 @@ async fn a_container_killed_behind_our_back_comes_back() {
     let before = containers(&id);
     let mut changes = t.driver.changes();
 
-    run(Command::new("docker").args(["kill", &before[0].0]));
+    testsvc::run(Command::new("docker").args(["kill", &before[0].0]));
     let s = t
         .wait(&id, "the killed replica running again", |s| {
             all_ready(1)(s) && s.replicas[0].restarts >= 1

@@ -76,7 +76,8 @@ impl Drop for DockerImage {
     }
 }
 
-fn run(cmd: &mut Command) -> String {
+/// Runs a command to success and returns its trimmed stdout; panics with its output otherwise.
+pub fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(
         out.status.success(),

@@ -138,6 +138,12 @@ pub(crate) fn start(shared: &std::sync::Arc<Shared>, w: &Workload, run: u64) -> 
     Ok(())
 }
 
+/// The record of a run still going (or that was going when the server stopped).
+fn read_record(dir: &Path) -> Option<RunRecord> {
+    let bytes = std::fs::read(dir.join("record.json")).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
 fn last_lines(path: &Path) -> Vec<String> {
     let Ok(f) = std::fs::File::open(path) else {
         return Vec::new();
@@ -187,10 +193,7 @@ fn status_of(shared: &Shared, id: &WorkloadId, run: u64, dir: &Path) -> RunStatu
         return running;
     }
     // Started by an earlier driver: alive, or gone with its exit unknown.
-    let record: Option<RunRecord> = std::fs::read(dir.join("record.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
-    match record {
+    match read_record(dir) {
         Some(r) if r.boot_id == shared.boot_id && procfs::is_alive(r.pid, r.start_time) => running,
         _ => finished(
             RunState::Failed,
@@ -230,10 +233,7 @@ pub(crate) async fn stop(shared: &Shared, id: &WorkloadId, run: u64) {
             }
         }
         None => {
-            let record: Option<RunRecord> = std::fs::read(dir.join("record.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok());
-            if let Some(r) = record {
+            if let Some(r) = read_record(&dir) {
                 if r.boot_id == shared.boot_id && procfs::is_alive(r.pid, r.start_time) {
                     let _ = write_private(&dir.join("stopped"), b"");
                     procfs::signal(r.pid, "KILL").await;
