@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use dataplane::docker::DockerDriver;
 use dataplane::{
-    DataPlane, LogOptions, PortSpec, Probe, ProbeSpec, ReplicaState, Workload, WorkloadId,
-    WorkloadStatus,
+    DataPlane, LogLine, LogOptions, PortSpec, Probe, ProbeSpec, ReplicaState, RunState, RunStatus,
+    Workload, WorkloadId, WorkloadStatus,
 };
 use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -707,4 +707,311 @@ async fn a_replica_failing_its_liveness_probe_is_restarted() {
     })
     .await;
     assert_eq!(containers(&id).len(), 1, "restarted in place");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Runs of scheduled tasks
+
+/// A task: the test service in its task mode, printing two lines and exiting with `exit` after `ms`.
+fn task(t: &Env, id: &WorkloadId, exit: i32, ms: u64) -> Workload {
+    let mut w = t.workload(id, "r1", 1);
+    w.ports.clear();
+    w.readiness = None;
+    w.env.insert("TASK_EXIT".into(), exit.to_string());
+    w.env.insert("TASK_MS".into(), ms.to_string());
+    w
+}
+
+async fn wait_runs(
+    driver: &DockerDriver,
+    id: &WorkloadId,
+    what: &str,
+    pred: impl Fn(&[RunStatus]) -> bool,
+) -> Vec<RunStatus> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut last = Vec::new();
+    while tokio::time::Instant::now() < deadline {
+        last = driver.runs(id).await.expect("runs");
+        if pred(&last) {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("{id}: timed out waiting for {what}; last runs: {last:#?}");
+}
+
+fn run_in(runs: &[RunStatus], n: u64, state: RunState) -> bool {
+    runs.iter().any(|r| r.run == n && r.state == state)
+}
+
+async fn run_logs(driver: &DockerDriver, id: &WorkloadId, run: u64) -> Vec<String> {
+    let opts = LogOptions {
+        run: Some(run),
+        ..Default::default()
+    };
+    let stream = driver.logs(id, opts).await.expect("run logs");
+    stream.map(|l| l.unwrap().line).collect().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_end_with_their_exit_code_and_output_and_are_no_replicas() {
+    let Some(t) = setup("runs").await else { return };
+    let id = t.id("shop", "dev", "nightly");
+    let ok = task(&t, &id, 0, 0);
+    t.driver.start_run(&ok, 1).await.unwrap();
+    // Starting it again does nothing.
+    t.driver.start_run(&ok, 1).await.unwrap();
+    let runs = wait_runs(&t.driver, &id, "run 1 succeeded", |r| {
+        run_in(r, 1, RunState::Succeeded)
+    })
+    .await;
+    assert_eq!(
+        runs,
+        [RunStatus {
+            run: 1,
+            state: RunState::Succeeded,
+            exit_code: Some(0),
+            message: "exited with code 0".into(),
+            last_logs: vec!["run 1 starts".into(), "run 1 ends".into()],
+        }]
+    );
+    assert_eq!(
+        run_logs(&t.driver, &id, 1).await,
+        ["run 1 starts", "run 1 ends"]
+    );
+    let made = containers(&id);
+    assert_eq!(made.len(), 1, "{made:?}");
+    assert_eq!(made[0].0, format!("{}--run-1", id.slug()));
+    let c = &made[0].1;
+    assert_eq!(
+        inspect(
+            c,
+            r#"{{.HostConfig.RestartPolicy.Name}} {{.HostConfig.NetworkMode}} {{index .Config.Labels "kiln.dev/run"}}"#
+        ),
+        format!("no kiln--{}--shop--dev 1", t.org)
+    );
+    // It stays ended: the event watcher revives replicas, not runs (it looks 0.8 s after a container dies).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(inspect(c, "{{.State.Status}}"), "exited");
+    assert_eq!(run_logs(&t.driver, &id, 1).await.len(), 2);
+    // Runs are not replicas.
+    assert_eq!(t.driver.status(&id).await.unwrap(), None);
+
+    let failing = task(&t, &id, 3, 0);
+    t.driver.start_run(&failing, 2).await.unwrap();
+    let runs = wait_runs(&t.driver, &id, "run 2 failed", |r| {
+        run_in(r, 2, RunState::Failed)
+    })
+    .await;
+    assert_eq!(runs.iter().map(|r| r.run).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(
+        runs[1],
+        RunStatus {
+            run: 2,
+            state: RunState::Failed,
+            exit_code: Some(3),
+            message: "exited with code 3".into(),
+            last_logs: vec!["run 2 starts".into(), "run 2 ends".into()],
+        }
+    );
+
+    // A command the Engine cannot start (without an init to start it) is the run's failure.
+    let no_init = DockerDriver::connect_config(dataplane::docker::DockerConfig {
+        init: false,
+        scope_prefix: Some(t.org.clone()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut broken = task(&t, &id, 0, 0);
+    broken.command = vec!["/no-such-program".into()];
+    no_init.start_run(&broken, 3).await.unwrap();
+    let runs = wait_runs(&no_init, &id, "run 3 failed", |r| {
+        run_in(r, 3, RunState::Failed)
+    })
+    .await;
+    let r3 = runs.iter().find(|r| r.run == 3).unwrap();
+    assert_eq!(r3.exit_code, None, "{r3:?}");
+    assert!(
+        r3.message.starts_with("the command could not be started: ")
+            && r3.message.contains("/no-such-program"),
+        "{r3:?}"
+    );
+    drop(no_init);
+
+    // A missing image is the caller's error, as for replicas; nothing is made.
+    let mut missing = task(&t, &id, 0, 0);
+    missing.image = Some("kiln-no-such-image:never".into());
+    let err = t
+        .driver
+        .start_run(&missing, 4)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("build or load it"), "{err}");
+    assert_eq!(containers(&id).len(), 3);
+
+    // Replicas of the same workload neither adopt nor take down its runs.
+    let service = t.workload(&id, "r2", 1);
+    t.driver.apply(&service).await.unwrap();
+    let s = t.wait(&id, "1 ready replica", all_ready(1)).await;
+    assert_eq!(s.desired, 1);
+    assert_eq!(s.replicas[0].index, 0);
+    t.driver.apply(&service).await.unwrap();
+    assert_eq!(containers(&id).len(), 4);
+    assert_eq!(t.driver.runs(&id).await.unwrap().len(), 3);
+    let replica_logs: Vec<LogLine> = t
+        .driver
+        .logs(&id, LogOptions::default())
+        .await
+        .unwrap()
+        .map(|l| l.unwrap())
+        .collect()
+        .await;
+    assert!(
+        !replica_logs.iter().any(|l| l.line.starts_with("run ")),
+        "run output among the replicas' logs: {replica_logs:#?}"
+    );
+
+    // Removing the workload takes its runs and the network.
+    t.driver.remove(&id).await.unwrap();
+    assert!(containers(&id).is_empty());
+    assert!(networks(&t.org).is_empty());
+    assert!(t.driver.runs(&id).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_run_fails_as_stopped_and_a_removed_run_is_gone() {
+    let Some(t) = setup("stoprun").await else {
+        return;
+    };
+    let id = t.id("shop", "dev", "long");
+    let w = task(&t, &id, 0, 600_000);
+    t.driver.start_run(&w, 1).await.unwrap();
+    wait_runs(&t.driver, &id, "run 1 running", |r| {
+        run_in(r, 1, RunState::Running)
+    })
+    .await;
+    // Following its logs: the first line arrives, and the stream ends when the run does.
+    let mut follow = t
+        .driver
+        .logs(
+            &id,
+            LogOptions {
+                run: Some(1),
+                follow: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(30), follow.next())
+        .await
+        .expect("the first line within 30 s")
+        .expect("a line")
+        .unwrap();
+    assert_eq!(first.line, "run 1 starts");
+    assert_eq!(first.replica, 0);
+
+    t.driver.stop_run(&id, 1).await.unwrap();
+    let runs = t.driver.runs(&id).await.unwrap();
+    assert_eq!(
+        runs,
+        [RunStatus {
+            run: 1,
+            state: RunState::Failed,
+            exit_code: None,
+            message: "stopped".into(),
+            last_logs: vec!["run 1 starts".into()],
+        }]
+    );
+    let rest: Vec<_> = tokio::time::timeout(Duration::from_secs(30), follow.collect::<Vec<_>>())
+        .await
+        .expect("the followed logs end with the run");
+    assert!(rest.is_empty(), "{rest:#?}");
+    // Stopping what has ended, or what never was, does nothing.
+    t.driver.stop_run(&id, 1).await.unwrap();
+    t.driver.stop_run(&id, 9).await.unwrap();
+    assert_eq!(t.driver.runs(&id).await.unwrap(), runs);
+    // A run stopped is not started again by asking for it again.
+    t.driver.start_run(&w, 1).await.unwrap();
+    assert_eq!(t.driver.runs(&id).await.unwrap(), runs);
+
+    // Removing a run deletes its container, its output with it.
+    t.driver.start_run(&task(&t, &id, 0, 0), 2).await.unwrap();
+    wait_runs(&t.driver, &id, "run 2 succeeded", |r| {
+        run_in(r, 2, RunState::Succeeded)
+    })
+    .await;
+    t.driver.remove_run(&id, 1).await.unwrap();
+    let left = containers(&id);
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].0, format!("{}--run-2", id.slug()));
+    let runs = t.driver.runs(&id).await.unwrap();
+    assert_eq!(runs.iter().map(|r| r.run).collect::<Vec<_>>(), [2]);
+    let err = t
+        .driver
+        .logs(
+            &id,
+            LogOptions {
+                run: Some(1),
+                ..Default::default()
+            },
+        )
+        .await
+        .err()
+        .expect("no logs of a removed run");
+    assert!(matches!(err, dataplane::Error::NotFound(_)), "{err}");
+    // A running run is removed too; removing an unknown run succeeds.
+    t.driver.start_run(&w, 3).await.unwrap();
+    wait_runs(&t.driver, &id, "run 3 running", |r| {
+        run_in(r, 3, RunState::Running)
+    })
+    .await;
+    t.driver.remove_run(&id, 3).await.unwrap();
+    t.driver.remove_run(&id, 3).await.unwrap();
+    assert_eq!(containers(&id).len(), 1);
+    // The network stays while the task is deployed (its dependency addresses are on it).
+    assert_eq!(networks(&t.org), [format!("kiln--{}--shop--dev", t.org)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_driver_sees_the_runs_of_the_last() {
+    let Some(t) = setup("adoptruns").await else {
+        return;
+    };
+    let id = t.id("shop", "dev", "batch");
+    t.driver.start_run(&task(&t, &id, 0, 0), 1).await.unwrap();
+    let long = task(&t, &id, 0, 600_000);
+    t.driver.start_run(&long, 2).await.unwrap();
+    wait_runs(&t.driver, &id, "run 1 done and run 2 running", |r| {
+        run_in(r, 1, RunState::Succeeded) && run_in(r, 2, RunState::Running)
+    })
+    .await;
+    let before = containers(&id);
+
+    // A server restart: a new driver knows nothing but what the Engine holds.
+    let fresh = DockerDriver::connect_config(dataplane::docker::DockerConfig {
+        scope_prefix: Some(t.org.clone()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let runs = fresh.runs(&id).await.unwrap();
+    assert_eq!(runs.len(), 2, "{runs:#?}");
+    assert_eq!(runs[0].state, RunState::Succeeded);
+    assert_eq!(runs[0].last_logs, ["run 1 starts", "run 1 ends"]);
+    assert_eq!(runs[1].state, RunState::Running);
+    fresh.start_run(&long, 2).await.unwrap();
+    assert_eq!(containers(&id), before, "adopted, not duplicated");
+    assert!(fresh.list().await.unwrap().contains(&id));
+
+    // Stopped by the new driver: the old one (or any later) sees it stopped as well.
+    fresh.stop_run(&id, 2).await.unwrap();
+    drop(fresh);
+    let runs = t.driver.runs(&id).await.unwrap();
+    assert_eq!(
+        (runs[1].state, runs[1].message.as_str()),
+        (RunState::Failed, "stopped")
+    );
 }

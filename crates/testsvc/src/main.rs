@@ -17,6 +17,10 @@
 //!
 //! Every request is logged to stdout, unless `$QUIET` is set; `$EXIT_AFTER_MS` makes it exit with code 3 after
 //! that many milliseconds, after printing a last line to stderr (a crashing workload for tests).
+//!
+//! With `$TASK_EXIT` set it is a task instead (a run of a scheduled task for tests): it listens on nothing,
+//! prints `run <KILN_RUN> starts`, waits `$TASK_MS` milliseconds (default 0), prints `run <KILN_RUN> ends` (both
+//! on stdout) and exits with the code `$TASK_EXIT` names.
 
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -226,7 +230,20 @@ fn fetch(spec: &str) -> Result<String, String> {
     }
 }
 
+/// The `$TASK_EXIT` mode: print, wait, exit with the code.
+fn task(code: i32) -> ! {
+    let run = env("KILN_RUN", "?");
+    println!("run {run} starts");
+    let ms = env("TASK_MS", "0").parse().unwrap_or(0);
+    std::thread::sleep(Duration::from_millis(ms));
+    println!("run {run} ends");
+    std::process::exit(code)
+}
+
 fn main() {
+    if let Some(code) = std::env::var("TASK_EXIT").ok().and_then(|c| c.parse().ok()) {
+        task(code);
+    }
     let addr = format!("{}:{}", env("BIND", "0.0.0.0"), env("PORT", "8080"));
     let listener = match TcpListener::bind(&addr) {
         Ok(l) => l,

@@ -1,5 +1,6 @@
 //! The event watcher: the Engine's `/events` stream for containers carrying the workload label feeds
-//! `changes()`, restarts containers stopped behind the driver's back, and announces replicas becoming ready.
+//! `changes()`, restarts replicas stopped behind the driver's back, and announces replicas becoming ready. Runs
+//! of scheduled tasks are only announced: they end for good.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,7 +63,8 @@ fn handle(inner: &Arc<Inner>, event: Event) {
     }
     let name = attrs.get("name").cloned().unwrap_or_default();
     inner.notify(&id);
-    if spec::is_retiring(&name) {
+    // (The attributes carry the container's labels.)
+    if spec::is_retiring(&name) || attrs.contains_key(spec::LABEL_RUN) {
         return;
     }
     let container = event.actor.id.clone();
@@ -86,6 +88,7 @@ async fn revive_if_stopped(inner: Arc<Inner>, container: String, id: WorkloadId)
         _ => return,
     };
     if spec::is_retiring(&c.name)
+        || c.label(spec::LABEL_RUN).is_some()
         || c.state.running
         || c.state.restarting
         || c.state.status != "exited"
@@ -127,7 +130,8 @@ async fn announce_ready(inner: Arc<Inner>, container: String, id: WorkloadId) {
     }
 }
 
-/// Starts every replica of ours found stopped, and announces every workload (events may have been missed).
+/// Starts every replica of ours found stopped (runs stay as they ended), and announces every workload (events
+/// may have been missed).
 async fn sweep(inner: &Arc<Inner>) {
     let containers = match inner.containers(LABEL_WORKLOAD).await {
         Ok(c) => c,
@@ -143,7 +147,8 @@ async fn sweep(inner: &Arc<Inner>) {
         if !inner.in_scope(&id) {
             continue;
         }
-        if c.state == "exited" && !spec::is_retiring(c.name()) {
+        if c.state == "exited" && !spec::is_retiring(c.name()) && c.label(spec::LABEL_RUN).is_none()
+        {
             tokio::spawn(revive_if_stopped(inner.clone(), c.id.clone(), id.clone()));
         }
         inner.notify(&id);

@@ -12,6 +12,9 @@
 //! - Everything is found again by label: a new driver adopts running containers instead of creating duplicates.
 //! - A container the driver takes down is first renamed `<name>--retiring-<n>`: its name is free for its
 //!   successor at once, and no watcher (of this driver or another) mistakes its stop for a kill to undo.
+//! - Run `n` of a scheduled task is the container `<org>--<project>--<env>--<component>--run-<n>` (see `runs.rs`):
+//!   made like a replica and on the same network, but labelled with its run number, never restarted and never
+//!   counted as a replica.
 
 mod api;
 mod engine_types;
@@ -19,6 +22,7 @@ mod events;
 mod liveness;
 mod logs;
 mod probe;
+mod runs;
 mod spec;
 mod status;
 
@@ -32,14 +36,14 @@ use serde_json::json;
 use tokio::sync::broadcast;
 
 use crate::{
-    BoxFuture, DataPlane, Error, HostAddress, LogOptions, LogStream, Result, Workload, WorkloadId,
-    WorkloadStatus, LABEL_WORKLOAD,
+    BoxFuture, DataPlane, Error, HostAddress, LogOptions, LogStream, Result, RunStatus, Workload,
+    WorkloadId, WorkloadStatus, LABEL_WORKLOAD,
 };
 use api::{query_escape, ApiError, Engine};
 use engine_types::{ContainerSummary, NetworkInspect};
 pub use spec::{
     LABEL_ENVIRONMENT, LABEL_LIVENESS, LABEL_NETWORK, LABEL_PORTS, LABEL_READINESS, LABEL_REPLICA,
-    LABEL_SPEC_HASH,
+    LABEL_RUN, LABEL_SPEC_HASH,
 };
 
 /// Settings of the docker driver.
@@ -93,6 +97,8 @@ struct Inner {
     ready: Mutex<HashMap<String, bool>>,
     /// Held while a network is looked up and perhaps created.
     networks_lock: tokio::sync::Mutex<()>,
+    /// The status of each finished run, per container id: it never changes once the run has ended.
+    finished_runs: Mutex<HashMap<String, RunStatus>>,
 }
 
 impl DockerDriver {
@@ -127,6 +133,7 @@ impl DockerDriver {
             revived: Mutex::new(HashMap::new()),
             ready: Mutex::new(HashMap::new()),
             networks_lock: tokio::sync::Mutex::new(()),
+            finished_runs: Mutex::new(HashMap::new()),
         });
         let tasks = vec![
             tokio::spawn(events::watch(inner.clone())),
@@ -196,6 +203,22 @@ impl DataPlane for DockerDriver {
             Inner::network_gateway(&net).map(Some)
         })
     }
+
+    fn start_run<'a>(&'a self, workload: &'a Workload, run: u64) -> BoxFuture<'a, Result<()>> {
+        Box::pin(self.inner.start_run(workload, run))
+    }
+
+    fn runs<'a>(&'a self, id: &'a WorkloadId) -> BoxFuture<'a, Result<Vec<RunStatus>>> {
+        Box::pin(self.inner.runs(id))
+    }
+
+    fn stop_run<'a>(&'a self, id: &'a WorkloadId, run: u64) -> BoxFuture<'a, Result<()>> {
+        Box::pin(self.inner.stop_run(id, run))
+    }
+
+    fn remove_run<'a>(&'a self, id: &'a WorkloadId, run: u64) -> BoxFuture<'a, Result<()>> {
+        Box::pin(self.inner.remove_run(id, run))
+    }
 }
 
 impl Inner {
@@ -224,9 +247,16 @@ impl Inner {
             .await
     }
 
-    /// The workload's containers, retiring ones included.
-    async fn containers_of(&self, id: &WorkloadId) -> Result<Vec<ContainerSummary>, ApiError> {
+    /// Every container of the workload: its replicas, retiring ones included, and its runs.
+    async fn all_containers_of(&self, id: &WorkloadId) -> Result<Vec<ContainerSummary>, ApiError> {
         self.containers(&format!("{LABEL_WORKLOAD}={id}")).await
+    }
+
+    /// The workload's replicas, retiring ones included (its runs left out: they are no replicas).
+    async fn containers_of(&self, id: &WorkloadId) -> Result<Vec<ContainerSummary>, ApiError> {
+        let mut containers = self.all_containers_of(id).await?;
+        containers.retain(|c| c.label(LABEL_RUN).is_none());
+        Ok(containers)
     }
 
     /// The workload's replicas by index (retiring containers left out; of duplicates, the first listed).
@@ -248,12 +278,7 @@ impl Inner {
     }
 
     async fn apply(&self, w: &Workload) -> Result<()> {
-        let image = w.image.as_deref().ok_or_else(|| {
-            Error::Unsupported(format!(
-                "{}: the docker data plane runs container images, and this workload names none",
-                w.id
-            ))
-        })?;
+        let image = workload_image(w)?;
         self.check_image(image).await?;
         self.ensure_network(&w.id).await?;
         self.desired
@@ -459,31 +484,41 @@ impl Inner {
         }
     }
 
+    fn host_options(&self) -> spec::HostOptions {
+        spec::HostOptions {
+            init: self.config.init,
+            publish_ip: self.config.publish_ip.clone(),
+        }
+    }
+
+    /// Creates replica `index`; returns the container's id.
     async fn create(&self, w: &Workload, index: u32, image: &str) -> Result<String> {
+        let body = spec::container_body(w, index, image, &self.host_options());
+        let name = spec::container_name(&w.id, index);
+        self.create_container(&name, &body)
+            .await
+            .map_err(|e| create_error(&name, image, e))
+    }
+
+    /// `POST /containers/create`; returns the new container's id.
+    async fn create_container(
+        &self,
+        name: &str,
+        body: &serde_json::Value,
+    ) -> Result<String, ApiError> {
         #[derive(serde::Deserialize)]
         struct Created {
             #[serde(rename = "Id")]
             id: String,
         }
-        let host = spec::HostOptions {
-            init: self.config.init,
-            publish_ip: self.config.publish_ip.clone(),
-        };
-        let body = spec::container_body(w, index, image, &host);
-        let name = spec::container_name(&w.id, index);
-        match self
-            .engine
+        self.engine
             .json::<Created>(
                 Method::POST,
-                &format!("/containers/create?name={}", query_escape(&name)),
-                Some(&body),
+                &format!("/containers/create?name={}", query_escape(name)),
+                Some(body),
             )
             .await
-        {
-            Ok(c) => Ok(c.id),
-            Err(e) if e.is_not_found() => Err(missing_image(image)),
-            Err(e) => Err(Error::Backend(format!("creating container {name}: {e}"))),
-        }
+            .map(|c| c.id)
     }
 
     async fn start(&self, container: &str) -> Result<()> {
@@ -567,6 +602,10 @@ impl Inner {
         }
         self.revived.lock().expect("revived lock").remove(container);
         self.ready.lock().expect("ready lock").remove(container);
+        self.finished_runs
+            .lock()
+            .expect("finished runs lock")
+            .remove(container);
         Ok(())
     }
 
@@ -576,8 +615,9 @@ impl Inner {
         self.stop_and_delete(&c.id).await
     }
 
+    /// Removes the replicas and the runs.
     async fn remove(&self, id: &WorkloadId) -> Result<()> {
-        let containers = self.containers_of(id).await?;
+        let containers = self.all_containers_of(id).await?;
         // Rename them all first, so that none is revived while the others stop.
         for c in &containers {
             self.retire(c).await?;
@@ -603,6 +643,25 @@ impl Inner {
         ids.sort();
         ids.dedup();
         Ok(ids)
+    }
+}
+
+/// The image a workload's containers are made from.
+fn workload_image(w: &Workload) -> Result<&str> {
+    w.image.as_deref().ok_or_else(|| {
+        Error::Unsupported(format!(
+            "{}: the docker data plane runs container images, and this workload names none",
+            w.id
+        ))
+    })
+}
+
+/// A failed container creation: the Engine answers 404 when the image is missing.
+fn create_error(name: &str, image: &str, e: ApiError) -> Error {
+    if e.is_not_found() {
+        missing_image(image)
+    } else {
+        Error::Backend(format!("creating container {name}: {e}"))
     }
 }
 

@@ -20,6 +20,8 @@ pub const LABEL_LIVENESS: &str = "kiln.dev/liveness";
 pub const LABEL_PORTS: &str = "kiln.dev/ports";
 /// Label on the networks the driver creates: the project-environment (`org/project/env`).
 pub const LABEL_ENVIRONMENT: &str = "kiln.dev/environment";
+/// Label holding the number of the run a container is, on the containers of scheduled tasks (never on replicas).
+pub const LABEL_RUN: &str = "kiln.dev/run";
 
 /// Marks a container being taken down by the driver (renamed so that its name is free for its successor and so
 /// that the event watcher does not start it again).
@@ -47,6 +49,19 @@ pub fn index_from_name(id: &WorkloadId, name: &str) -> Option<u32> {
 
 pub fn is_retiring(name: &str) -> bool {
     name.contains(RETIRING)
+}
+
+/// Appended to the name of a run stopped by the driver (`stop_run`), so that it reports `stopped` rather than
+/// the exit code the signal gave it, to this driver and to the next.
+pub const STOPPED: &str = "--stopped";
+
+/// The name of run `run` of a scheduled task: `<slug>--run-<run>`.
+pub fn run_container_name(id: &WorkloadId, run: u64) -> String {
+    format!("{}--run-{run}", id.slug())
+}
+
+pub fn is_stopped_run(name: &str) -> bool {
+    name.ends_with(STOPPED)
 }
 
 /// `PORT_<NAME>`: upper case, `-` as `_`.
@@ -105,10 +120,10 @@ pub struct HostOptions {
     pub publish_ip: String,
 }
 
-/// The body of `POST /containers/create` for replica `index`.
+/// The body of `POST /containers/create` for replica `index`: kept running (`unless-stopped`), its named ports
+/// published, reachable on its network by the component's name.
 pub fn container_body(w: &Workload, index: u32, image: &str, host: &HostOptions) -> Value {
-    let id = &w.id;
-    let mut env: BTreeMap<String, String> = w.env.clone();
+    let mut env = BTreeMap::new();
     if let Some(first) = w.ports.first() {
         env.insert("PORT".into(), first.container_port.to_string());
     }
@@ -116,16 +131,10 @@ pub fn container_body(w: &Workload, index: u32, image: &str, host: &HostOptions)
         env.insert(port_env_name(&p.name), p.container_port.to_string());
     }
     env.insert("KILN_REPLICA".into(), index.to_string());
-    env.insert("KILN_RELEASE".into(), w.release.clone());
-    env.insert("KILN_WORKLOAD".into(), id.to_string());
-    let env: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
 
-    let mut labels: BTreeMap<String, String> = w.labels.clone();
-    labels.insert(LABEL_WORKLOAD.into(), id.to_string());
-    labels.insert(LABEL_RELEASE.into(), w.release.clone());
+    let mut labels = BTreeMap::new();
     labels.insert(LABEL_REPLICA.into(), index.to_string());
     labels.insert(LABEL_SPEC_HASH.into(), spec_hash(w));
-    labels.insert(LABEL_NETWORK.into(), network_name(id));
     labels.insert(
         LABEL_PORTS.into(),
         w.ports
@@ -146,6 +155,7 @@ pub fn container_body(w: &Workload, index: u32, image: &str, host: &HostOptions)
         }
     }
 
+    let mut body = common_body(w, image, host, env, labels, "unless-stopped");
     let mut exposed = serde_json::Map::new();
     let mut bindings = serde_json::Map::new();
     for p in &w.ports {
@@ -154,12 +164,49 @@ pub fn container_body(w: &Workload, index: u32, image: &str, host: &HostOptions)
         // An empty HostPort makes the Engine pick a free one; it is read back from inspect.
         bindings.insert(key, json!([{ "HostIp": host.publish_ip, "HostPort": "" }]));
     }
+    body["ExposedPorts"] = Value::Object(exposed);
+    body["HostConfig"]["PortBindings"] = Value::Object(bindings);
+    body["NetworkingConfig"]["EndpointsConfig"][network_name(&w.id)]["Aliases"] =
+        json!([w.id.component]);
+    body
+}
+
+/// The body of `POST /containers/create` for run `run` of a scheduled task: run once (restart policy `no`),
+/// `KILN_RUN` in its environment, no published ports and no name on the network (nothing connects to a run).
+pub fn run_body(w: &Workload, run: u64, image: &str, host: &HostOptions) -> Value {
+    let env = BTreeMap::from([("KILN_RUN".to_string(), run.to_string())]);
+    let labels = BTreeMap::from([(LABEL_RUN.to_string(), run.to_string())]);
+    common_body(w, image, host, env, labels, "no")
+}
+
+/// What every container of a workload gets: the image and command, the workload's environment and labels with
+/// the driver's own (`env` and `labels` are the replica's or the run's), the limits, the init, and the
+/// project-environment network (the only one it joins).
+fn common_body(
+    w: &Workload,
+    image: &str,
+    host: &HostOptions,
+    own_env: BTreeMap<String, String>,
+    own_labels: BTreeMap<String, String>,
+    restart: &str,
+) -> Value {
+    let id = &w.id;
+    let mut env: BTreeMap<String, String> = w.env.clone();
+    env.extend(own_env);
+    env.insert("KILN_RELEASE".into(), w.release.clone());
+    env.insert("KILN_WORKLOAD".into(), id.to_string());
+    let env: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+
+    let mut labels: BTreeMap<String, String> = w.labels.clone();
+    labels.extend(own_labels);
+    labels.insert(LABEL_WORKLOAD.into(), id.to_string());
+    labels.insert(LABEL_RELEASE.into(), w.release.clone());
+    labels.insert(LABEL_NETWORK.into(), network_name(id));
 
     let network = network_name(id);
     let mut host_config = json!({
         "NetworkMode": network,
-        "PortBindings": bindings,
-        "RestartPolicy": { "Name": "unless-stopped" },
+        "RestartPolicy": { "Name": restart },
         "Init": host.init,
     });
     if let Some(bytes) = w.memory_limit {
@@ -173,14 +220,13 @@ pub fn container_body(w: &Workload, index: u32, image: &str, host: &HostOptions)
         "Image": image,
         "Env": env,
         "Labels": labels,
-        "ExposedPorts": exposed,
         "Tty": false,
         "AttachStdin": false,
         "OpenStdin": false,
         "HostConfig": host_config,
         "NetworkingConfig": {
             "EndpointsConfig": {
-                network: { "Aliases": [id.component] },
+                network: {},
             },
         },
     });
@@ -287,11 +333,70 @@ mod tests {
             b["HostConfig"]["PortBindings"]["8080/tcp"][0]["HostIp"],
             "127.0.0.1"
         );
+        assert_eq!(b["HostConfig"]["RestartPolicy"]["Name"], "unless-stopped");
+        assert_eq!(
+            b["NetworkingConfig"]["EndpointsConfig"]["kiln--acme--shop--dev"]["Aliases"],
+            json!(["api"])
+        );
         assert!(b.get("Entrypoint").is_none());
         assert_eq!(
             parse_ports_label(b["Labels"]["kiln.dev/ports"].as_str().unwrap()),
             [("http-api".to_string(), 8080)]
         );
+    }
+
+    #[test]
+    fn a_run_shares_the_workload_and_network_but_is_never_restarted() {
+        let mut w = workload();
+        w.command = vec!["/bin/task".into(), "--once".into()];
+        let host = HostOptions {
+            init: true,
+            publish_ip: "127.0.0.1".into(),
+        };
+        let b = run_body(&w, 7, "kiln-testsvc:dev", &host);
+        let env: Vec<&str> = b["Env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        for want in [
+            "GREETING=hi",
+            "KILN_RUN=7",
+            "KILN_RELEASE=r1",
+            "KILN_WORKLOAD=acme/shop/dev/api",
+        ] {
+            assert!(env.contains(&want), "{want} missing from {env:?}");
+        }
+        assert!(!env
+            .iter()
+            .any(|e| e.starts_with("KILN_REPLICA=") || e.starts_with("PORT")));
+        assert_eq!(b["Labels"]["kiln.dev/workload"], "acme/shop/dev/api");
+        assert_eq!(b["Labels"]["kiln.dev/run"], "7");
+        assert_eq!(b["Labels"]["kiln.dev/network"], "kiln--acme--shop--dev");
+        assert_eq!(b["Labels"]["team"], "a");
+        for absent in [
+            "kiln.dev/replica",
+            "kiln.dev/spec-hash",
+            "kiln.dev/readiness",
+            "kiln.dev/ports",
+        ] {
+            assert!(b["Labels"].get(absent).is_none(), "{absent} on a run");
+        }
+        assert_eq!(b["HostConfig"]["RestartPolicy"]["Name"], "no");
+        assert_eq!(b["HostConfig"]["NetworkMode"], "kiln--acme--shop--dev");
+        assert_eq!(b["HostConfig"]["Memory"], 64 << 20);
+        assert_eq!(b["HostConfig"]["Init"], true);
+        assert!(b.get("ExposedPorts").is_none());
+        assert!(b["HostConfig"].get("PortBindings").is_none());
+        assert_eq!(
+            b["NetworkingConfig"]["EndpointsConfig"]["kiln--acme--shop--dev"],
+            json!({})
+        );
+        assert_eq!(b["Entrypoint"], json!(["/bin/task", "--once"]));
+        assert_eq!(run_container_name(&w.id, 7), "acme--shop--dev--api--run-7");
+        // A run's name is no replica's.
+        assert_eq!(index_from_name(&w.id, "acme--shop--dev--api--run-7"), None);
     }
 
     #[test]

@@ -96,7 +96,7 @@ impl Inner {
         let last_logs = if ready {
             Vec::new()
         } else {
-            self.last_logs(&c.id).await
+            self.last_logs(&c.id, LAST_LOG_LINES).await
         };
         ReplicaStatus {
             index,
@@ -143,27 +143,39 @@ impl Inner {
         run_probe(&readiness.probe, &endpoints).await
     }
 
-    async fn last_logs(&self, container: &str) -> Vec<String> {
-        let path = format!("/containers/{container}/logs?stdout=1&stderr=1&tail={LAST_LOG_LINES}");
+    /// The last `n` lines a container wrote (stdout and stderr, in the order the Engine logged them).
+    pub(super) async fn last_logs(&self, container: &str, n: usize) -> Vec<String> {
+        let path = format!("/containers/{container}/logs?stdout=1&stderr=1&tail={n}");
         let Ok(bytes) = self.engine.call(Method::GET, &path, None).await else {
             return Vec::new();
         };
         let mut demux = Demux::default();
         let mut lines: Vec<String> = demux.push(&bytes).into_iter().map(|(_, l)| l).collect();
         lines.extend(demux.finish().into_iter().map(|(_, l)| l));
-        let skip = lines.len().saturating_sub(LAST_LOG_LINES);
+        let skip = lines.len().saturating_sub(n);
         lines.drain(..skip);
         lines
     }
 
+    /// The replicas' logs, or with `opts.run` that run's (as replica 0, like the process driver's).
     pub(super) async fn logs(&self, id: &WorkloadId, opts: LogOptions) -> Result<LogStream> {
-        let containers = self.containers_of(id).await?;
-        let (replicas, _) = Self::replicas_by_index(id, &containers);
-        let selected: Vec<(u32, String)> = replicas
-            .iter()
-            .filter(|(i, _)| opts.replica.is_none_or(|r| r == **i))
-            .map(|(i, c)| (*i, c.id.clone()))
-            .collect();
+        let selected: Vec<(u32, String)> = match opts.run {
+            Some(run) => self
+                .run_container(id, run)
+                .await?
+                .map(|c| (0, c.id))
+                .into_iter()
+                .collect(),
+            None => {
+                let containers = self.containers_of(id).await?;
+                let (replicas, _) = Self::replicas_by_index(id, &containers);
+                replicas
+                    .iter()
+                    .filter(|(i, _)| opts.replica.is_none_or(|r| r == **i))
+                    .map(|(i, c)| (*i, c.id.clone()))
+                    .collect()
+            }
+        };
         if selected.is_empty() {
             return Err(Error::NotFound(id.clone()));
         }
@@ -266,7 +278,7 @@ pub(super) async fn run_probe(p: &Probe, endpoints: &BTreeMap<String, SocketAddr
 }
 
 /// `exited with code 3 (out of memory): <Engine error>`.
-fn exit_message(c: &ContainerInspect) -> String {
+pub(super) fn exit_message(c: &ContainerInspect) -> String {
     let s = &c.state;
     let mut m = format!("exited with code {}", s.exit_code);
     if s.oom_killed {

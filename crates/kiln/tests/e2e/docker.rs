@@ -1,6 +1,7 @@
 //! The docker data plane through the whole server: components run from an image of the test service built
 //! `FROM scratch`, answer through the gateway, reach a declared dependency at a Kiln address on their
-//! project-environment network, and that address is closed to containers of other project-environments.
+//! project-environment network, and that address is closed to containers of other project-environments; a
+//! scheduled task runs on request in a container, its exit and output kept.
 //!
 //! Without a reachable Docker Engine the test prints `SKIPPED` and passes, except under `CI=true`, where it
 //! fails.
@@ -104,20 +105,52 @@ fn ready(b: &serde_json::Value) -> bool {
         .any(|c| c["type"] == "Ready" && c["status"] == "True")
 }
 
-fn wait_ready(s: &Server, project: &str, name: &str) -> serde_json::Value {
+/// Waits (up to 90 s) until the binding exists and `f` holds for it.
+fn wait_binding(
+    s: &Server,
+    project: &str,
+    name: &str,
+    what: &str,
+    f: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let b = binding(s, project, name);
         if let Some(b) = &b {
-            if ready(b) {
+            if f(b) {
                 return b.clone();
             }
         }
+        assert!(Instant::now() < deadline, "{project}/{name}: {what}: {b:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn wait_ready(s: &Server, project: &str, name: &str) -> serde_json::Value {
+    wait_binding(s, project, name, "never became Ready", ready)
+}
+
+/// A docker DataPlane, its environments `ddev` and `dstage`, and the pipeline `dline` between them.
+const PLATFORM: &str = "apiVersion: kiln.dev/v1\nkind: DataPlane\nmetadata: {name: dock}\nspec: {type: docker}\n---\n\
+    apiVersion: kiln.dev/v1\nkind: Environment\nmetadata: {name: ddev}\nspec: {dataPlaneRef: dock}\n---\n\
+    apiVersion: kiln.dev/v1\nkind: Environment\nmetadata: {name: dstage}\nspec: {dataPlaneRef: dock}\n---\n\
+    apiVersion: kiln.dev/v1\nkind: DeploymentPipeline\nmetadata: {name: dline}\n\
+    spec: {promotionPaths: [{sourceEnvironmentRef: ddev, targetEnvironmentRefs: [{name: dstage}]}]}\n";
+
+/// Deletes the projects and waits until their containers and networks are gone.
+fn delete_projects(s: &Server, cleanup: &Cleanup, projects: &[&str]) {
+    for p in projects {
+        ok(s.kiln(&["delete", "project", p]));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cleanup.containers().is_empty() || !cleanup.networks().is_empty() {
         assert!(
             Instant::now() < deadline,
-            "{project}/{name} never became Ready: {b:?}"
+            "containers {:?} and networks {:?} left after deleting the projects",
+            cleanup.containers(),
+            cleanup.networks()
         );
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(250));
     }
 }
 
@@ -156,11 +189,7 @@ fn docker_components_serve_through_the_gateway_and_reach_only_declared_dependenc
         )
     };
     let manifest = format!(
-        "apiVersion: kiln.dev/v1\nkind: DataPlane\nmetadata: {{name: dock}}\nspec: {{type: docker}}\n---\n\
-         apiVersion: kiln.dev/v1\nkind: Environment\nmetadata: {{name: ddev}}\nspec: {{dataPlaneRef: dock}}\n---\n\
-         apiVersion: kiln.dev/v1\nkind: Environment\nmetadata: {{name: dstage}}\nspec: {{dataPlaneRef: dock}}\n---\n\
-         apiVersion: kiln.dev/v1\nkind: DeploymentPipeline\nmetadata: {{name: dline}}\n\
-         spec: {{promotionPaths: [{{sourceEnvironmentRef: ddev, targetEnvironmentRefs: [{{name: dstage}}]}}]}}\n---\n\
+        "{PLATFORM}---\n\
          apiVersion: kiln.dev/v1\nkind: Project\nmetadata: {{name: {pa}}}\nspec: {{deploymentPipelineRef: dline}}\n---\n\
          apiVersion: kiln.dev/v1\nkind: Project\nmetadata: {{name: {pb}}}\nspec: {{deploymentPipelineRef: dline}}\n{}{}{}",
         component(&pa, "api", "project", "[]"),
@@ -209,16 +238,68 @@ fn docker_components_serve_through_the_gateway_and_reach_only_declared_dependenc
     assert!(!refused.contains("api"), "{refused}");
 
     // Deleting the projects removes their containers and networks.
-    ok(s.kiln(&["delete", "project", &pa]));
-    ok(s.kiln(&["delete", "project", &pb]));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !_cleanup.containers().is_empty() || !_cleanup.networks().is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "containers {:?} and networks {:?} left after deleting the projects",
-            _cleanup.containers(),
-            _cleanup.networks()
-        );
-        std::thread::sleep(Duration::from_millis(250));
+    delete_projects(&s, &_cleanup, &[&pa, &pb]);
+}
+
+#[test]
+fn a_docker_scheduled_task_runs_on_request_and_keeps_its_exit_and_output() {
+    if !docker_available() {
+        return;
     }
+    let image = testsvc::docker_image();
+    let project = format!("dk{}t", std::process::id());
+    let cleanup = Cleanup {
+        prefixes: vec![format!("default/{project}/")],
+    };
+    let s = Server::start();
+    // The test service in its task mode: two lines, then exit 0. The schedule is yearly: the run is asked for.
+    let manifest = format!(
+        "{PLATFORM}---\napiVersion: kiln.dev/v1\nkind: Project\nmetadata: {{name: {project}}}\n\
+         spec: {{deploymentPipelineRef: dline}}\n---\n\
+         apiVersion: kiln.dev/v1\nkind: Component\nmetadata: {{name: tick, project: {project}}}\nspec:\n  \
+         type: scheduled-task\n  schedule: \"0 0 1 1 *\"\n  workload:\n    image: {image}\n    \
+         env: [{{name: TASK_EXIT, value: \"0\"}}]\n",
+        image = image.tag,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("task.yaml");
+    std::fs::write(&file, manifest).unwrap();
+    ok(s.kiln(&["apply", "-f", file.to_str().unwrap()]));
+    wait_ready(&s, &project, "tick-ddev");
+
+    ok(s.kiln(&["task", "run", "tick", "--env", "ddev", "-p", &project]));
+    let b = wait_binding(&s, &project, "tick-ddev", "no run succeeded", |b| {
+        b["status"]["runs"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|r| r["state"] == "Succeeded"))
+    });
+    let run = &b["status"]["runs"][0];
+    let n = run["run"].as_u64().expect("a run number");
+    assert_eq!(run["exitCode"], 0, "{b}");
+    assert_eq!(run["message"], "exited with code 0", "{b}");
+    assert_eq!(
+        run["lastLogs"],
+        serde_json::json!([format!("run {n} starts"), format!("run {n} ends")]),
+        "{b}"
+    );
+    assert!(ready(&b), "{b}");
+    let logs = ok(s.kiln(&[
+        "logs",
+        "tick",
+        "--env",
+        "ddev",
+        "-p",
+        &project,
+        "--run",
+        &n.to_string(),
+    ]));
+    assert!(
+        logs.contains(&format!("run {n} starts")) && logs.contains(&format!("run {n} ends")),
+        "{logs}"
+    );
+    // One container, kept after the run ended.
+    assert_eq!(cleanup.containers().len(), 1);
+
+    // Deleting the project removes the run's container and the network.
+    delete_projects(&s, &cleanup, &[&project]);
 }
