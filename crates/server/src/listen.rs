@@ -1,7 +1,9 @@
 //! The HTTP listener: accepts TCP connections and serves HTTP/1.1 on each (keep-alive, upgrades, a 30 s limit on
-//! reading a request's head). Gateway requests (a gateway host or a `/x/` path, see [`crate::gateway`]) go
-//! straight to the proxy, in the connection's own task and ahead of every API layer; everything else goes to the
-//! API and console router with the peer address as [`ConnectInfo`].
+//! reading a request's head). A connection starts on the gateway's forwarding path
+//! ([`crate::gateway::forward`]), which forwards ordinary requests for public endpoints itself; at the first
+//! request it does not take, the connection moves to hyper with the bytes read so far. There, gateway requests
+//! (a gateway host or a `/x/` path) go straight to the general proxy ahead of every API layer; everything else
+//! goes to the API and console router with the peer address as [`ConnectInfo`].
 //!
 //! Shutdown is graceful: when `signal` completes the listener stops accepting, every connection finishes the
 //! request it is serving and closes, and [`serve`] returns once all have.
@@ -11,19 +13,23 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::response::Response;
 use axum::Router;
+use bytes::{Buf as _, Bytes};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tower::ServiceExt as _;
 
+use crate::gateway::forward;
 use crate::{gateway, AppState};
 
 /// How long a connection may take to send a request's head.
@@ -67,23 +73,11 @@ pub async fn serve(
             shared: shared.clone(),
             peer,
         };
-        let conn = builder.serve_connection(TokioIo::new(stream), front);
+        let builder = builder.clone();
         let open = open_tx.clone();
-        let mut stop = stop_rx.clone();
+        let stop = stop_rx.clone();
         tokio::spawn(async move {
-            let mut conn = pin!(conn.with_upgrades());
-            tokio::select! {
-                biased;
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::trace!(error = %e, "connection ended with an error");
-                    }
-                }
-                _ = async { let _ = stop.wait_for(|s| *s).await; } => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
-            }
+            connection(stream, front, builder, stop).await;
             drop(open);
         });
     }
@@ -92,6 +86,42 @@ pub async fn serve(
     drop(open_tx);
     let _ = open_rx.recv().await;
     Ok(())
+}
+
+/// Serves one connection: the forwarding path first, then hyper if a request needs it.
+async fn connection(
+    mut stream: TcpStream,
+    front: Front,
+    builder: http1::Builder,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let state = &front.shared.state;
+    let outcome = forward::serve(
+        state,
+        &mut stream,
+        front.peer,
+        &mut stop,
+        HEADER_READ_TIMEOUT,
+    )
+    .await;
+    let read = match outcome {
+        forward::Outcome::Closed => return,
+        forward::Outcome::Handoff(read) => read.freeze(),
+    };
+    let conn = builder.serve_connection(TokioIo::new(Rewind { read, stream }), front);
+    let mut conn = pin!(conn.with_upgrades());
+    tokio::select! {
+        biased;
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::trace!(error = %e, "connection ended with an error");
+            }
+        }
+        _ = async { let _ = stop.wait_for(|s| *s).await; } => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
 }
 
 struct Shared {
@@ -127,5 +157,58 @@ impl hyper::service::Service<hyper::Request<Incoming>> for Front {
                 Box::pin(router.oneshot(req))
             }
         }
+    }
+}
+
+/// A connection whose first bytes were already read: they are read again before the socket's.
+struct Rewind {
+    read: Bytes,
+    stream: TcpStream,
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.read.has_remaining() {
+            let n = this.read.len().min(buf.remaining());
+            buf.put_slice(&this.read[..n]);
+            this.read.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }

@@ -822,3 +822,242 @@ async fn websocket_upgrade_passes_through_and_echoes() {
         }
     }
 }
+
+/// A backend that answers each request with what `answer` makes of its head and body, and closes the
+/// connection after an answer when `answer` says so.
+async fn scripted_backend(answer: fn(&str, &[u8]) -> (Vec<u8>, bool)) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut r = BufReader::new(stream);
+                loop {
+                    let mut head = String::new();
+                    loop {
+                        let mut line = String::new();
+                        match r.read_line(&mut line).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) => {}
+                        }
+                        head.push_str(&line);
+                        if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    let len = head
+                        .lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case("content-length")
+                                .then(|| v.trim().parse::<usize>().ok())?
+                        })
+                        .unwrap_or(0);
+                    let mut body = vec![0u8; len];
+                    if r.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    let (out, close) = answer(&head, &body);
+                    if r.get_mut().write_all(&out).await.is_err() || close {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn ok_text(text: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{text}",
+        text.len()
+    )
+    .into_bytes()
+}
+
+const CHUNKED_BODY: &str = "5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nX-Trailer: t\r\n\r\n";
+
+/// The scripted backend's answers, by the request path's last segment.
+fn scripted(head: &str, body: &[u8]) -> (Vec<u8>, bool) {
+    let path = head.split(' ').nth(1).unwrap_or("");
+    match path.rsplit('/').next().unwrap_or("") {
+        "chunked" => (
+            format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{CHUNKED_BODY}").into_bytes(),
+            false,
+        ),
+        "until-close" => (b"HTTP/1.1 200 OK\r\n\r\nall of it".to_vec(), true),
+        // Keep-alive by its headers, yet closed: the gateway's pooled connection goes stale.
+        "then-close" => (ok_text("once"), true),
+        "garbage" => (b"SSH-2.0-not-http\r\n\r\n".to_vec(), true),
+        "early-hints" => (
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                .to_vec(),
+            false,
+        ),
+        "size" => (ok_text(&body.len().to_string()), false),
+        _ => (ok_text(path), false),
+    }
+}
+
+/// A raw client connection with a read buffer, for exchanges reqwest cannot show (pipelining, interim
+/// responses, a connection reused across the gateway and the API).
+struct RawClient {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawClient {
+    async fn connect(addr: SocketAddr) -> RawClient {
+        RawClient {
+            stream: TcpStream::connect(addr).await.unwrap(),
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    /// Reads more; false at the end of the stream.
+    async fn fill(&mut self) -> bool {
+        let mut chunk = [0u8; 8192];
+        let n = tokio::time::timeout(Duration::from_secs(10), self.stream.read(&mut chunk))
+            .await
+            .expect("an answer within 10 s")
+            .unwrap_or(0);
+        self.buf.extend_from_slice(&chunk[..n]);
+        n > 0
+    }
+
+    async fn head(&mut self) -> String {
+        loop {
+            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head: Vec<u8> = self.buf.drain(..i + 4).collect();
+                return String::from_utf8(head).unwrap();
+            }
+            assert!(self.fill().await, "connection closed in a head");
+        }
+    }
+
+    async fn body(&mut self, n: usize) -> String {
+        while self.buf.len() < n {
+            assert!(self.fill().await, "connection closed in a body");
+        }
+        String::from_utf8(self.buf.drain(..n).collect()).unwrap()
+    }
+
+    /// A response with a `Content-Length` body: its head and body.
+    async fn response(&mut self) -> (String, String) {
+        let head = self.head().await;
+        let len = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse::<usize>().unwrap())
+            })
+            .unwrap_or_else(|| panic!("no content-length in {head}"));
+        let body = self.body(len).await;
+        (head, body)
+    }
+
+    async fn until_closed(&mut self) -> String {
+        while self.fill().await {}
+        String::from_utf8(std::mem::take(&mut self.buf)).unwrap()
+    }
+}
+
+#[tokio::test]
+async fn forwarded_exchanges_keep_framing_order_and_the_connection() {
+    let e = env().await;
+    let backend = scripted_backend(scripted).await;
+    e.deploy(
+        ORG,
+        status(2, json!({"echo": addrs(&[backend])}), "2/2 replicas ready"),
+    )
+    .await;
+    e.eventually("/x/acme/shop/dev/web/echo/x", |s, _| s == StatusCode::OK)
+        .await;
+    let base = "/x/acme/shop/dev/web/echo";
+    let host = e.addr;
+    let get = |seg: &str| format!("GET {base}/{seg} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+
+    let mut c = RawClient::connect(e.addr).await;
+    // A chunked body passes through in its coding, trailers included, and the connection stays usable.
+    c.send(get("chunked").as_bytes()).await;
+    let head = c.head().await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("transfer-encoding: chunked\r\n"),
+        "{head}"
+    );
+    assert_eq!(c.body(CHUNKED_BODY.len()).await, CHUNKED_BODY);
+
+    // A request body larger than one read reaches the backend whole.
+    let big = vec![b'x'; 300_000];
+    let mut req = format!(
+        "POST {base}/size HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\n\r\n",
+        big.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(&big);
+    c.send(&req).await;
+    let (head, body) = c.response().await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, "300000");
+
+    // HEAD: a length but no body; then two pipelined requests answered in order.
+    c.send(format!("HEAD {base}/h HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await;
+    let head = c.head().await;
+    assert!(
+        head.to_ascii_lowercase().contains("content-length: 7\r\n"),
+        "{head}"
+    );
+    c.send(format!("{}{}", get("first"), get("second")).as_bytes())
+        .await;
+    assert_eq!(c.response().await.1, "/base/first");
+    assert_eq!(c.response().await.1, "/base/second");
+
+    // An interim response is passed on before the final one.
+    c.send(get("early-hints").as_bytes()).await;
+    let interim = c.head().await;
+    assert!(interim.starts_with("HTTP/1.1 103"), "{interim}");
+    assert_eq!(c.response().await.1, "ok");
+
+    // The same connection then asks the API, and the gateway again.
+    c.send(format!("GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await;
+    assert_eq!(c.response().await.1, "ok\n");
+    c.send(get("after").as_bytes()).await;
+    assert_eq!(c.response().await.1, "/base/after");
+
+    // A backend that closes its keep-alive connections after each answer: every request still succeeds.
+    let mut c = RawClient::connect(e.addr).await;
+    for _ in 0..5 {
+        c.send(get("then-close").as_bytes()).await;
+        let (head, body) = c.response().await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert_eq!(body, "once");
+    }
+
+    // A body that ends when the backend closes: the client's connection closes after it.
+    let mut c = RawClient::connect(e.addr).await;
+    c.send(get("until-close").as_bytes()).await;
+    let all = c.until_closed().await;
+    assert!(all.starts_with("HTTP/1.1 200"), "{all}");
+    assert!(
+        all.to_ascii_lowercase().contains("connection: close\r\n"),
+        "{all}"
+    );
+    assert!(all.ends_with("\r\n\r\nall of it"), "{all}");
+
+    // A backend that does not speak HTTP: a 502 that says so.
+    let mut c = RawClient::connect(e.addr).await;
+    c.send(get("garbage").as_bytes()).await;
+    let (head, body) = c.response().await;
+    assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+    assert!(body.contains("not a valid HTTP/1 response head"), "{body}");
+}

@@ -46,6 +46,8 @@ use tokio::task::JoinHandle;
 
 use crate::AppState;
 
+pub(crate) mod forward;
+
 /// How long connecting to a backend may take before the next replica is tried.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Idle connections kept per backend address.
@@ -70,6 +72,8 @@ pub struct Gateway {
     table: RwLock<Table>,
     loaded: AtomicBool,
     pool: Arc<Pool>,
+    /// Idle connections of the forwarding path ([`forward`]).
+    raw: Arc<forward::RawPool>,
 }
 
 impl Gateway {
@@ -184,11 +188,15 @@ impl Table {
 /// connections now and then.
 pub fn spawn_gateway_table(state: AppState, shutdown: watch::Receiver<bool>) -> JoinHandle<()> {
     let pool = state.gateway.pool.clone();
+    let raw = state.gateway.raw.clone();
     let mut stop = shutdown.clone();
     let sweep = async move {
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(SWEEP_EVERY) => pool.sweep(MAX_IDLE),
+                _ = tokio::time::sleep(SWEEP_EVERY) => {
+                    pool.sweep(MAX_IDLE);
+                    raw.sweep(MAX_IDLE);
+                }
                 _ = stopped(&mut stop) => return,
             }
         }
@@ -478,11 +486,21 @@ fn gateway_label<'a>(host: &'a str, base: &str) -> Option<&'a str> {
 
 /// Whether `req` is for the gateway, and what it addresses. Allocates only for subdomain hosts.
 pub(crate) fn target<B>(base: &str, req: &axum::http::Request<B>) -> Option<Target> {
-    if let Some(host) = req
+    let host = req
         .headers()
         .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-    {
+        .and_then(|h| h.to_str().ok());
+    target_of(base, host, req.uri().path(), req.uri().query())
+}
+
+/// [`target`] for a request with this `Host` header, path and query.
+pub(crate) fn target_of(
+    base: &str,
+    host: Option<&str>,
+    path: &str,
+    query: Option<&str>,
+) -> Option<Target> {
+    if let Some(host) = host {
         if let Some(label) = gateway_label(host, base) {
             let label = label.to_ascii_lowercase();
             let parts: Vec<&str> = label.split("--").collect();
@@ -499,7 +517,6 @@ pub(crate) fn target<B>(base: &str, req: &axum::http::Request<B>) -> Option<Targ
             });
         }
     }
-    let path = req.uri().path();
     let tail = path.strip_prefix("/x/")?;
     let mut it = tail.splitn(6, '/');
     let mut key_len = 0;
@@ -513,7 +530,7 @@ pub(crate) fn target<B>(base: &str, req: &axum::http::Request<B>) -> Option<Targ
     Some(match it.next() {
         None => {
             let mut to = format!("{path}/");
-            if let Some(q) = req.uri().query() {
+            if let Some(q) = query {
                 to.push('?');
                 to.push_str(q);
             }
@@ -567,28 +584,55 @@ fn join_path(base: &str, rest: &str, query: Option<&str>) -> String {
 }
 
 async fn serve(state: &AppState, target: Target, req: Request, peer: SocketAddr) -> Response {
-    let gw = &state.gateway;
     let html = wants_html(req.headers());
+    let (path, query) = (req.uri().path(), req.uri().query());
+    let found = match resolve(state, target, path, query, html) {
+        Ok(r) => r,
+        Err(page) => return *page,
+    };
+    let route = found.route;
+    let backend_path = found.backend_path;
+    let prefix = found.prefix.map(|p| HeaderValue::from_str(&p));
+    proxy(state, &route, req, peer, backend_path, prefix, html).await
+}
+
+/// Where a gateway request goes: the route, the backend's path and query, and (path form) the prefix stripped.
+struct Resolved {
+    route: Arc<Route>,
+    backend_path: String,
+    prefix: Option<String>,
+}
+
+/// Looks `target` up in the routing table. A request the gateway cannot forward gets the page that says why.
+fn resolve(
+    state: &AppState,
+    target: Target,
+    full: &str,
+    query: Option<&str>,
+    html: bool,
+) -> Result<Resolved, Box<Response>> {
+    let gw = &state.gateway;
     if !gw.is_loaded() {
-        return page(
+        return Err(Box::new(page(
             StatusCode::SERVICE_UNAVAILABLE,
             "The gateway is starting",
             &["The routing table has not loaded yet; try again in a moment.".into()],
             html,
-        );
+        )));
     }
-    let query = req.uri().query();
     let (route, backend_path, prefix) = match target {
         Target::Slash(to) => {
-            return (
-                StatusCode::PERMANENT_REDIRECT,
-                [(header::LOCATION, to)],
-                "the endpoint's URL ends with a slash\n",
-            )
-                .into_response();
+            return Err(Box::new(
+                (
+                    StatusCode::PERMANENT_REDIRECT,
+                    [(header::LOCATION, to)],
+                    "the endpoint's URL ends with a slash\n",
+                )
+                    .into_response(),
+            ));
         }
         Target::BadPath => {
-            return page(
+            return Err(Box::new(page(
                 StatusCode::NOT_FOUND,
                 "Not a gateway URL",
                 &[
@@ -596,10 +640,10 @@ async fn serve(state: &AppState, target: Target, req: Request, peer: SocketAddr)
                         .into(),
                 ],
                 html,
-            );
+            )));
         }
         Target::BadHost(host) => {
-            return page(
+            return Err(Box::new(page(
                 StatusCode::NOT_FOUND,
                 "Not a gateway host",
                 &[format!(
@@ -607,10 +651,9 @@ async fn serve(state: &AppState, target: Target, req: Request, peer: SocketAddr)
                     state.config.base_domain
                 )],
                 html,
-            );
+            )));
         }
         Target::Path { key_end } => {
-            let full = req.uri().path();
             let key = &full[3..key_end];
             let found = gw.table.read().ok().map(|t| {
                 t.routes.get(key).cloned().ok_or_else(|| {
@@ -623,12 +666,14 @@ async fn serve(state: &AppState, target: Target, req: Request, peer: SocketAddr)
                 Some(Ok(r)) => r,
                 Some(Err(deployed)) => {
                     let n: Vec<&str> = key.split('/').collect();
-                    return not_found(n[0], n[1], n[2], n[3], n[4], deployed, html);
+                    return Err(Box::new(not_found(
+                        n[0], n[1], n[2], n[3], n[4], deployed, html,
+                    )));
                 }
-                None => return internal(html),
+                None => return Err(Box::new(internal(html))),
             };
             let path = join_path(&route.path, &full[key_end + 1..], query);
-            (route, path, Some(&full[..key_end]))
+            (route, path, Some(full[..key_end].to_owned()))
         }
         Target::Host {
             project,
@@ -681,10 +726,15 @@ async fn serve(state: &AppState, target: Target, req: Request, peer: SocketAddr)
                         orgs.iter()
                             .map(|o| path_form(o, &project, &env, &component, &endpoint)),
                     );
-                    return page(StatusCode::CONFLICT, "Ambiguous URL", &lines, html);
+                    return Err(Box::new(page(
+                        StatusCode::CONFLICT,
+                        "Ambiguous URL",
+                        &lines,
+                        html,
+                    )));
                 }
                 Some(Err(_)) => {
-                    return page(
+                    return Err(Box::new(page(
                         StatusCode::NOT_FOUND,
                         "No such endpoint",
                         &[format!(
@@ -692,17 +742,17 @@ async fn serve(state: &AppState, target: Target, req: Request, peer: SocketAddr)
                              of project {project}."
                         )],
                         html,
-                    );
+                    )));
                 }
-                None => return internal(html),
+                None => return Err(Box::new(internal(html))),
             };
-            let rest = req.uri().path().trim_start_matches('/');
+            let rest = full.trim_start_matches('/');
             let path = join_path(&route.path, rest, query);
             (route, path, None)
         }
     };
     if route.visibility != Visibility::Public {
-        return page(
+        return Err(Box::new(page(
             StatusCode::NOT_FOUND,
             "Endpoint not public",
             &[format!(
@@ -719,13 +769,13 @@ async fn serve(state: &AppState, target: Target, req: Request, peer: SocketAddr)
                 }
             )],
             html,
-        );
+        )));
     }
     if !matches!(
         route.protocol,
         EndpointProtocol::Http | EndpointProtocol::WebSocket
     ) {
-        return page(
+        return Err(Box::new(page(
             StatusCode::NOT_FOUND,
             "Endpoint not served by the gateway",
             &[format!(
@@ -734,10 +784,10 @@ async fn serve(state: &AppState, target: Target, req: Request, peer: SocketAddr)
                 route.endpoint, route.component
             )],
             html,
-        );
+        )));
     }
     if route.backends.is_empty() {
-        return page(
+        return Err(Box::new(page(
             StatusCode::SERVICE_UNAVAILABLE,
             "No ready replica",
             &[
@@ -748,10 +798,13 @@ async fn serve(state: &AppState, target: Target, req: Request, peer: SocketAddr)
                 route.message.clone(),
             ],
             html,
-        );
+        )));
     }
-    let prefix = prefix.map(HeaderValue::from_str);
-    proxy(state, &route, req, peer, backend_path, prefix, html).await
+    Ok(Resolved {
+        route,
+        backend_path,
+        prefix,
+    })
 }
 
 fn not_found(
@@ -803,8 +856,27 @@ fn escape(s: &str) -> String {
 
 /// An error page: HTML for browsers, plain text otherwise.
 fn page(status: StatusCode, title: &str, lines: &[String], html: bool) -> Response {
+    let (ctype, body) = page_text(status, title, lines, html);
+    (
+        status,
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static(ctype)),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// An error page's content type and text.
+fn page_text(
+    status: StatusCode,
+    title: &str,
+    lines: &[String],
+    html: bool,
+) -> (&'static str, String) {
     let lines = lines.iter().filter(|l| !l.is_empty());
-    let (ctype, body) = if html {
+    if html {
         let mut b = format!(
             "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{} {}</title>\
              <style>body{{font-family:system-ui,sans-serif;max-width:44rem;margin:4rem auto;padding:0 1rem;\
@@ -829,16 +901,7 @@ fn page(status: StatusCode, title: &str, lines: &[String], html: bool) -> Respon
             b.push('\n');
         }
         ("text/plain; charset=utf-8", b)
-    };
-    (
-        status,
-        [
-            (header::CONTENT_TYPE, HeaderValue::from_static(ctype)),
-            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
-        ],
-        body,
-    )
-        .into_response()
+    }
 }
 
 // ---- proxying ----
@@ -1037,27 +1100,46 @@ async fn proxy(
                 return page(
                     StatusCode::BAD_GATEWAY,
                     "Bad gateway",
-                    &[
-                        format!(
-                            "Replica {addr} of {} in {} failed while answering.",
-                            route.component, route.env
-                        ),
-                        e,
-                    ],
+                    &exchange_failed(route, addr, e),
                     html,
                 );
             }
         }
     }
+    page(
+        StatusCode::BAD_GATEWAY,
+        "Bad gateway",
+        &connect_failed(route, failures),
+        html,
+    )
+}
+
+/// The 502 page's lines when no replica could be reached (`failures`: one line per replica tried).
+fn connect_failed(route: &Route, failures: Vec<String>) -> Vec<String> {
     let mut lines = vec![format!(
         "Could not connect to {} of the {} ready replicas of {} in {}.",
-        if attempts == 1 { "the one" } else { "two" },
-        n,
+        if failures.len() == 1 {
+            "the one"
+        } else {
+            "two"
+        },
+        route.backends.len(),
         route.component,
         route.env
     )];
     lines.extend(failures);
-    page(StatusCode::BAD_GATEWAY, "Bad gateway", &lines, html)
+    lines
+}
+
+/// The 502 page's lines when replica `addr` failed during the exchange.
+fn exchange_failed(route: &Route, addr: SocketAddr, e: String) -> Vec<String> {
+    vec![
+        format!(
+            "Replica {addr} of {} in {} failed while answering.",
+            route.component, route.env
+        ),
+        e,
+    ]
 }
 
 /// The backend's response, passed on: hop-by-hop headers removed, the body streamed (and the connection
