@@ -35,7 +35,12 @@ use crate::{gateway, AppState};
 /// How long a connection may take to send a request's head.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Serves `state`'s application on `listener` until `signal` completes, then drains the open connections.
+/// Serves `state`'s application on `listener` until `signal` completes (or this future is dropped), then
+/// drains the open connections.
+///
+/// Connections are served by one thread per core, each with a single-threaded runtime of its own that accepts
+/// on the shared listening socket and keeps every connection it accepted, with its backend connections, on
+/// that thread (as nginx's workers do): a request's steps never hop between threads.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
@@ -50,14 +55,64 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .keep_alive(true);
-    // Each connection task holds a clone; once the signal has fired and every clone is gone, all are closed.
+    // Each listener thread holds a clone until its connections are closed.
     let (open_tx, mut open_rx) = mpsc::channel::<()>(1);
+    // Flipped by the signal; dropped (which the threads also take as the signal) if this future is.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut signal = pin!(signal);
+    let listener = listener.into_std()?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for index in 0..threads {
+        let listener = listener.try_clone()?;
+        let shared = shared.clone();
+        let builder = builder.clone();
+        let open = open_tx.clone();
+        let stop = stop_rx.clone();
+        std::thread::Builder::new()
+            .name(format!("kiln-http-{index}"))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start a listener thread's runtime");
+                        return;
+                    }
+                };
+                forward::set_shard(index);
+                runtime.block_on(accept(listener, shared, builder, stop));
+                drop(open);
+            })?;
+    }
+    drop(listener);
+    drop(open_tx);
+    signal.await;
+    let _ = stop_tx.send(true);
+    let _ = open_rx.recv().await;
+    Ok(())
+}
+
+/// One listener thread's loop: accepts until the stop signal, then waits for its connections to close.
+async fn accept(
+    listener: std::net::TcpListener,
+    shared: Arc<Shared>,
+    builder: http1::Builder,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot register the listening socket");
+            return;
+        }
+    };
+    // Each connection task holds a clone; once all are gone, every connection of this thread is closed.
+    let (open_tx, mut open_rx) = mpsc::channel::<()>(1);
     loop {
         let (stream, peer) = tokio::select! {
             biased;
-            _ = &mut signal => break,
+            _ = stop.wait_for(|s| *s) => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
@@ -75,17 +130,15 @@ pub async fn serve(
         };
         let builder = builder.clone();
         let open = open_tx.clone();
-        let stop = stop_rx.clone();
+        let stop = stop.clone();
         tokio::spawn(async move {
             connection(stream, front, builder, stop).await;
             drop(open);
         });
     }
     drop(listener);
-    let _ = stop_tx.send(true);
     drop(open_tx);
     let _ = open_rx.recv().await;
-    Ok(())
 }
 
 /// Serves one connection: the forwarding path first, then hyper if a request needs it.

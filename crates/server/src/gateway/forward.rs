@@ -1,6 +1,7 @@
 //! The gateway's forwarding path: HTTP/1.1 requests to a public endpoint, forwarded byte for byte over pooled
-//! backend connections, in the client connection's own task, with no per-request allocation beyond the
-//! forwarded head.
+//! backend connections (a pool part per listener thread, see [`set_shard`]), in the client connection's own
+//! task, with few allocations per request (the forwarded head's buffer is reused; the route lookup makes the
+//! backend path).
 //!
 //! Every connection the server accepts starts here. [`serve`] reads a request head; when it is an ordinary
 //! HTTP/1.1 request (see [`h1::parse_request`]) for a route with ready replicas, it rewrites the head (backend
@@ -15,6 +16,7 @@
 //! that cannot be made moves on to one other ready replica; a pooled connection the backend had closed is
 //! replaced by a fresh one when the request can be sent again (its body was read whole with the head).
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::pin;
@@ -518,16 +520,35 @@ impl RawConn {
     }
 }
 
-/// Idle forwarding-path connections, by backend address.
+/// How many parts the pool is split into: one per listener thread (modulo this), so that a backend connection
+/// is reused by the thread whose runtime registered it, and its readiness never crosses threads.
+const SHARDS: usize = 16;
+
+thread_local! {
+    static SHARD: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Makes the calling thread use part `index` of the pool (the listener threads call it at start).
+pub(crate) fn set_shard(index: usize) {
+    SHARD.with(|s| s.set(index % SHARDS));
+}
+
+type Idle = Mutex<HashMap<SocketAddr, Vec<RawConn>>>;
+
+/// Idle forwarding-path connections, by listener thread and backend address.
 #[derive(Default)]
 pub(crate) struct RawPool {
-    idle: Mutex<HashMap<SocketAddr, Vec<RawConn>>>,
+    shards: [Idle; SHARDS],
 }
 
 impl RawPool {
+    fn idle(&self) -> &Idle {
+        &self.shards[SHARD.with(Cell::get)]
+    }
+
     fn take(&self, addr: SocketAddr) -> Option<RawConn> {
         loop {
-            let conn = self.idle.lock().ok()?.get_mut(&addr)?.pop()?;
+            let conn = self.idle().lock().ok()?.get_mut(&addr)?.pop()?;
             if conn.is_quiet() {
                 return Some(conn);
             }
@@ -537,7 +558,7 @@ impl RawPool {
     fn put(&self, addr: SocketAddr, mut conn: RawConn) {
         conn.buf.clear();
         conn.idle_since = Instant::now();
-        if let Ok(mut idle) = self.idle.lock() {
+        if let Ok(mut idle) = self.idle().lock() {
             let list = idle.entry(addr).or_default();
             if list.len() < MAX_IDLE_PER_BACKEND {
                 list.push(conn);
@@ -547,12 +568,14 @@ impl RawPool {
 
     /// Closes connections idle longer than `max_idle` and those the backend has closed.
     pub(crate) fn sweep(&self, max_idle: Duration) {
-        let Ok(mut idle) = self.idle.lock() else {
-            return;
-        };
-        idle.retain(|_, list| {
-            list.retain(|c| c.idle_since.elapsed() < max_idle && c.is_quiet());
-            !list.is_empty()
-        });
+        for shard in &self.shards {
+            let Ok(mut idle) = shard.lock() else {
+                continue;
+            };
+            idle.retain(|_, list| {
+                list.retain(|c| c.idle_since.elapsed() < max_idle && c.is_quiet());
+                !list.is_empty()
+            });
+        }
     }
 }
