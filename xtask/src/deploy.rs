@@ -13,8 +13,6 @@ use reqwest::StatusCode;
 use serde_json::Value;
 use tokio::sync::Semaphore;
 
-use crate::load::{self, RateResult};
-
 /// A server with the admin token and the CLI, for one group of measurements.
 pub struct Ctx<'a> {
     pub base: String,
@@ -418,10 +416,4 @@ pub async fn wait_serving(url: &str, needle: &str, limit: Duration) -> Result<us
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-}
-
-/// Max-throughput `oha` run (no rate limit) after a warm-up.
-pub fn oha_max(oha: &Path, url: &str, conns: u32, warmup: u64, secs: u64) -> Result<RateResult> {
-    load::oha(oha, url, None, None, conns, warmup)?;
-    load::oha(oha, url, None, None, conns, secs)
 }
