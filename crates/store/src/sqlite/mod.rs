@@ -192,6 +192,7 @@ impl ReadPool {
             StoreError::Backend(format!("sqlite: cannot open {}: {e}", self.path.display()))
         })?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         Ok(conn)
     }
 
@@ -215,6 +216,7 @@ fn open_writer(path: &PathBuf) -> Result<Connection> {
         )));
     }
     conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     migrate(&conn)?;
     Ok(conn)
 }
@@ -261,11 +263,22 @@ fn params(ps: &[Param]) -> impl rusqlite::Params + '_ {
     }))
 }
 
+/// Statements each connection keeps prepared (its hot ones, plus the list queries of the usual shapes).
+const STATEMENT_CACHE: usize = 64;
+
+/// Runs a statement through the connection's statement cache, so that the write path's statements are
+/// parsed and planned once per connection rather than once per use.
+fn exec(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<usize> {
+    conn.prepare_cached(sql)?.execute(params)
+}
+
 fn get_row(conn: &Connection, key: &Key) -> Result<Option<Resource>> {
     let (kind, org, project, name) = plan::key_columns(key);
     let body: Option<String> = conn
-        .query_row(
+        .prepare_cached(
             "SELECT body FROM kiln_resources WHERE kind = ?1 AND organization = ?2 AND project = ?3 AND name = ?4",
+        )?
+        .query_row(
             [kind, org, project, name],
             |r| r.get(0),
         )
@@ -274,7 +287,7 @@ fn get_row(conn: &Connection, key: &Key) -> Result<Option<Resource>> {
 }
 
 fn scalar(conn: &Connection, sql: &str) -> Result<u64> {
-    let v: i64 = conn.query_row(sql, [], |r| r.get(0))?;
+    let v: i64 = conn.prepare_cached(sql)?.query_row([], |r| r.get(0))?;
     Ok(u64::try_from(v).unwrap_or(0))
 }
 
@@ -302,20 +315,24 @@ impl WriteCtx<'_> {
         let rev_i =
             i64::try_from(rev).map_err(|_| StoreError::Backend("revision overflow".into()))?;
         match row_op(ty) {
-            RowOp::Insert => self.conn.execute(
+            RowOp::Insert => exec(
+                self.conn,
                 "INSERT INTO kiln_resources (kind, organization, project, name, rev, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 rusqlite::params![kind, org, project, name, rev_i, body],
             )?,
-            RowOp::Update => self.conn.execute(
+            RowOp::Update => exec(
+                self.conn,
                 "UPDATE kiln_resources SET rev = ?5, body = ?6 WHERE kind = ?1 AND organization = ?2 AND project = ?3 AND name = ?4",
                 rusqlite::params![kind, org, project, name, rev_i, body],
             )?,
-            RowOp::Delete => self.conn.execute(
+            RowOp::Delete => exec(
+                self.conn,
                 "DELETE FROM kiln_resources WHERE kind = ?1 AND organization = ?2 AND project = ?3 AND name = ?4",
                 rusqlite::params![kind, org, project, name],
             )?,
         };
-        self.conn.execute(
+        exec(
+            self.conn,
             "INSERT INTO kiln_events (rev, type, kind, organization, project, name, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             rusqlite::params![rev_i, plan::event_type_str(ty), kind, org, project, name, body],
         )?;
@@ -389,7 +406,7 @@ fn run_batch(
     jobs: &mut [Box<dyn WriteJob>],
     retention: u64,
 ) -> Result<Vec<WatchEvent>> {
-    conn.execute_batch("BEGIN IMMEDIATE")?;
+    exec(conn, "BEGIN IMMEDIATE", [])?;
     let base = scalar(conn, REVISION_SQL)?;
     let mut ctx = WriteCtx {
         conn,
@@ -397,20 +414,22 @@ fn run_batch(
         events: Vec::new(),
     };
     for job in jobs.iter_mut() {
-        conn.execute_batch("SAVEPOINT request")?;
+        exec(conn, "SAVEPOINT request", [])?;
         let (rev0, n0) = (ctx.rev, ctx.events.len());
         let ok = std::panic::catch_unwind(AssertUnwindSafe(|| job.run(&mut ctx))).unwrap_or(false);
         if ok {
-            conn.execute_batch("RELEASE request")?;
+            exec(conn, "RELEASE request", [])?;
         } else {
-            conn.execute_batch("ROLLBACK TO request; RELEASE request")?;
+            exec(conn, "ROLLBACK TO request", [])?;
+            exec(conn, "RELEASE request", [])?;
             ctx.rev = rev0;
             ctx.events.truncate(n0);
         }
     }
     let rev = ctx.rev;
     if rev != base {
-        conn.execute(
+        exec(
+            conn,
             "UPDATE kiln_revision SET rev = ?1 WHERE id = 1",
             [i64::try_from(rev).unwrap_or(i64::MAX)],
         )?;
@@ -424,7 +443,7 @@ fn run_batch(
             )?;
         }
     }
-    conn.execute_batch("COMMIT")?;
+    exec(conn, "COMMIT", [])?;
     Ok(ctx.events)
 }
 
