@@ -301,7 +301,8 @@ pub async fn put_components(
     Ok(start.elapsed())
 }
 
-/// nginx as a child process with a generated configuration, proxying to `backend` with upstream keep-alive.
+/// nginx as a child process with a generated configuration, proxying to `backend` with upstream keep-alive and
+/// passing what kiln's gateway passes: the client's Host and `X-Forwarded-For`/`-Host`/`-Proto`.
 pub struct Nginx {
     child: Option<Child>,
     pub port: u16,
@@ -327,7 +328,11 @@ impl Nginx {
              \x20 keepalive_requests 100000;\n\
              \x20 upstream backend {{ server {backend}; keepalive 64; keepalive_requests 100000; }}\n\
              \x20 server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://backend;\n\
-             \x20     proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n"
+             \x20     proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n\
+             \x20     proxy_set_header Host $http_host;\n\
+             \x20     proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n\
+             \x20     proxy_set_header X-Forwarded-Host $http_host;\n\
+             \x20     proxy_set_header X-Forwarded-Proto $scheme;\n    }}\n  }}\n}}\n"
         );
         let conf_path = dir.join("nginx.conf");
         std::fs::write(&conf_path, conf)?;

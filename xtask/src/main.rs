@@ -62,7 +62,7 @@ const IDLE_SETTLE: Duration = Duration::from_secs(2);
 const GATEWAY_CONNS: u32 = 32;
 const GATEWAY_SECS: u64 = 6;
 /// Runs per proxy, alternating which goes first; the table reports the medians.
-const GATEWAY_ROUNDS: usize = 3;
+const GATEWAY_ROUNDS: usize = 5;
 const GATEWAY_WARMUP: u64 = 2;
 const COMPONENTS: usize = 1_000;
 const RECONCILE_COMPONENTS: usize = 10_000;
@@ -432,7 +432,7 @@ const METRICS: &[Metric] = &[
     },
     Metric {
         key: "gw.kiln.rps",
-        label: "Gateway → 1 testsvc replica, 32 connections, max rate, median of 3: kiln",
+        label: "Gateway → 1 testsvc replica, 32 connections, max rate, median of 5: kiln",
         unit: "req/s",
         target: Target::Info,
         decimals: 0,
@@ -942,7 +942,8 @@ fn run_delivery(
                 let note = format!(
                     "Gateway: one kiln-testsvc replica (process driver), `oha -c {GATEWAY_CONNS} -z {GATEWAY_SECS}s` \
                      (no rate limit) on GET / through kiln's gateway (/x/default/bench-gw/dev/gw/http/) and through \
-                     nginx (proxy_pass to the replica's address, upstream keepalive 64), {GATEWAY_ROUNDS} runs each \
+                     nginx (proxy_pass to the replica's address, upstream keepalive 64, the same Host and X-Forwarded-For/-Host/-Proto \
+                     headers kiln sets), {GATEWAY_ROUNDS} runs each \
                      after a {GATEWAY_WARMUP} s warm-up of each, taking turns (kiln first in odd rounds, nginx in \
                      even ones); the table gives the medians. Client, proxy and backend share the machine."
                 );
