@@ -101,21 +101,28 @@ fn websocket_accept(key: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(h.finalize())
 }
 
+/// Reads a request head up to its blank line (which is left out); `None` when the connection ends first.
+async fn read_request_head(r: &mut BufReader<TcpStream>) -> Option<String> {
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        match r.read_line(&mut line).await {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => {}
+        }
+        if line == "\r\n" {
+            return Some(head);
+        }
+        head.push_str(&line);
+    }
+}
+
 async fn echo_connection(stream: TcpStream) {
     let mut r = BufReader::new(stream);
     loop {
-        let mut head = String::new();
-        loop {
-            let mut line = String::new();
-            match r.read_line(&mut line).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-            if line == "\r\n" {
-                break;
-            }
-            head.push_str(&line);
-        }
+        let Some(head) = read_request_head(&mut r).await else {
+            return;
+        };
         let header = |name: &str| {
             head.lines().skip(1).find_map(|l| {
                 let (k, v) = l.split_once(':')?;
@@ -833,18 +840,9 @@ async fn scripted_backend(answer: fn(&str, &[u8]) -> (Vec<u8>, bool)) -> SocketA
             tokio::spawn(async move {
                 let mut r = BufReader::new(stream);
                 loop {
-                    let mut head = String::new();
-                    loop {
-                        let mut line = String::new();
-                        match r.read_line(&mut line).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(_) => {}
-                        }
-                        head.push_str(&line);
-                        if line == "\r\n" {
-                            break;
-                        }
-                    }
+                    let Some(head) = read_request_head(&mut r).await else {
+                        return;
+                    };
                     let len = head
                         .lines()
                         .find_map(|l| {

@@ -1,7 +1,7 @@
 //! The web console: server-rendered HTML pages (no JavaScript framework) over the same store and access rules as
 //! the API. Signed-in state is the session cookie that `/login` sets.
 
-mod html;
+pub(crate) mod html;
 
 use axum::extract::{Form, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};

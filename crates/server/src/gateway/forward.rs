@@ -32,8 +32,8 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::{
-    connect_failed, exchange_failed, page_text, resolve, target_of, Route, CONNECT_TIMEOUT,
-    MAX_IDLE_PER_BACKEND,
+    connect_error, connect_failed, exchange_failed, page_text, resolve, target_of, upstream_error,
+    Route, CONNECT_TIMEOUT, MAX_IDLE_PER_BACKEND,
 };
 use crate::auth::SESSION_COOKIE;
 use crate::AppState;
@@ -206,14 +206,7 @@ async fn exchange(
                 picked = Some((addr, up, false));
                 break;
             }
-            Err(e) => {
-                state
-                    .metrics
-                    .gateway_upstream_errors
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(backend = %addr, error = %e, "gateway: cannot connect to backend");
-                failures.push(format!("{addr}: {e}"));
-            }
+            Err(e) => failures.push(connect_error(state, addr, &e)),
         }
     }
     let Some((addr, mut up, mut pooled)) = picked else {
@@ -240,10 +233,7 @@ async fn exchange(
         Ok(()) => {}
         Err(Failed::Client) => return Next::Close,
         Err(Failed::Stale(e) | Failed::Bad(e)) => {
-            state
-                .metrics
-                .gateway_upstream_errors
-                .fetch_add(1, Ordering::Relaxed);
+            upstream_error(state);
             tracing::debug!(backend = %addr, error = %e, "gateway: backend exchange failed");
             return answer_page(state, client, out, &plan, exchange_failed(route, addr, e)).await;
         }
@@ -372,10 +362,7 @@ async fn respond(
                 }
             }
             Err(e) => {
-                state
-                    .metrics
-                    .gateway_upstream_errors
-                    .fetch_add(1, Ordering::Relaxed);
+                upstream_error(state);
                 return answer_page(state, client, out, plan, exchange_failed(route, addr, e))
                     .await;
             }

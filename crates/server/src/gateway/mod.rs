@@ -44,6 +44,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::console::html::esc;
 use crate::AppState;
 
 pub(crate) mod forward;
@@ -839,21 +840,6 @@ fn internal(html: bool) -> Response {
     )
 }
 
-fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
 /// An error page: HTML for browsers, plain text otherwise.
 fn page(status: StatusCode, title: &str, lines: &[String], html: bool) -> Response {
     let (ctype, body) = page_text(status, title, lines, html);
@@ -883,11 +869,11 @@ fn page_text(
              color:#222}}h1{{font-size:1.4rem}}code{{background:#f3f3f3;padding:0 .2rem}}\
              .muted{{color:#888;font-size:.85rem}}</style></head><body><h1>{}</h1>\n",
             status.as_u16(),
-            escape(title),
-            escape(title)
+            esc(title),
+            esc(title)
         );
         for l in lines {
-            let _ = writeln!(b, "<p>{}</p>", escape(l));
+            let _ = writeln!(b, "<p>{}</p>", esc(l));
         }
         let _ = writeln!(
             b,
@@ -1083,19 +1069,11 @@ async fn proxy(
                 return respond(&state.gateway.pool, resp, conn, addr, client_upgrade);
             }
             Err(SendError::Connect(back, e)) => {
-                state
-                    .metrics
-                    .gateway_upstream_errors
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(backend = %addr, error = %e, "gateway: cannot connect to backend");
-                failures.push(format!("{addr}: {e}"));
+                failures.push(connect_error(state, addr, &e));
                 out = *back;
             }
             Err(SendError::Failed(e)) => {
-                state
-                    .metrics
-                    .gateway_upstream_errors
-                    .fetch_add(1, Ordering::Relaxed);
+                upstream_error(state);
                 tracing::debug!(backend = %addr, error = %e, "gateway: backend exchange failed");
                 return page(
                     StatusCode::BAD_GATEWAY,
@@ -1112,6 +1090,21 @@ async fn proxy(
         &connect_failed(route, failures),
         html,
     )
+}
+
+/// Counts and logs a backend that could not be reached; the line for the 502 page, should no replica be.
+fn connect_error(state: &AppState, addr: SocketAddr, e: &str) -> String {
+    upstream_error(state);
+    tracing::debug!(backend = %addr, error = %e, "gateway: cannot connect to backend");
+    format!("{addr}: {e}")
+}
+
+/// Counts a backend failure (`kiln_gateway_upstream_errors_total`).
+fn upstream_error(state: &AppState) {
+    state
+        .metrics
+        .gateway_upstream_errors
+        .fetch_add(1, Ordering::Relaxed);
 }
 
 /// The 502 page's lines when no replica could be reached (`failures`: one line per replica tried).
