@@ -109,6 +109,9 @@ async fn accept(
     };
     // Each connection task holds a clone; once all are gone, every connection of this thread is closed.
     let (open_tx, mut open_rx) = mpsc::channel::<()>(1);
+    // The stop signal as this thread's connections see it: a channel of the thread's own, so that the idle
+    // waits of one thread's connections never touch what the other threads' touch.
+    let (local_stop_tx, local_stop) = tokio::sync::watch::channel(false);
     loop {
         let (stream, peer) = tokio::select! {
             biased;
@@ -130,13 +133,14 @@ async fn accept(
         };
         let builder = builder.clone();
         let open = open_tx.clone();
-        let stop = stop.clone();
+        let stop = local_stop.clone();
         tokio::spawn(async move {
             connection(stream, front, builder, stop).await;
             drop(open);
         });
     }
     drop(listener);
+    let _ = local_stop_tx.send(true);
     drop(open_tx);
     let _ = open_rx.recv().await;
 }
