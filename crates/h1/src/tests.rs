@@ -118,6 +118,16 @@ fn forwarded_heads_drop_hop_by_hop_headers_and_say_where_they_came_from() {
          Accept: */*\r\nx-forwarded-host: gw:7080\r\nx-forwarded-proto: http\r\n\
          x-forwarded-prefix: /x/o/p/e/c/ep\r\ncontent-length: 2\r\n\r\n"
     );
+    // A client cannot make the gateway drop Host by naming it in Connection.
+    let out = forwarded(
+        "GET /a HTTP/1.1\r\nHost: h\r\nConnection: host\r\n\r\n",
+        &Forward {
+            target: "/a",
+            client_ip: "::1",
+            prefix: None,
+        },
+    );
+    assert!(out.contains("\r\nHost: h\r\n"), "{out}");
     let out = forwarded(
         "GET /a HTTP/1.1\r\nHost: h\r\n\r\n",
         &Forward {
@@ -176,6 +186,10 @@ fn response_framing() {
     )
     .is_err());
     assert!(response("HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", false).is_err());
+    assert!(
+        response("HTTP/1.1 200 OK\r\nContent-Length: 3x\r\n\r\n", true).is_err(),
+        "a malformed length is refused in the answer to HEAD too"
+    );
     assert!(response("SSH-2.0-OpenSSH\r\n\r\n", false).is_err());
 }
 
