@@ -334,16 +334,7 @@ impl Inner {
             Err(e) => {
                 // Put the old replica back under its name so that it stays the replica until the next apply.
                 let _ = self
-                    .engine
-                    .call(
-                        Method::POST,
-                        &format!(
-                            "/containers/{}/rename?name={}",
-                            old.id,
-                            query_escape(&spec::container_name(&w.id, index))
-                        ),
-                        None,
-                    )
+                    .rename(&old.id, &spec::container_name(&w.id, index))
                     .await;
                 tracing::debug!(old = %retired_name, "rollout step failed; old replica kept");
                 return Err(e);
@@ -556,22 +547,27 @@ impl Inner {
         }
         let nanos = jiff::Timestamp::now().as_nanosecond();
         let name = format!("{}{}{nanos}", c.name(), spec::RETIRING);
-        match self
-            .engine
-            .call(
-                Method::POST,
-                &format!("/containers/{}/rename?name={}", c.id, query_escape(&name)),
-                None,
-            )
-            .await
-        {
-            Ok(_) => Ok(name),
+        match self.rename(&c.id, &name).await {
+            Ok(()) => Ok(name),
             Err(e) if e.is_not_found() => Ok(name),
             Err(e) => Err(e.into()),
         }
     }
 
-    async fn stop_and_delete(&self, container: &str) -> Result<()> {
+    /// Renames a container.
+    async fn rename(&self, container: &str, name: &str) -> Result<(), ApiError> {
+        self.engine
+            .call(
+                Method::POST,
+                &format!("/containers/{container}/rename?name={}", query_escape(name)),
+                None,
+            )
+            .await
+            .map(drop)
+    }
+
+    /// Stops a container: SIGTERM, then SIGKILL after the grace period. One already stopped is fine.
+    async fn stop(&self, container: &str) -> Result<(), ApiError> {
         let t = self.config.stop_timeout_secs;
         match self
             .engine
@@ -582,9 +578,16 @@ impl Inner {
             )
             .await
         {
-            Ok(_) => {}
+            Ok(_) => Ok(()),
+            Err(e) if e.status() == Some(StatusCode::NOT_MODIFIED) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn stop_and_delete(&self, container: &str) -> Result<()> {
+        match self.stop(container).await {
+            Ok(()) => {}
             Err(e) if e.is_not_found() => return Ok(()),
-            Err(e) if e.status() == Some(StatusCode::NOT_MODIFIED) => {}
             Err(e) => tracing::warn!(container, error = %e, "stopping failed; removing by force"),
         }
         match self

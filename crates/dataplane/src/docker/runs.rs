@@ -11,9 +11,7 @@
 //! Removing a run leaves the project-environment network: other workloads of the environment may be on it, and
 //! the task's dependency addresses are bound to its gateway. `remove` takes the network with the last container.
 
-use hyper::{Method, StatusCode};
-
-use super::api::{query_escape, ApiError};
+use super::api::ApiError;
 use super::engine_types::{ContainerInspect, ContainerSummary};
 use super::{create_error, spec, status, workload_image, Inner, LABEL_RUN};
 use crate::{Result, RunState, RunStatus, Workload, WorkloadId};
@@ -151,32 +149,15 @@ impl Inner {
             }
             if !spec::is_stopped_run(c.name()) {
                 let name = format!("{}{}", c.name(), spec::STOPPED);
-                match self
-                    .engine
-                    .call(
-                        Method::POST,
-                        &format!("/containers/{}/rename?name={}", c.id, query_escape(&name)),
-                        None,
-                    )
-                    .await
-                {
-                    Ok(_) => {}
+                match self.rename(&c.id, &name).await {
+                    Ok(()) => {}
                     Err(e) if e.is_not_found() => continue,
                     Err(e) => return Err(e.into()),
                 }
             }
-            let t = self.config.stop_timeout_secs;
-            match self
-                .engine
-                .call(
-                    Method::POST,
-                    &format!("/containers/{}/stop?t={t}", c.id),
-                    None,
-                )
-                .await
-            {
-                Ok(_) => {}
-                Err(e) if e.is_not_found() || e.status() == Some(StatusCode::NOT_MODIFIED) => {}
+            match self.stop(&c.id).await {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() => {}
                 Err(e) => return Err(e.into()),
             }
             tracing::info!(workload = %id, run, "stopped a run");
