@@ -4,7 +4,6 @@
 //! ReleaseBinding controller writes them from what the data plane reports.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,22 +18,12 @@ use tokio::net::{TcpListener, TcpStream};
 const ORG: &str = "acme";
 const RELEASE: &str = "web-0123456789";
 
-/// The test service binary (built on first use).
-fn testsvc() -> &'static Path {
-    testsvc::binary()
-}
-
 /// A running `kiln-testsvc` replica, stopped on drop.
-struct Replica {
-    child: std::process::Child,
-    addr: SocketAddr,
-}
+type Replica = testsvc::Local;
 
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Starts replica `index` of the test service on a free loopback port and waits until it accepts connections.
+async fn replica(index: u32) -> Replica {
+    testsvc::start_local(index, "web")
 }
 
 fn free_port() -> u16 {
@@ -43,29 +32,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// Starts replica `index` of the test service on a free loopback port and waits until it accepts connections.
-async fn replica(index: u32) -> Replica {
-    let bin = testsvc();
-    let port = free_port();
-    let child = std::process::Command::new(bin)
-        .env("BIND", "127.0.0.1")
-        .env("PORT", port.to_string())
-        .env("KILN_REPLICA", index.to_string())
-        .env("SERVICE_NAME", "web")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start kiln-testsvc");
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let r = Replica { child, addr };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(addr).await.is_err() {
-        assert!(Instant::now() < deadline, "testsvc did not start on {addr}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    r
 }
 
 /// An address nothing listens on.

@@ -3,7 +3,6 @@
 //! controller resolving dependencies into addresses and conditions (missing and not-visible dependencies).
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,47 +10,12 @@ use controllers::{Mesh as _, MeshRoute, MeshTarget};
 use serde_json::{json, Value};
 use server::mesh::Mesh;
 
-/// The test service binary (built on first use).
-fn testsvc() -> &'static Path {
-    testsvc::binary()
-}
-
 /// A running `kiln-testsvc` replica, stopped on drop.
-struct Replica {
-    child: std::process::Child,
-    addr: SocketAddr,
-}
+type Replica = testsvc::Local;
 
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
+/// Starts replica `index` of the test service on a free loopback port and waits until it accepts connections.
 async fn replica(index: u32) -> Replica {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = std::process::Command::new(testsvc())
-        .env("BIND", "127.0.0.1")
-        .env("PORT", port.to_string())
-        .env("KILN_REPLICA", index.to_string())
-        .env("SERVICE_NAME", "api")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start kiln-testsvc");
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let r = Replica { child, addr };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(Instant::now() < deadline, "testsvc did not start on {addr}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    r
+    testsvc::start_local(index, "api")
 }
 
 fn object(kind: &str, project: Option<&str>, name: &str, spec: Value) -> model::Resource {

@@ -1,9 +1,11 @@
-//! For tests of other crates: where the `kiln-testsvc` binary is, built on first use, and a Docker image of it
-//! built `FROM scratch` (no registry is reachable).
+//! For tests of other crates: where the `kiln-testsvc` binary is, built on first use; a copy of it running on a
+//! loopback port; and a Docker image of it built `FROM scratch` (no registry is reachable).
 
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 /// Builds `kiln-testsvc` (once per test process) and returns its path. Tests that deploy it as a workload call
 /// this; the binary is not built by depending on the crate.
@@ -37,6 +39,51 @@ pub fn binary() -> &'static Path {
         assert!(bin.exists(), "{} is missing", bin.display());
         bin
     })
+}
+
+/// A `kiln-testsvc` process on a free loopback port, for tests that need a real backend; killed on drop.
+pub struct Local {
+    child: std::process::Child,
+    pub addr: SocketAddr,
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts replica `replica` of the test service named `service` (`KILN_REPLICA`, `SERVICE_NAME`) on a free
+/// loopback port, and waits up to 10 s until it accepts connections.
+pub fn start_local(replica: u32, service: &str) -> Local {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port();
+    let child = Command::new(binary())
+        .env("BIND", "127.0.0.1")
+        .env("PORT", port.to_string())
+        .env("KILN_REPLICA", replica.to_string())
+        .env("SERVICE_NAME", service)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start kiln-testsvc");
+    let local = Local {
+        child,
+        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(local.addr).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "kiln-testsvc did not start on {}",
+            local.addr
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    local
 }
 
 /// A static TCP-connect probe put into the image next to the test service, to try connections from inside a
