@@ -371,20 +371,8 @@ impl Drop for Nginx {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        // SIGTERM to the master (its own pid), which stops its workers.
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
+        // SIGTERM to the master, which stops its workers.
+        crate::server::terminate(&mut child, Duration::from_secs(5));
     }
 }
 

@@ -245,24 +245,30 @@ impl Server {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(5));
+        let pid = child.id();
+        if !terminate(&mut child, Duration::from_secs(10)) {
+            eprintln!("warning: kiln server {pid} ignored SIGTERM for 10 s; killed it");
         }
-        eprintln!(
-            "warning: kiln server {} ignored SIGTERM for 10 s; killing it",
-            child.id()
-        );
-        let _ = child.kill();
-        let _ = child.wait();
     }
+}
+
+/// Sends SIGTERM to `child` (its own pid only), waits up to `grace` for it to exit, then kills it. False when it
+/// had to be killed.
+pub fn terminate(child: &mut Child, grace: Duration) -> bool {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    false
 }
 
 impl Drop for Server {
