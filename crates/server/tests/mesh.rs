@@ -18,6 +18,11 @@ async fn replica(index: u32) -> Replica {
     testsvc::start_local(index, "api")
 }
 
+/// The body of a GET of `url`.
+async fn get_text(http: &reqwest::Client, url: String) -> String {
+    http.get(url).send().await.unwrap().text().await.unwrap()
+}
+
 fn object(kind: &str, project: Option<&str>, name: &str, spec: Value) -> model::Resource {
     let mut meta = json!({"name": name, "organization": "acme"});
     if let Some(p) = project {
@@ -133,25 +138,11 @@ async fn forwards_round_robin_follows_backends_and_keeps_its_address() {
     let http = client();
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..4 {
-        let body = http
-            .get(format!("http://{addr}/"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let body = get_text(&http, format!("http://{addr}/")).await;
         seen.insert(body);
     }
     assert_eq!(seen.len(), 2, "{seen:?}");
-    let env = http
-        .get(format!("http://{addr}/env/SERVICE_NAME"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let env = get_text(&http, format!("http://{addr}/env/SERVICE_NAME")).await;
     assert_eq!(env, "api\n");
 
     // The backends change behind the same address.
@@ -163,14 +154,7 @@ async fn forwards_round_robin_follows_backends_and_keeps_its_address() {
     .await;
     drop((r0, r1));
     for _ in 0..3 {
-        let body = http
-            .get(format!("http://{addr}/"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let body = get_text(&http, format!("http://{addr}/")).await;
         assert!(body.contains("replica 2"), "{body}");
     }
     // Asking again keeps the address.
