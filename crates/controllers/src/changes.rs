@@ -60,12 +60,7 @@ fn keys_for_batch(cache: &Cache, waiting: &Waiting, batch: Vec<Change>) -> Vec<K
         match change {
             Change::Lagged(_) => return keys_for(cache, change),
             Change::Workload(id) => {
-                let named = Key {
-                    kind: Kind::ReleaseBinding,
-                    organization: Some(id.organization.clone()),
-                    project: Some(id.project.clone()),
-                    name: ReleaseBindingSpec::name_for(&id.component, &id.environment),
-                };
+                let named = named_binding(&id);
                 if cache.get(&named).is_some_and(|b| runs(&b, &id)) {
                     keys.push(named);
                 } else {
@@ -146,16 +141,21 @@ fn runs(r: &Resource, id: &WorkloadId) -> bool {
         && spec_is(r, "environment", &id.environment)
 }
 
+/// The key a workload's binding has when it is named the usual way, `<component>-<environment>`.
+fn named_binding(id: &WorkloadId) -> Key {
+    Key {
+        kind: Kind::ReleaseBinding,
+        organization: Some(id.organization.clone()),
+        project: Some(id.project.clone()),
+        name: ReleaseBindingSpec::name_for(&id.component, &id.environment),
+    }
+}
+
 fn keys_for(cache: &Cache, change: Change) -> Vec<Key> {
     match change {
         Change::Workload(id) => {
             // The binding of a workload is normally named <component>-<environment>; look it up by name first.
-            let named = Key {
-                kind: Kind::ReleaseBinding,
-                organization: Some(id.organization.clone()),
-                project: Some(id.project.clone()),
-                name: ReleaseBindingSpec::name_for(&id.component, &id.environment),
-            };
+            let named = named_binding(&id);
             let own_by_name = cache.get(&named).is_some_and(|b| runs(&b, &id));
             let found = cache.filter(|r| {
                 let same_place = r.metadata.organization.as_deref()
