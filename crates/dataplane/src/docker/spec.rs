@@ -299,6 +299,16 @@ mod tests {
         assert_eq!(port_env_name("http-api"), "PORT_HTTP_API");
     }
 
+    /// A container body's `Env` entries.
+    fn env_of(b: &Value) -> Vec<&str> {
+        b["Env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect()
+    }
+
     #[test]
     fn container_body_carries_env_labels_limits_and_ports() {
         let w = workload();
@@ -307,12 +317,7 @@ mod tests {
             publish_ip: "127.0.0.1".into(),
         };
         let b = container_body(&w, 1, "kiln-testsvc:dev", &host);
-        let env: Vec<&str> = b["Env"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_str().unwrap())
-            .collect();
+        let env = env_of(&b);
         for want in [
             "GREETING=hi",
             "PORT=8080",
@@ -354,12 +359,7 @@ mod tests {
             publish_ip: "127.0.0.1".into(),
         };
         let b = run_body(&w, 7, "kiln-testsvc:dev", &host);
-        let env: Vec<&str> = b["Env"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_str().unwrap())
-            .collect();
+        let env = env_of(&b);
         for want in [
             "GREETING=hi",
             "KILN_RUN=7",
