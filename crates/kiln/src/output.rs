@@ -82,6 +82,9 @@ fn wide_columns(kind: Kind) -> &'static [&'static str] {
         Kind::Secret => &["TYPE", "KEYS"],
         Kind::Release => &["COMPONENT", "GENERATION"],
         Kind::ReleaseBinding => &["COMPONENT", "ENVIRONMENT", "RELEASE", "STATE"],
+        Kind::Template => &["PROVISIONER", "PARAMETERS"],
+        Kind::TemplateVersion => &["TEMPLATE"],
+        Kind::Workspace => &["TEMPLATE", "OWNER", "STATE"],
         _ => &[],
     }
 }
@@ -167,6 +170,22 @@ fn wide_values(kind: Kind, r: &Resource) -> Vec<String> {
             s(spec, "/release"),
             s(spec, "/state"),
         ],
+        Kind::Template => {
+            let params = spec
+                .get("parameters")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .map(|p| s(p, "/name"))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .filter(|x| !x.is_empty())
+                .unwrap_or_else(|| "-".into());
+            vec![s(spec, "/provisioner"), params]
+        }
+        Kind::TemplateVersion => vec![s(spec, "/template")],
+        Kind::Workspace => vec![s(spec, "/template"), s(spec, "/owner"), s(spec, "/state")],
         _ => vec![],
     }
 }

@@ -81,6 +81,9 @@ kinds! {
     Component => "Component", "components", ["comp"], Project;
     Release => "Release", "releases", ["rel"], Project;
     ReleaseBinding => "ReleaseBinding", "releasebindings", ["binding", "bindings"], Project;
+    Template => "Template", "templates", ["tpl"], Organization;
+    TemplateVersion => "TemplateVersion", "templateversions", ["tplv"], Organization;
+    Workspace => "Workspace", "workspaces", ["ws"], Organization;
 }
 
 impl fmt::Display for Kind {

@@ -3,7 +3,7 @@
 
 use crate::kinds::{
     is_builtin_role, ComponentSpec, DeploymentPipelineSpec, EnvironmentSpec, ProjectSpec,
-    ReleaseBindingSpec, ReleaseSpec, RoleBindingSpec,
+    ReleaseBindingSpec, ReleaseSpec, RoleBindingSpec, TemplateVersionSpec, WorkspaceSpec,
 };
 use crate::names::{field, index};
 use crate::{decode_spec, Kind, Resource};
@@ -112,6 +112,32 @@ pub fn references(res: &Resource) -> Vec<Reference> {
                     "spec.component".into(),
                     true,
                 ));
+            }
+        }
+        Some(Kind::TemplateVersion) => {
+            if let Ok(s) = decode_spec::<TemplateVersionSpec>(&res.spec) {
+                out.push(r(
+                    Kind::Template,
+                    &s.template,
+                    None,
+                    "spec.template".into(),
+                    true,
+                ));
+            }
+        }
+        Some(Kind::Workspace) => {
+            if let Ok(s) = decode_spec::<WorkspaceSpec>(&res.spec) {
+                out.push(r(
+                    Kind::Template,
+                    &s.template,
+                    None,
+                    "spec.template".into(),
+                    true,
+                ));
+                if let Some(v) = &s.template_version {
+                    let path = "spec.templateVersion".to_string();
+                    out.push(r(Kind::TemplateVersion, v, None, path, true));
+                }
             }
         }
         Some(Kind::ReleaseBinding) => {

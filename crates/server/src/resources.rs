@@ -545,15 +545,19 @@ fn is_builtin(r: &Resource) -> bool {
         .is_some_and(|v| v == "true")
 }
 
-/// A Release's spec never changes once created.
+/// A Release's or a TemplateVersion's spec never changes once created.
 fn refuse_release_change(existing: &Resource, incoming: &Resource) -> Result<(), model::Invalid> {
-    if existing.kind == Kind::Release.as_str() && existing.spec != incoming.spec {
-        return Err(model::Invalid::one(
-            "spec",
-            "a Release is immutable; change the Component to make a new release",
-        ));
+    if existing.spec == incoming.spec {
+        return Ok(());
     }
-    Ok(())
+    let message = if existing.kind == Kind::Release.as_str() {
+        "a Release is immutable; change the Component to make a new release"
+    } else if existing.kind == Kind::TemplateVersion.as_str() {
+        "a TemplateVersion is immutable; change the Template to make a new version"
+    } else {
+        return Ok(());
+    };
+    Err(model::Invalid::one("spec", message))
 }
 
 fn refuse_builtin(

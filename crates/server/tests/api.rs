@@ -101,6 +101,13 @@ fn manifest(kind: Kind, name: &str) -> Value {
             "environment": "fixture",
             "release": format!("fixture-{RELEASE_HASH}")
         }),
+        Kind::Template => json!({"description": "a template"}),
+        Kind::TemplateVersion => json!({
+            "template": "fixture",
+            "hash": format!("{}{}", &RELEASE_HASH, "0".repeat(54)),
+            "snapshot": {}
+        }),
+        Kind::Workspace => json!({"template": "fixture"}),
     };
     json!({"apiVersion": "kiln.dev/v1", "kind": kind.as_str(), "metadata": {"name": name}, "spec": spec})
 }
@@ -112,6 +119,7 @@ const RELEASE_HASH: &str = "0123456789";
 fn fixture_name(kind: Kind) -> &'static str {
     match kind {
         Kind::Release => "fixture-0123456789",
+        Kind::TemplateVersion => "fixture-0123456789",
         Kind::DataPlane => "local",
         Kind::Project => "shop",
         Kind::DeploymentPipeline => "default",

@@ -13,6 +13,7 @@ mod rbac;
 mod release;
 mod secret;
 mod workload;
+mod workspace;
 
 pub use component::{
     Build, ComponentSpec, ComponentType, ConcurrencyPolicy, Dependency, Endpoint, EndpointProtocol,
@@ -37,6 +38,12 @@ pub use secret::SecretSpec;
 pub use workload::{
     EnvVar, ExecAction, HttpGetAction, Probe, Probes, ResourceList, Resources, TcpSocketAction,
     Workload,
+};
+pub use workspace::{
+    parse_duration, resolve_parameters, AgentSpec, App, Autostart, DesiredState, DockerTemplate,
+    Healthcheck, MetadataItem, Parameter, ParameterOption, ParameterType, ProvisionerType, Script,
+    ShareLevel, TemplateSpec, TemplateVersionSpec, Validation, WorkspaceSpec, MAX_TEMPLATE_FILES,
+    TEMPLATE_HASH_LEN,
 };
 
 use std::collections::hash_map::Entry;
@@ -140,6 +147,9 @@ macro_rules! with_spec_type {
             $crate::Kind::Component => $f::<$crate::kinds::ComponentSpec>($($arg),*),
             $crate::Kind::Release => $f::<$crate::kinds::ReleaseSpec>($($arg),*),
             $crate::Kind::ReleaseBinding => $f::<$crate::kinds::ReleaseBindingSpec>($($arg),*),
+            $crate::Kind::Template => $f::<$crate::kinds::TemplateSpec>($($arg),*),
+            $crate::Kind::TemplateVersion => $f::<$crate::kinds::TemplateVersionSpec>($($arg),*),
+            $crate::Kind::Workspace => $f::<$crate::kinds::WorkspaceSpec>($($arg),*),
         }
     };
 }

@@ -142,13 +142,13 @@ pub fn builtin_roles() -> Vec<(&'static str, RoleSpec)> {
             "developer",
             RoleSpec {
                 description: describe(
-                    "Reads everything but secret values; writes projects, components and secrets.",
+                    "Reads everything but secret values; writes projects, components, secrets and workspaces.",
                 ),
                 rules: vec![
                     rule(all_kinds_but(Kind::Secret), READ),
                     rule([Kind::Secret], &[Verb::List, Verb::Watch]),
                     rule(
-                        [Kind::Project, Kind::Component, Kind::Secret],
+                        [Kind::Project, Kind::Component, Kind::Secret, Kind::Workspace],
                         &[Verb::Create, Verb::Update, Verb::Patch, Verb::Delete],
                     ),
                 ],
@@ -302,7 +302,10 @@ mod tests {
                     !(kind == Kind::Organization && matches!(verb, Verb::Create | Verb::Delete));
                 let reads_values = kind != Kind::Secret || verb != Verb::Get;
                 let developer = if writes.contains(&verb) {
-                    matches!(kind, Kind::Project | Kind::Component | Kind::Secret)
+                    matches!(
+                        kind,
+                        Kind::Project | Kind::Component | Kind::Secret | Kind::Workspace
+                    )
                 } else {
                     reads_values
                 };
