@@ -302,18 +302,7 @@ async fn write_loop(
         };
         let first = match item {
             Some(Out::Frames(f)) => f,
-            Some(Out::Close(reason)) => {
-                let _ = sink
-                    .send(
-                        Frame::GoAway {
-                            reason: reason.clone(),
-                        }
-                        .to_bytes(),
-                    )
-                    .await;
-                let _ = sink.close().await;
-                break format!("closed by this side: {reason}");
-            }
+            Some(Out::Close(reason)) => break go_away(&mut sink, reason).await,
             None => {
                 let _ = sink.close().await;
                 return;
@@ -337,16 +326,7 @@ async fn write_loop(
             }
             if let Some(reason) = close {
                 let _ = sink.send(batch.split().freeze()).await;
-                let _ = sink
-                    .send(
-                        Frame::GoAway {
-                            reason: reason.clone(),
-                        }
-                        .to_bytes(),
-                    )
-                    .await;
-                let _ = sink.close().await;
-                break format!("closed by this side: {reason}");
+                break go_away(&mut sink, reason).await;
             }
             batch.split().freeze()
         };
@@ -355,6 +335,20 @@ async fn write_loop(
         }
     };
     end(&shared, reason);
+}
+
+/// Tells the peer why this side ends the session and closes the transport; returns the session's end reason.
+async fn go_away<S: futures_util::Sink<Bytes> + Unpin>(sink: &mut S, reason: String) -> String {
+    let _ = sink
+        .send(
+            Frame::GoAway {
+                reason: reason.clone(),
+            }
+            .to_bytes(),
+        )
+        .await;
+    let _ = sink.close().await;
+    format!("closed by this side: {reason}")
 }
 
 async fn read_loop(
