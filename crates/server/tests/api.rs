@@ -338,7 +338,10 @@ fn expected_allowed(role: &str, verb: &str, kind: Kind) -> bool {
             if kind == Kind::Secret && verb == "get" {
                 return false;
             }
-            read || matches!(kind, Kind::Project | Kind::Component | Kind::Secret)
+            read || matches!(
+                kind,
+                Kind::Project | Kind::Component | Kind::Secret | Kind::Workspace
+            )
         }
         "viewer" => read && !(kind == Kind::Secret && verb == "get"),
         _ => unreachable!("unknown role {role}"),
