@@ -308,28 +308,33 @@ async fn write_loop(
                 return;
             }
         };
-        // Whatever else is queued goes in the same message, up to a limit.
-        let msg = if first.len() >= MAX_BATCH {
+        // Whatever else is queued goes in the same message, up to a limit; a frame alone is sent as it is,
+        // without a copy.
+        let mut close = None;
+        while batch.len().max(first.len()) < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(Out::Frames(f)) => {
+                    if batch.is_empty() {
+                        batch.extend_from_slice(&first);
+                    }
+                    batch.extend_from_slice(&f);
+                }
+                Ok(Out::Close(r)) => {
+                    close = Some(r);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let msg = if batch.is_empty() {
             first
         } else {
-            batch.extend_from_slice(&first);
-            let mut close = None;
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(Out::Frames(f)) => batch.extend_from_slice(&f),
-                    Ok(Out::Close(r)) => {
-                        close = Some(r);
-                        break;
-                    }
-                    Err(_) => break,
-                }
-            }
-            if let Some(reason) = close {
-                let _ = sink.send(batch.split().freeze()).await;
-                break go_away(&mut sink, reason).await;
-            }
             batch.split().freeze()
         };
+        if let Some(reason) = close {
+            let _ = sink.send(msg).await;
+            break go_away(&mut sink, reason).await;
+        }
         if let Err(e) = sink.send(msg).await {
             break format!("sending to the peer failed: {e}");
         }
