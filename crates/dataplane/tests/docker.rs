@@ -22,47 +22,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 // ---------------------------------------------------------------------------------------------------------------
 // Fixtures
 
-/// Removes every container and network of one test's organization when dropped, passing or failing. Declared
-/// after the image, so it runs before the image goes.
-struct Cleanup {
-    org: String,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let out = Command::new("docker")
-            .args([
-                "ps",
-                "-a",
-                "--filter",
-                "label=kiln.dev/workload",
-                "--format",
-                "{{.ID}} {{.Label \"kiln.dev/workload\"}}",
-            ])
-            .output();
-        if let Ok(out) = out {
-            let prefix = format!("{}/", self.org);
-            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter_map(|l| l.split_once(' '))
-                .filter(|(_, w)| w.starts_with(&prefix))
-                .map(|(id, _)| id.to_string())
-                .collect();
-            if !ids.is_empty() {
-                let _ = Command::new("docker")
-                    .args(["rm", "-f"])
-                    .args(&ids)
-                    .output();
-            }
-        }
-        for net in networks(&self.org) {
-            let _ = Command::new("docker")
-                .args(["network", "rm", &net])
-                .output();
-        }
-    }
-}
-
 /// The networks of an organization.
 fn networks(org: &str) -> Vec<String> {
     let out = Command::new("docker")
@@ -82,7 +41,8 @@ struct Env {
     driver: DockerDriver,
     org: String,
     image: String,
-    _cleanup: Cleanup,
+    /// Removes the organization's containers and networks (before the image goes).
+    _cleanup: testsvc::DockerCleanup,
     _image: Arc<testsvc::DockerImage>,
 }
 
@@ -110,7 +70,9 @@ async fn setup(test: &str) -> Option<Env> {
     Some(Env {
         driver,
         image: image.tag.clone(),
-        _cleanup: Cleanup { org: org.clone() },
+        _cleanup: testsvc::DockerCleanup {
+            prefixes: vec![format!("{org}/")],
+        },
         org,
         _image: image,
     })

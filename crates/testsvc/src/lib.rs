@@ -107,6 +107,58 @@ fn main() {
 }
 "#;
 
+/// The containers and networks the docker driver made for the project-environments whose `org/project/env`
+/// starts with one of `prefixes` (the `kiln.dev/workload` label of containers, `kiln.dev/environment` of
+/// networks). Removes them when dropped, so a test leaves none behind, passing or failing.
+pub struct DockerCleanup {
+    pub prefixes: Vec<String>,
+}
+
+impl DockerCleanup {
+    /// IDs of the containers.
+    pub fn containers(&self) -> Vec<String> {
+        self.labelled(&["ps", "-a"], "kiln.dev/workload")
+    }
+
+    /// IDs of the networks.
+    pub fn networks(&self) -> Vec<String> {
+        self.labelled(&["network", "ls"], "kiln.dev/environment")
+    }
+
+    fn labelled(&self, list: &[&str], label: &str) -> Vec<String> {
+        let out = Command::new("docker")
+            .args(list)
+            .args(["--filter", &format!("label={label}")])
+            .args([
+                "--format",
+                &format!("{{{{.ID}}}} {{{{.Label \"{label}\"}}}}"),
+            ])
+            .output()
+            .unwrap_or_else(|e| panic!("docker {}: {e}", list.join(" ")));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .filter(|(_, v)| self.prefixes.iter().any(|p| v.starts_with(p.as_str())))
+            .map(|(id, _)| id.to_string())
+            .collect()
+    }
+}
+
+impl Drop for DockerCleanup {
+    fn drop(&mut self) {
+        let ids = self.containers();
+        if !ids.is_empty() {
+            let _ = Command::new("docker")
+                .args(["rm", "-f"])
+                .args(&ids)
+                .output();
+        }
+        for n in self.networks() {
+            let _ = Command::new("docker").args(["network", "rm", &n]).output();
+        }
+    }
+}
+
 /// A Docker image holding `/kiln-testsvc` (the entrypoint) and `/kiln-netprobe`, both static. Removed (with its
 /// build directory) when the last holder drops it.
 pub struct DockerImage {

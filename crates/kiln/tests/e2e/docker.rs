@@ -27,69 +27,6 @@ fn docker_available() -> bool {
     up
 }
 
-/// Removes the containers and networks of the test's projects when it ends, passing or failing (after the
-/// server has had its chance to remove them itself).
-struct Cleanup {
-    prefixes: Vec<String>,
-}
-
-impl Cleanup {
-    fn containers(&self) -> Vec<String> {
-        let out = Command::new("docker")
-            .args([
-                "ps",
-                "-a",
-                "--filter",
-                "label=kiln.dev/workload",
-                "--format",
-                "{{.ID}} {{.Label \"kiln.dev/workload\"}}",
-            ])
-            .output()
-            .expect("docker ps");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.split_once(' '))
-            .filter(|(_, w)| self.prefixes.iter().any(|p| w.starts_with(p.as_str())))
-            .map(|(id, _)| id.to_string())
-            .collect()
-    }
-
-    fn networks(&self) -> Vec<String> {
-        let out = Command::new("docker")
-            .args([
-                "network",
-                "ls",
-                "--filter",
-                "label=kiln.dev/environment",
-                "--format",
-                "{{.ID}} {{.Label \"kiln.dev/environment\"}}",
-            ])
-            .output()
-            .expect("docker network ls");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.split_once(' '))
-            .filter(|(_, e)| self.prefixes.iter().any(|p| e.starts_with(p.as_str())))
-            .map(|(n, _)| n.to_string())
-            .collect()
-    }
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let ids = self.containers();
-        if !ids.is_empty() {
-            let _ = Command::new("docker")
-                .args(["rm", "-f"])
-                .args(&ids)
-                .output();
-        }
-        for n in self.networks() {
-            let _ = Command::new("docker").args(["network", "rm", &n]).output();
-        }
-    }
-}
-
 fn binding(s: &Server, project: &str, name: &str) -> Option<serde_json::Value> {
     let out = s.kiln(&["get", "releasebinding", name, "-p", project, "-o", "json"]);
     out.status
@@ -138,7 +75,7 @@ const PLATFORM: &str = "apiVersion: kiln.dev/v1\nkind: DataPlane\nmetadata: {nam
     spec: {promotionPaths: [{sourceEnvironmentRef: ddev, targetEnvironmentRefs: [{name: dstage}]}]}\n";
 
 /// Deletes the projects and waits until their containers and networks are gone.
-fn delete_projects(s: &Server, cleanup: &Cleanup, projects: &[&str]) {
+fn delete_projects(s: &Server, cleanup: &testsvc::DockerCleanup, projects: &[&str]) {
     for p in projects {
         ok(s.kiln(&["delete", "project", p]));
     }
@@ -175,7 +112,7 @@ fn docker_components_serve_through_the_gateway_and_reach_only_declared_dependenc
     let image = testsvc::docker_image();
     let pid = std::process::id();
     let (pa, pb) = (format!("dk{pid}a"), format!("dk{pid}b"));
-    let _cleanup = Cleanup {
+    let _cleanup = testsvc::DockerCleanup {
         prefixes: vec![format!("default/{pa}/"), format!("default/{pb}/")],
     };
     let s = Server::start();
@@ -248,7 +185,7 @@ fn a_docker_scheduled_task_runs_on_request_and_keeps_its_exit_and_output() {
     }
     let image = testsvc::docker_image();
     let project = format!("dk{}t", std::process::id());
-    let cleanup = Cleanup {
+    let cleanup = testsvc::DockerCleanup {
         prefixes: vec![format!("default/{project}/")],
     };
     let s = Server::start();
