@@ -415,6 +415,45 @@ impl Client {
         }))
     }
 
+    /// The token the client sends, if any.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    /// The WebSocket URL of an API path (`ws://` or `wss://` after the server's scheme).
+    pub fn ws_url(&self, path: &str) -> String {
+        let base = self.base.trim_end_matches('/');
+        let ws = match base.split_once("://") {
+            Some(("https", rest)) => format!("wss://{rest}"),
+            Some((_, rest)) => format!("ws://{rest}"),
+            None => format!("ws://{base}"),
+        };
+        format!("{ws}{path}")
+    }
+
+    /// Streams a workspace's build and agent log lines (NDJSON objects: stream, seq, time, source, text); with
+    /// `follow`, until the caller drops the stream.
+    pub async fn workspace_logs(
+        &self,
+        org: &str,
+        name: &str,
+        build: Option<u32>,
+        follow: bool,
+    ) -> Result<impl Stream<Item = Result<Value>>> {
+        let mut query = Vec::new();
+        if let Some(b) = build {
+            query.push(("build", b.to_string()));
+        }
+        if follow {
+            query.push(("follow", "true".to_string()));
+        }
+        let path = format!("/api/v1/orgs/{org}/workspaces/{name}/logs");
+        let resp = self
+            .send(self.request(Method::GET, &path).query(&query))
+            .await?;
+        Ok(ndjson(resp.bytes_stream()))
+    }
+
     pub async fn events(&self, kind: Kind, s: &Scoped<'_>, name: &str) -> Result<Vec<Value>> {
         let mut q = vec![
             ("kind", kind.as_str().to_string()),

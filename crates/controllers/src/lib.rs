@@ -12,10 +12,12 @@ mod changes;
 mod cleanup;
 pub mod component;
 pub mod environment;
+pub mod jobs;
 mod organization;
 mod project;
 pub mod schedule;
 mod status;
+pub mod workspace;
 
 use std::sync::Arc;
 
@@ -78,11 +80,29 @@ pub fn spawn_all_with_mesh(
     mesh: Option<Arc<dyn Mesh>>,
     shutdown: watch::Receiver<bool>,
 ) -> Controllers {
+    spawn_all_with(
+        store,
+        drivers,
+        mesh,
+        jobs::Provisioners::default(),
+        shutdown,
+    )
+}
+
+/// [`spawn_all_with_mesh`], with the registry of provisioners that workspace builds are queued for.
+pub fn spawn_all_with(
+    store: Store,
+    drivers: Drivers,
+    mesh: Option<Arc<dyn Mesh>>,
+    provisioners: jobs::Provisioners,
+    shutdown: watch::Receiver<bool>,
+) -> Controllers {
     let mut tasks = JoinSet::new();
     let organizations = organization::controller(store.clone());
     let projects = project::controller(store.clone());
     let components = component::controller(store.clone());
     let environments = environment::controller(store.clone());
+    let workspaces = workspace::controller(store.clone(), provisioners);
     let bindings = binding::controller(store, drivers, mesh);
     let stats = vec![
         organizations.stats(),
@@ -90,11 +110,13 @@ pub fn spawn_all_with_mesh(
         components.stats(),
         environments.stats(),
         bindings.stats(),
+        workspaces.stats(),
     ];
     tasks.spawn(organizations.run(shutdown.clone()));
     tasks.spawn(projects.run(shutdown.clone()));
     tasks.spawn(components.run(shutdown.clone()));
     tasks.spawn(environments.run(shutdown.clone()));
+    tasks.spawn(workspaces.run(shutdown.clone()));
     tasks.spawn(bindings.run(shutdown));
     Controllers { stats, tasks }
 }

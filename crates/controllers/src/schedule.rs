@@ -44,16 +44,29 @@ impl Plan {
             .schedule
             .as_deref()
             .ok_or("spec.schedule: a scheduled task needs a schedule")?;
-        let schedule = Schedule::parse(expr).map_err(|e| format!("spec.schedule: {e}"))?;
-        let tz_name = snap.timezone.clone().unwrap_or_else(|| "UTC".into());
+        let mut plan = Plan::cron(expr, snap.timezone.as_deref(), "spec")?;
+        plan.policy = snap.concurrency_policy.unwrap_or_default();
+        plan.keep = snap.run_history_limit.unwrap_or(DEFAULT_RUN_HISTORY) as usize;
+        Ok(plan)
+    }
+
+    /// The IANA name of the schedule's time zone.
+    pub fn tz_name(&self) -> &str {
+        &self.tz_name
+    }
+
+    /// A plain cron schedule in a time zone (UTC when none); errors name `<at>.schedule` or `<at>.timezone`.
+    pub fn cron(expr: &str, timezone: Option<&str>, at: &str) -> Result<Plan, String> {
+        let schedule = Schedule::parse(expr).map_err(|e| format!("{at}.schedule: {e}"))?;
+        let tz_name = timezone.unwrap_or("UTC").to_string();
         let tz = TimeZone::get(&tz_name)
-            .map_err(|e| format!("spec.timezone: unknown time zone {tz_name:?}: {e}"))?;
+            .map_err(|e| format!("{at}.timezone: unknown time zone {tz_name:?}: {e}"))?;
         Ok(Plan {
             schedule,
             tz,
             tz_name,
-            policy: snap.concurrency_policy.unwrap_or_default(),
-            keep: snap.run_history_limit.unwrap_or(DEFAULT_RUN_HISTORY) as usize,
+            policy: ConcurrencyPolicy::default(),
+            keep: DEFAULT_RUN_HISTORY as usize,
         })
     }
 

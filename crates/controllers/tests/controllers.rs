@@ -416,7 +416,8 @@ async fn a_malformed_project_spec_becomes_a_condition() {
             "projects",
             "components",
             "environments",
-            "releasebindings"
+            "releasebindings",
+            "workspaces"
         ]
     );
     assert!(stats.iter().all(|s| s.errors_total == 0), "{stats:?}");

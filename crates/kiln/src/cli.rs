@@ -83,6 +83,23 @@ pub enum Command {
     /// (`kiln get releasebinding <component>-<env> -o yaml`); `kiln logs --run N` prints one.
     #[command(subcommand)]
     Task(TaskCommand),
+    /// Templates of workspaces.
+    #[command(subcommand)]
+    Template(TemplateCommand),
+    /// Remote development workspaces.
+    #[command(subcommand, alias = "ws")]
+    Workspace(WorkspaceCommand),
+    /// Forward local TCP ports to ports inside a workspace, through the server.
+    PortForward(PortForwardArgs),
+    /// Run a workspace agent (started by provisioners inside each workspace; reads KILN_AGENT_URL and
+    /// KILN_AGENT_TOKEN).
+    #[command(hide = true)]
+    Agent {
+        #[arg(long, env = "KILN_AGENT_URL")]
+        url: String,
+        #[arg(long, env = "KILN_AGENT_TOKEN", hide_env_values = true)]
+        token: String,
+    },
     /// Organizations.
     #[command(subcommand)]
     Org(OrgCommand),
@@ -310,4 +327,76 @@ pub struct LogsArgs {
     pub timestamps: bool,
     #[arg(long, short = 'p')]
     pub project: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TemplateCommand {
+    /// Create or update a template from a directory: `template.yaml` (a Template manifest) and the
+    /// directory's other files, which the template carries (e.g. Terraform configuration).
+    Push {
+        dir: PathBuf,
+        /// The template's name (default: the manifest's, else the directory's name).
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WorkspaceCommand {
+    /// Create a workspace from a template and start it.
+    Create {
+        name: String,
+        #[arg(long, short = 't')]
+        template: String,
+        /// A parameter value, NAME=VALUE (repeatable).
+        #[arg(long = "parameter", short = 'p')]
+        parameters: Vec<String>,
+        /// Stop it after this long without activity, e.g. 8h.
+        #[arg(long)]
+        ttl: Option<String>,
+        /// Create it stopped.
+        #[arg(long)]
+        stopped: bool,
+        /// Return at once instead of waiting until its agent is ready.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// List workspaces: state, agent, template version.
+    List,
+    /// Start a stopped (or failed) workspace.
+    Start {
+        name: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Stop a workspace: its process or container goes, its home stays.
+    Stop {
+        name: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Delete a workspace and everything its builds made.
+    Delete { name: String },
+    /// Build and agent (startup script) logs.
+    Logs {
+        name: String,
+        /// Keep streaming new lines.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// A build other than the latest.
+        #[arg(long)]
+        build: Option<u32>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct PortForwardArgs {
+    /// The workspace.
+    pub workspace: String,
+    /// LOCAL:REMOTE, or a range LOW-HIGH:LOW-HIGH, or one PORT for both (repeatable).
+    #[arg(long, required = true)]
+    pub tcp: Vec<String>,
+    /// The local address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub address: std::net::IpAddr,
 }

@@ -84,6 +84,7 @@ kinds! {
     Template => "Template", "templates", ["tpl"], Organization;
     TemplateVersion => "TemplateVersion", "templateversions", ["tplv"], Organization;
     Workspace => "Workspace", "workspaces", ["ws"], Organization;
+    ProvisionerJob => "ProvisionerJob", "provisionerjobs", ["job", "jobs", "pj"], Organization;
 }
 
 impl fmt::Display for Kind {

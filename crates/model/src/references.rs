@@ -3,7 +3,8 @@
 
 use crate::kinds::{
     is_builtin_role, ComponentSpec, DeploymentPipelineSpec, EnvironmentSpec, ProjectSpec,
-    ReleaseBindingSpec, ReleaseSpec, RoleBindingSpec, TemplateVersionSpec, WorkspaceSpec,
+    ProvisionerJobSpec, ReleaseBindingSpec, ReleaseSpec, RoleBindingSpec, TemplateVersionSpec,
+    WorkspaceSpec,
 };
 use crate::names::{field, index};
 use crate::{decode_spec, Kind, Resource};
@@ -138,6 +139,12 @@ pub fn references(res: &Resource) -> Vec<Reference> {
                     let path = "spec.templateVersion".to_string();
                     out.push(r(Kind::TemplateVersion, v, None, path, true));
                 }
+            }
+        }
+        Some(Kind::ProvisionerJob) => {
+            if let Ok(s) = decode_spec::<ProvisionerJobSpec>(&res.spec) {
+                let path = "spec.workspace".to_string();
+                out.push(r(Kind::Workspace, &s.workspace, None, path, false));
             }
         }
         Some(Kind::ReleaseBinding) => {

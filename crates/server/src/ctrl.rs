@@ -23,9 +23,14 @@ pub fn start(
     store: Store,
     drivers: controllers::Drivers,
     mesh: Option<std::sync::Arc<dyn controllers::Mesh>>,
+    provisioners: controllers::jobs::Provisioners,
     shutdown: watch::Receiver<bool>,
 ) -> Handle {
-    Handle(controllers::spawn_all_with_mesh(
-        store, drivers, mesh, shutdown,
+    Handle(controllers::spawn_all_with(
+        store,
+        drivers,
+        mesh,
+        provisioners,
+        shutdown,
     ))
 }

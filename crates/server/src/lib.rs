@@ -25,6 +25,7 @@ pub mod rbac;
 pub mod resources;
 pub mod routes;
 mod schemas;
+pub mod workspaces;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -62,6 +63,12 @@ pub struct Config {
     /// Serve `process` and `docker` DataPlanes with the no-op driver, which runs nothing and reports every
     /// replica ready. For measuring the control plane alone (benchmarks); never for serving anything.
     pub noop_data_planes: bool,
+    /// The URL workspace agents dial to reach this server (default: `http://` + the listen address, with
+    /// 127.0.0.1 for an unspecified address).
+    pub access_url: Option<String>,
+    /// The program and arguments the process provider runs as a workspace's agent (default: this executable
+    /// with `agent`).
+    pub agent_command: Option<Vec<String>>,
 }
 
 impl Default for Config {
@@ -74,6 +81,8 @@ impl Default for Config {
             drain_timeout: Duration::from_secs(30),
             base_domain: "localhost".into(),
             noop_data_planes: false,
+            access_url: None,
+            agent_command: None,
         }
     }
 }
@@ -98,6 +107,10 @@ pub struct AppState {
     gateway: Arc<gateway::Gateway>,
     /// The data plane drivers the controllers deploy with; component logs are read from them.
     pub(crate) drivers: controllers::Drivers,
+    /// Connected workspace agents.
+    pub hub: Arc<workspaces::Hub>,
+    /// Provisioners asking for workspace builds.
+    pub provisioners: controllers::jobs::Provisioners,
 }
 
 impl AppState {
@@ -115,6 +128,8 @@ impl AppState {
             access: Arc::default(),
             gateway: Arc::default(),
             drivers: controllers::Drivers::default(),
+            hub: Arc::default(),
+            provisioners: Default::default(),
         }
     }
 
@@ -213,6 +228,7 @@ pub fn api() -> Api {
     let api = resources::register(api);
     let api = identity_api::register(api);
     let api = delivery::register(api);
+    let api = workspaces::register(api);
     logs::register(api)
 }
 
@@ -299,6 +315,36 @@ async fn observe(
         .metrics
         .observe(&method, resp.status().as_u16(), start.elapsed());
     resp
+}
+
+/// The URL agents dial: the configured access URL, or this server's listen address.
+pub fn access_url(config: &Config, bound: SocketAddr) -> String {
+    if let Some(u) = &config.access_url {
+        return u.trim_end_matches('/').to_string();
+    }
+    let host = if bound.ip().is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        bound.ip()
+    };
+    format!("http://{}", SocketAddr::new(host, bound.port()))
+}
+
+/// The providers of the built-in provisioner: `process`, with workspaces under `<data-dir>/workspaces`.
+fn builtin_providers(config: &Config) -> anyhow::Result<provision::Providers> {
+    let command = match &config.agent_command {
+        Some(c) => c.clone(),
+        None => {
+            let exe =
+                std::env::current_exe().context("finding this executable (the agent it runs)")?;
+            vec![exe.to_string_lossy().into_owned(), "agent".into()]
+        }
+    };
+    let root = config.data_dir.join("workspaces");
+    let root = std::path::absolute(&root).unwrap_or(root);
+    Ok(provision::Providers {
+        process: Some(provision::ProcessProvider::new(root, command)),
+    })
 }
 
 /// Opens the store the configuration names.
@@ -401,6 +447,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         store.clone(),
         drivers,
         Some(Arc::new(mesh)),
+        state.provisioners.clone(),
+        shutdown_rx.clone(),
+    );
+    let builtin = workspaces::builtin::spawn(
+        store.clone(),
+        state.provisioners.clone(),
+        builtin_providers(&config)?,
+        access_url(&config, addr),
         shutdown_rx.clone(),
     );
     let gateway_table = gateway::spawn_gateway_table(state.clone(), shutdown_rx.clone());
@@ -468,6 +522,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let handle = state.controllers.lock().ok().and_then(|mut c| c.take());
     if let Some(h) = handle {
         h.stop().await;
+    }
+    for b in builtin {
+        b.abort();
     }
     let _ = flusher.await;
     let _ = access_watch.await;

@@ -72,7 +72,7 @@ fn parse_since(s: &str, now: jiff::Timestamp) -> Result<jiff::Timestamp, String>
     now.checked_sub(d).map_err(|e| format!("since={s:?}: {e}"))
 }
 
-fn parse_bool(q: &HashMap<String, String>, name: &str) -> ApiResult<bool> {
+pub(crate) fn parse_bool(q: &HashMap<String, String>, name: &str) -> ApiResult<bool> {
     match q.get(name).map(String::as_str) {
         None | Some("false") | Some("0") => Ok(false),
         Some("true") | Some("1") | Some("") => Ok(true),

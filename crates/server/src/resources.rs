@@ -689,12 +689,14 @@ async fn create(
     t.audit(&slot);
     let acc = authorize_write(&state, &principal, &t, Verb::Create).await?;
     let obj = prepare(&t, obj)?;
+    let obj = crate::workspaces::admit::admit(&state, &principal, acc.as_ref(), None, obj).await?;
     refuse_builtin(&t, None, Some(&obj))?;
     check_references(&state, &obj).await?;
     refuse_escalation(&state, acc.as_ref(), &obj).await?;
     crate::quota::check(&state, None, &obj).await?;
     let obj = state.store.create(obj).await?;
     crate::bootstrap::after_create(&state, &principal, &obj).await?;
+    crate::workspaces::admit::after_write(&state, &obj).await?;
     Ok(created(obj, StatusCode::CREATED, "created"))
 }
 
@@ -727,6 +729,9 @@ async fn apply(
     };
     authorize(&principal, &t, verb, acc.as_ref())?;
     let obj = prepare(&t, obj)?;
+    let obj =
+        crate::workspaces::admit::admit(&state, &principal, acc.as_ref(), existing.as_ref(), obj)
+            .await?;
     refuse_builtin(&t, existing.as_ref(), Some(&obj))?;
     check_references(&state, &obj).await?;
     refuse_escalation(&state, acc.as_ref(), &obj).await?;
@@ -735,6 +740,7 @@ async fn apply(
         None => {
             let obj = state.store.create(obj).await?;
             crate::bootstrap::after_create(&state, &principal, &obj).await?;
+            crate::workspaces::admit::after_write(&state, &obj).await?;
             Ok(created(obj, StatusCode::CREATED, "created"))
         }
         Some(old) => {
@@ -743,6 +749,7 @@ async fn apply(
             obj.metadata.finalizers = keep_controller_finalizers(&old, obj.metadata.finalizers);
             let before = old.metadata.resource_version.clone();
             let obj = state.store.update(obj).await?;
+            crate::workspaces::admit::after_write(&state, &obj).await?;
             let result = if obj.metadata.resource_version == before {
                 "unchanged"
             } else {
@@ -820,6 +827,9 @@ async fn patch(
         next.metadata.annotations = patched.metadata.annotations;
         next.metadata.finalizers = patched.metadata.finalizers;
         let next = prepare(&t, next)?;
+        let next =
+            crate::workspaces::admit::admit(&state, &principal, acc.as_ref(), Some(&current), next)
+                .await?;
         refuse_release_change(&current, &next).map_err(|e| ApiError::invalid("", e))?;
         refuse_builtin(&t, None, Some(&next))?;
         check_references(&state, &next).await?;
@@ -828,7 +838,10 @@ async fn patch(
         match state.store.update(next).await {
             Err(StoreError::Conflict { .. }) if attempt < PATCH_ATTEMPTS => continue,
             Err(e) => return Err(e.into()),
-            Ok(obj) => return Ok(Json(present(obj)).into_response()),
+            Ok(obj) => {
+                crate::workspaces::admit::after_write(&state, &obj).await?;
+                return Ok(Json(present(obj)).into_response());
+            }
         }
     }
 }

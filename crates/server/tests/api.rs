@@ -108,6 +108,14 @@ fn manifest(kind: Kind, name: &str) -> Value {
             "snapshot": {}
         }),
         Kind::Workspace => json!({"template": "fixture"}),
+        Kind::ProvisionerJob => json!({
+            "workspace": "fixture",
+            "build": 1,
+            "transition": "stop",
+            "templateVersion": "fixture-0123456789",
+            "provisioner": "process",
+            "owner": "admin"
+        }),
     };
     json!({"apiVersion": "kiln.dev/v1", "kind": kind.as_str(), "metadata": {"name": name}, "spec": spec})
 }
@@ -288,6 +296,8 @@ async fn every_non_public_route_requires_authentication() {
         "/metrics",
         "/api/v1/openapi.json",
         "/api/v1/login",
+        // Authenticated by the agent token of a workspace build, not a user's.
+        "/api/v1/agent/connect",
     ];
     for op in server::api().ops {
         assert_eq!(
@@ -503,8 +513,13 @@ async fn rbac_every_route_by_role_and_organization() {
                             .await;
                             assert!(rs.is_success(), "restoring {fixture}: {rb}");
                         }
+                        // A workspace's tunnel is its owner's (here the admin who made the fixture) and
+                        // administrators' only, whatever else the role may read.
+                        let connect = path.ends_with("/tunnel");
                         let expect = if !same {
                             "hidden"
+                        } else if connect && !matches!(role, "owner" | "admin") {
+                            "forbidden"
                         } else if expected_allowed(role, verb, kind) {
                             "allowed"
                         } else {

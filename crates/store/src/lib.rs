@@ -21,6 +21,7 @@ mod cursor;
 mod error;
 pub mod identity;
 mod list;
+mod logs;
 mod patch;
 mod plan;
 mod postgres;
@@ -39,6 +40,7 @@ use tokio::sync::broadcast;
 
 pub use error::StoreError;
 pub use identity::{AuditQuery, AuditRecord, Event, NewUser, Session, Token, User};
+pub use logs::{LogLine, MAX_LOG_READ};
 pub use patch::merge_patch;
 pub use selector::Selector;
 pub use types::{Deleted, EventType, Key, ListPage, ListQuery, Options, WatchEvent, WatchQuery};
@@ -65,6 +67,8 @@ pub struct Store {
 struct Inner {
     backend: Backend,
     events_tx: broadcast::Sender<Batch>,
+    /// Names of the log streams appended to by this process, for live readers.
+    logs_tx: broadcast::Sender<String>,
 }
 
 enum Backend {
@@ -112,6 +116,7 @@ impl Store {
             inner: Arc::new(Inner {
                 backend: Backend::Sqlite(backend),
                 events_tx,
+                logs_tx: broadcast::channel(BROADCAST_CAPACITY).0,
             }),
         })
     }
@@ -125,6 +130,7 @@ impl Store {
             inner: Arc::new(Inner {
                 backend: Backend::Postgres(backend),
                 events_tx,
+                logs_tx: broadcast::channel(BROADCAST_CAPACITY).0,
             }),
         })
     }
@@ -373,6 +379,33 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<Event>> {
         dispatch!(self, b => b.list_events(kind, organization, project, name, limit).await)
+    }
+}
+
+impl Store {
+    /// Appends lines to a log stream, numbering them after its last line, and returns the number of the last
+    /// one appended (the stream's last number when `lines` is empty).
+    pub async fn append_logs(&self, stream: &str, lines: Vec<LogLine>) -> Result<u64> {
+        let last = dispatch!(self, b => b.append_logs(stream, lines).await)?;
+        let _ = self.inner.logs_tx.send(stream.to_string());
+        Ok(last)
+    }
+
+    /// Lines of a stream numbered after `after`, oldest first, at most `limit` (capped at [`MAX_LOG_READ`]).
+    pub async fn read_logs(&self, stream: &str, after: u64, limit: usize) -> Result<Vec<LogLine>> {
+        let limit = limit.min(MAX_LOG_READ);
+        dispatch!(self, b => b.read_logs(stream, after, limit).await)
+    }
+
+    /// Deletes a log stream (idempotent).
+    pub async fn delete_logs(&self, stream: &str) -> Result<()> {
+        dispatch!(self, b => b.delete_logs(stream).await)
+    }
+
+    /// Names of the streams this process appends to, as it does. Another process's appends (a shared
+    /// PostgreSQL) are not announced: a live reader also re-reads on a timer.
+    pub fn log_appends(&self) -> broadcast::Receiver<String> {
+        self.inner.logs_tx.subscribe()
     }
 }
 

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use model::{ObjectMeta, Resource};
 use serde_json::{json, Value};
 use store::{
-    AuditQuery, AuditRecord, Deleted, Event, EventType, Key, ListQuery, NewUser, Options, Store,
-    StoreError, Watch, WatchEvent, WatchQuery,
+    AuditQuery, AuditRecord, Deleted, Event, EventType, Key, ListQuery, LogLine, NewUser, Options,
+    Store, StoreError, Watch, WatchEvent, WatchQuery,
 };
 
 // ---- harness ----
@@ -178,6 +178,7 @@ conformance! {
     bulk_creates => sqlite_bulk_creates, postgres_bulk_creates;
     users_tokens_sessions => sqlite_users_tokens_sessions, postgres_users_tokens_sessions;
     audit_and_events => sqlite_audit_and_events, postgres_audit_and_events;
+    log_streams => sqlite_log_streams, postgres_log_streams;
 }
 
 // ---- helpers ----
@@ -1627,4 +1628,65 @@ fn database_url_rewrite() {
         "postgres://u:p@h/t1?sslmode=disable"
     );
     assert_eq!(with_database("postgresql://h", "t1"), "postgresql://h/t1");
+}
+
+async fn log_streams(b: Backend) {
+    let Some(s) = open(b, Options::default()).await else {
+        return;
+    };
+    let line = |t: &str| LogLine::now("build", t);
+    assert_eq!(s.append_logs("job/a", vec![]).await.unwrap(), 0);
+    let mut appends = s.log_appends();
+    assert_eq!(
+        s.append_logs("job/a", vec![line("one"), line("two")])
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(appends.recv().await.unwrap(), "job/a");
+    assert_eq!(
+        s.append_logs("job/b", vec![line("other")]).await.unwrap(),
+        1
+    );
+    assert_eq!(
+        s.append_logs("job/a", vec![line("three")]).await.unwrap(),
+        3
+    );
+
+    let all = s.read_logs("job/a", 0, 100).await.unwrap();
+    let texts: Vec<(u64, &str)> = all.iter().map(|l| (l.seq, l.text.as_str())).collect();
+    assert_eq!(texts, [(1, "one"), (2, "two"), (3, "three")]);
+    assert_eq!(all[0].source, "build");
+    let after = s.read_logs("job/a", 1, 1).await.unwrap();
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0].text, "two");
+    assert!(s.read_logs("job/a", 3, 100).await.unwrap().is_empty());
+    assert!(s.read_logs("job/none", 0, 100).await.unwrap().is_empty());
+
+    // Appenders racing on one stream: every line gets its own number, none is lost.
+    let mut tasks = Vec::new();
+    for w in 0..4 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..10 {
+                let lines = vec![LogLine::now("w", format!("{w}-{i}"))];
+                s.append_logs("job/race", lines).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let raced = s.read_logs("job/race", 0, 1000).await.unwrap();
+    let seqs: Vec<u64> = raced.iter().map(|l| l.seq).collect();
+    assert_eq!(seqs, (1..=40).collect::<Vec<u64>>());
+    let mut texts: Vec<String> = raced.into_iter().map(|l| l.text).collect();
+    texts.sort();
+    texts.dedup();
+    assert_eq!(texts.len(), 40);
+
+    s.delete_logs("job/a").await.unwrap();
+    s.delete_logs("job/a").await.unwrap();
+    assert!(s.read_logs("job/a", 0, 100).await.unwrap().is_empty());
+    assert_eq!(s.read_logs("job/b", 0, 100).await.unwrap().len(), 1);
 }

@@ -33,7 +33,7 @@
 mod capture;
 mod files;
 mod probe;
-mod procfs;
+pub mod procfs;
 mod replica;
 mod runs;
 mod workload;

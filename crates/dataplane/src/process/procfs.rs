@@ -5,14 +5,15 @@ use std::process::Stdio;
 
 /// The parts of `/proc/<pid>/stat` the driver uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct ProcStat {
+pub struct ProcStat {
     /// `R`, `S`, `D`, `Z`, ...
     pub state: char,
     /// Clock ticks after boot when the process started; with the boot id, it tells a pid's reuse apart.
     pub start_time: u64,
 }
 
-pub(crate) fn stat(pid: u32) -> Option<ProcStat> {
+/// The state and start time of `pid`, if it exists.
+pub fn stat(pid: u32) -> Option<ProcStat> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     parse_stat(&text)
 }
@@ -36,7 +37,7 @@ pub(crate) fn boot_id() -> String {
 }
 
 /// Whether `pid` is alive (not a zombie) and is the process that started at `start_time`.
-pub(crate) fn is_alive(pid: u32, start_time: u64) -> bool {
+pub fn is_alive(pid: u32, start_time: u64) -> bool {
     matches!(stat(pid), Some(s) if s.start_time == start_time && !matches!(s.state, 'Z' | 'X' | 'x'))
 }
 

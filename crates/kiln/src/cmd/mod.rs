@@ -3,6 +3,7 @@
 mod logs;
 mod manifests;
 mod resources;
+mod workspace;
 
 use std::io::Read;
 
@@ -95,6 +96,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 me["user"].as_str().unwrap_or("?"),
                 path.display()
             );
+            Ok(())
+        }
+        Command::Template(c) => workspace::template(&ctx(&cli)?, c).await,
+        Command::Workspace(c) => workspace::workspace(&ctx(&cli)?, c).await,
+        Command::PortForward(args) => workspace::port_forward(&ctx(&cli)?, args).await,
+        Command::Agent { url, token } => {
+            init_tracing(false);
+            let config = agent::Config {
+                url: url.clone(),
+                token: token.clone(),
+            };
+            agent::run(config, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await;
             Ok(())
         }
         Command::Apply(args) => resources::apply(&ctx(&cli)?, args).await,
@@ -378,10 +394,10 @@ fn str_of(v: &Value, field: &str) -> String {
     }
 }
 
-async fn serve(args: &ServerArgs) -> anyhow::Result<()> {
+fn init_tracing(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    if args.log_json {
+    if json {
         tracing_subscriber::fmt()
             .json()
             .with_env_filter(filter)
@@ -393,6 +409,10 @@ async fn serve(args: &ServerArgs) -> anyhow::Result<()> {
             .with_writer(std::io::stderr)
             .init();
     }
+}
+
+async fn serve(args: &ServerArgs) -> anyhow::Result<()> {
+    init_tracing(args.log_json);
     let config = server::Config {
         listen: args.listen,
         data_dir: args.data_dir.clone(),

@@ -12,3 +12,4 @@ mod durability;
 mod logs;
 mod smoke;
 mod tasks;
+mod workspaces;

@@ -41,9 +41,9 @@ pub use workload::{
 };
 pub use workspace::{
     parse_duration, resolve_parameters, AgentSpec, App, Autostart, DesiredState, DockerTemplate,
-    Healthcheck, MetadataItem, Parameter, ParameterOption, ParameterType, ProvisionerType, Script,
-    ShareLevel, TemplateSpec, TemplateVersionSpec, Validation, WorkspaceSpec, MAX_TEMPLATE_FILES,
-    TEMPLATE_HASH_LEN,
+    Healthcheck, MetadataItem, Parameter, ParameterOption, ParameterType, ProvisionerJobSpec,
+    ProvisionerType, Script, ShareLevel, TemplateSpec, TemplateVersionSpec, Transition, Validation,
+    WorkspaceSpec, MAX_TEMPLATE_FILES, TEMPLATE_HASH_LEN,
 };
 
 use std::collections::hash_map::Entry;
@@ -150,6 +150,7 @@ macro_rules! with_spec_type {
             $crate::Kind::Template => $f::<$crate::kinds::TemplateSpec>($($arg),*),
             $crate::Kind::TemplateVersion => $f::<$crate::kinds::TemplateVersionSpec>($($arg),*),
             $crate::Kind::Workspace => $f::<$crate::kinds::WorkspaceSpec>($($arg),*),
+            $crate::Kind::ProvisionerJob => $f::<$crate::kinds::ProvisionerJobSpec>($($arg),*),
         }
     };
 }

@@ -80,6 +80,9 @@ pub struct ResourceQuotas {
     /// Replicas, summed over the organization's components.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas: Option<u32>,
+    /// Workspaces running (or starting) at once in the organization.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running_workspaces: Option<u32>,
 }
 
 impl KindSpec for OrganizationSpec {

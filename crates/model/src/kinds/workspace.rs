@@ -862,3 +862,67 @@ parameters:
         }
     }
 }
+
+/// What a build does to a workspace.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transition {
+    /// Make the workspace's resources and start its agent.
+    #[default]
+    Start,
+    /// Remove its ephemeral resources; persistent ones (the home directory) stay.
+    Stop,
+    /// Remove everything.
+    Delete,
+}
+
+impl Transition {
+    /// The lower-case name, as in manifests.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transition::Start => "start",
+            Transition::Stop => "stop",
+            Transition::Delete => "delete",
+        }
+    }
+}
+
+/// The spec of a ProvisionerJob: one build of a workspace, queued for a provisioner. Written by the server's
+/// workspace controller, never by users; its status is the queue's record (phase, lease, epoch).
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProvisionerJobSpec {
+    /// The workspace it builds (same organization).
+    pub workspace: String,
+    /// The build number, counting from 1 per workspace.
+    pub build: u32,
+    /// What the build does.
+    pub transition: Transition,
+    /// The template version it builds from.
+    pub template_version: String,
+    /// The provider that runs it.
+    pub provisioner: ProvisionerType,
+    /// Tags a provisioner must carry to take it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+    /// The workspace's owner.
+    pub owner: String,
+    /// The workspace's parameter values.
+    #[serde(default)]
+    pub parameters: BTreeMap<String, String>,
+    /// Set to ask the provisioner running it to stop; a queued job is canceled at once.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancel: bool,
+}
+
+impl KindSpec for ProvisionerJobSpec {
+    const KIND: Kind = Kind::ProvisionerJob;
+
+    fn validate(&self, _meta: &ObjectMeta, errors: &mut Vec<FieldError>) {
+        check_name(errors, "spec.workspace", &self.workspace);
+        check_name(errors, "spec.templateVersion", &self.template_version);
+        if self.build == 0 {
+            errors.push(FieldError::new("spec.build", "must be at least 1"));
+        }
+    }
+}

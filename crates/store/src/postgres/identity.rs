@@ -8,8 +8,8 @@ use super::pool::pg_err;
 use super::{col, pg_params, Postgres};
 use crate::identity::{from_micros, now, to_micros};
 use crate::{
-    sql, AuditQuery, AuditRecord, Event, NewUser, Result, Session, StoreError, Token, User,
-    EVENTS_PER_OBJECT,
+    sql, AuditQuery, AuditRecord, Event, LogLine, NewUser, Result, Session, StoreError, Token,
+    User, EVENTS_PER_OBJECT,
 };
 
 const USER_COLS: &str = "id, name, password_hash, superuser, created_at";
@@ -394,5 +394,82 @@ impl Postgres {
                 })
             })
             .collect()
+    }
+}
+
+impl Postgres {
+    pub async fn append_logs(&self, stream: &str, lines: Vec<LogLine>) -> Result<u64> {
+        // Two appenders of one stream race for the same numbers; the loser's insert fails on the key and it
+        // numbers its lines again.
+        loop {
+            let mut c = self.pool.get().await?;
+            let tx = c.transaction().await.map_err(pg_err)?;
+            let last: i64 = tx
+                .query_one(
+                    "SELECT COALESCE(MAX(seq), 0) FROM kiln_logs WHERE stream = $1",
+                    &[&stream],
+                )
+                .await
+                .map_err(pg_err)?
+                .get(0);
+            let mut seq = last;
+            let mut raced = false;
+            for l in &lines {
+                seq += 1;
+                let r = tx
+                    .execute(
+                        "INSERT INTO kiln_logs (stream, seq, time, source, text) VALUES ($1, $2, $3, $4, $5)",
+                        &[&stream, &seq, &to_micros(l.time), &l.source, &l.text],
+                    )
+                    .await;
+                match r {
+                    Ok(_) => {}
+                    Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                        raced = true;
+                        break;
+                    }
+                    Err(e) => return Err(pg_err(e)),
+                }
+            }
+            if raced {
+                continue;
+            }
+            match tx.commit().await {
+                Ok(()) => return Ok(seq as u64),
+                Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => continue,
+                Err(e) => return Err(pg_err(e)),
+            }
+        }
+    }
+
+    pub async fn read_logs(&self, stream: &str, after: u64, limit: usize) -> Result<Vec<LogLine>> {
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let c = self.pool.get().await?;
+        let rows = c
+            .query(
+                "SELECT seq, time, source, text FROM kiln_logs WHERE stream = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                &[&stream, &after, &limit],
+            )
+            .await
+            .map_err(pg_err)?;
+        rows.iter()
+            .map(|r| {
+                Ok(LogLine {
+                    seq: col::<i64>(r, 0)? as u64,
+                    time: from_micros(col(r, 1)?)?,
+                    source: col(r, 2)?,
+                    text: col(r, 3)?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn delete_logs(&self, stream: &str) -> Result<()> {
+        let c = self.pool.get().await?;
+        c.execute("DELETE FROM kiln_logs WHERE stream = $1", &[&stream])
+            .await
+            .map_err(pg_err)?;
+        Ok(())
     }
 }

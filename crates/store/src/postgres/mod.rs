@@ -30,7 +30,8 @@ const MIGRATION_LOCK: i64 = 0x6b69_6c6e; // "kiln"
 
 /// Schema migrations; entry `i` brings the schema to version `i + 1`. Keys use the "C" collation so that list
 /// order (and so continue tokens) is byte order, as in SQLite.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE kiln_revision (id INT PRIMARY KEY, rev BIGINT NOT NULL);
 INSERT INTO kiln_revision (id, rev) VALUES (1, 0);
 CREATE TABLE kiln_compaction (id INT PRIMARY KEY, through BIGINT NOT NULL);
@@ -105,7 +106,18 @@ CREATE TABLE kiln_object_events (
     message TEXT NOT NULL
 );
 CREATE INDEX kiln_object_events_object ON kiln_object_events (kind, organization, project, name, id);
-"#];
+"#,
+    r#"
+CREATE TABLE kiln_logs (
+    stream TEXT COLLATE "C" NOT NULL,
+    seq BIGINT NOT NULL,
+    time BIGINT NOT NULL,
+    source TEXT NOT NULL,
+    text TEXT NOT NULL,
+    PRIMARY KEY (stream, seq)
+);
+"#,
+];
 
 /// The PostgreSQL backend.
 pub(crate) struct Postgres {

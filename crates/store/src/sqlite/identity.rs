@@ -7,8 +7,8 @@ use rusqlite::{Connection, OptionalExtension, Row};
 use super::{params, Sqlite};
 use crate::identity::{from_micros, now, to_micros};
 use crate::{
-    sql, AuditQuery, AuditRecord, Event, NewUser, Result, Session, StoreError, Token, User,
-    EVENTS_PER_OBJECT,
+    sql, AuditQuery, AuditRecord, Event, LogLine, NewUser, Result, Session, StoreError, Token,
+    User, EVENTS_PER_OBJECT,
 };
 
 const USER_COLS: &str = "id, name, password_hash, superuser, created_at";
@@ -506,6 +506,61 @@ impl Sqlite {
                     })
                 })
                 .collect()
+        })
+        .await
+    }
+}
+
+impl Sqlite {
+    pub async fn append_logs(&self, stream: &str, lines: Vec<LogLine>) -> Result<u64> {
+        let stream = stream.to_string();
+        self.write(move |ctx| {
+            let last: i64 = ctx.conn.query_row(
+                "SELECT COALESCE(MAX(seq), 0) FROM kiln_logs WHERE stream = ?1",
+                [&stream],
+                |r| r.get(0),
+            )?;
+            let mut seq = last;
+            let mut stmt = ctx.conn.prepare_cached(
+                "INSERT INTO kiln_logs (stream, seq, time, source, text) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for l in &lines {
+                seq += 1;
+                stmt.execute(rusqlite::params![stream, seq, to_micros(l.time), l.source, l.text])?;
+            }
+            Ok(seq as u64)
+        })
+        .await
+    }
+
+    pub async fn read_logs(&self, stream: &str, after: u64, limit: usize) -> Result<Vec<LogLine>> {
+        let stream = stream.to_string();
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT seq, time, source, text FROM kiln_logs WHERE stream = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+            )?;
+            let rows = stmt
+                .query_map(rusqlite::params![stream, after, limit], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            rows.into_iter()
+                .map(|(seq, time, source, text)| {
+                    Ok(LogLine { seq: seq as u64, time: from_micros(time)?, source, text })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    pub async fn delete_logs(&self, stream: &str) -> Result<()> {
+        let stream = stream.to_string();
+        self.write(move |ctx| {
+            ctx.conn
+                .execute("DELETE FROM kiln_logs WHERE stream = ?1", [&stream])?;
+            Ok(())
         })
         .await
     }

@@ -39,7 +39,8 @@ impl From<rusqlite::Error> for StoreError {
 }
 
 /// Schema migrations; entry `i` brings the schema to version `i + 1`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE kiln_revision (id INTEGER PRIMARY KEY, rev INTEGER NOT NULL);
 INSERT INTO kiln_revision (id, rev) VALUES (1, 0);
 CREATE TABLE kiln_compaction (id INTEGER PRIMARY KEY, through INTEGER NOT NULL);
@@ -114,7 +115,18 @@ CREATE TABLE kiln_object_events (
     message TEXT NOT NULL
 );
 CREATE INDEX kiln_object_events_object ON kiln_object_events (kind, organization, project, name, id);
-"#];
+"#,
+    r#"
+CREATE TABLE kiln_logs (
+    stream TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    time INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    text TEXT NOT NULL,
+    PRIMARY KEY (stream, seq)
+);
+"#,
+];
 
 /// The SQLite backend.
 pub(crate) struct Sqlite {

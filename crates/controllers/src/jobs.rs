@@ -1,0 +1,436 @@
+//! The provisioner job queue. A job is a ProvisionerJob object: the workspace controller writes its spec, and
+//! the queue's operations write its status, each as a conditional write on the resourceVersion read, so two
+//! provisioners racing for a job cannot both win it.
+//!
+//! - [`claim`] takes the oldest pending job a provisioner can run (its type offered, every tag of the job
+//!   carried), or a running one whose lease expired, and gives it a new `epoch`: only the holder of the
+//!   newest epoch may renew or complete the job.
+//! - [`renew`] extends the lease and says whether the job was canceled.
+//! - [`complete`] records the outcome once; repeating it with the same epoch and outcome answers the same.
+//! - Jobs that no live provisioner can take say so in `status.waiting` ([`Provisioners::why_waiting`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
+use model::kinds::{ProvisionerJobSpec, ProvisionerType, Transition};
+use model::{Kind, Resource};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use store::{Key, ListQuery, LogLine, Store, StoreError};
+use tokio::sync::Notify;
+
+/// How long a claim or renewal holds a job.
+pub const LEASE: Duration = Duration::from_secs(30);
+/// How long a provisioner counts as live after it last asked for work.
+pub const PROVISIONER_LIVENESS: Duration = Duration::from_secs(30);
+/// The most log lines a job keeps; later lines are dropped with one notice.
+pub const MAX_JOB_LOG_LINES: u64 = 20_000;
+
+/// A job's phase.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Waiting for a provisioner.
+    Pending,
+    /// Held by a provisioner under a lease.
+    Running,
+    Succeeded,
+    Failed,
+    /// Canceled before or while it ran.
+    Canceled,
+}
+
+impl Phase {
+    /// Whether the job is over.
+    pub fn is_final(self) -> bool {
+        matches!(self, Phase::Succeeded | Phase::Failed | Phase::Canceled)
+    }
+}
+
+/// The phase of a job object (pending when it has no status yet).
+pub fn phase(job: &Resource) -> Phase {
+    job.status
+        .get("phase")
+        .cloned()
+        .and_then(|p| serde_json::from_value(p).ok())
+        .unwrap_or(Phase::Pending)
+}
+
+/// The epoch of a job object (0 before its first claim).
+pub fn epoch(job: &Resource) -> u64 {
+    job.status.get("epoch").and_then(Value::as_u64).unwrap_or(0)
+}
+
+/// The log stream of a job.
+pub fn log_stream(org: &str, job: &str) -> String {
+    format!("job/{org}/{job}")
+}
+
+/// A provisioner as the queue sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProvisionerInfo {
+    /// Its name, unique among live provisioners (e.g. `built-in` or a host name).
+    pub name: String,
+    /// The providers it runs.
+    pub types: Vec<ProvisionerType>,
+    /// Its tags.
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// Limits it to the jobs of one organization (none: any).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub organization: Option<String>,
+}
+
+impl ProvisionerInfo {
+    /// Whether it can run a job of this organization and spec.
+    pub fn can_take(&self, org: &str, spec: &ProvisionerJobSpec) -> bool {
+        self.organization.as_deref().is_none_or(|o| o == org)
+            && self.types.contains(&spec.provisioner)
+            && spec.tags.iter().all(|(k, v)| self.tags.get(k) == Some(v))
+    }
+}
+
+/// The provisioners that asked for work lately, and a wake-up for those waiting when a job is queued.
+#[derive(Clone, Default)]
+pub struct Provisioners {
+    inner: Arc<ProvisionersInner>,
+}
+
+#[derive(Default)]
+struct ProvisionersInner {
+    seen: Mutex<HashMap<String, (ProvisionerInfo, Instant)>>,
+    queued: Notify,
+}
+
+impl Provisioners {
+    /// Records that a provisioner is alive and asking for work.
+    pub fn seen(&self, info: &ProvisionerInfo) {
+        let mut seen = self.inner.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.insert(info.name.clone(), (info.clone(), Instant::now()));
+    }
+
+    /// Forgets a provisioner that stopped.
+    pub fn gone(&self, name: &str) {
+        let mut seen = self.inner.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.remove(name);
+    }
+
+    /// The live provisioners.
+    pub fn live(&self) -> Vec<ProvisionerInfo> {
+        let mut seen = self.inner.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.retain(|_, (_, at)| at.elapsed() < PROVISIONER_LIVENESS);
+        let mut out: Vec<ProvisionerInfo> = seen.values().map(|(i, _)| i.clone()).collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// Why a pending job waits, when no live provisioner can take it.
+    pub fn why_waiting(&self, org: &str, spec: &ProvisionerJobSpec) -> Option<String> {
+        if self.live().iter().any(|p| p.can_take(org, spec)) {
+            return None;
+        }
+        let tags = if spec.tags.is_empty() {
+            String::new()
+        } else {
+            let t: Vec<String> = spec.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            format!(" with tags {}", t.join(","))
+        };
+        let kind = serde_json::to_value(spec.provisioner)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        Some(format!(
+            "no connected provisioner runs {kind} jobs{tags} for organization {org}; start one with `kiln provisioner`"
+        ))
+    }
+
+    /// Wakes provisioners waiting for work.
+    pub fn notify_queued(&self) {
+        self.inner.queued.notify_waiters();
+    }
+
+    /// Waits until a job is queued or `timeout` passes.
+    pub async fn wait_queued(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.inner.queued.notified()).await;
+    }
+}
+
+/// A job won by a claim.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub key: Key,
+    /// The job object as written by the claim.
+    pub job: Resource,
+    pub spec: ProvisionerJobSpec,
+    pub epoch: u64,
+}
+
+/// Why a renewal or completion was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("job {0} does not exist")]
+    NotFound(String),
+    #[error("job {job}: epoch {given} is stale (the job is at epoch {current}, phase {phase:?}); another claim took it over")]
+    Stale {
+        job: String,
+        given: u64,
+        current: u64,
+        phase: Phase,
+    },
+    #[error("job {job} already ended as {phase:?}")]
+    AlreadyEnded { job: String, phase: Phase },
+    #[error("a job cannot complete as {0:?}: an outcome is Succeeded, Failed or Canceled")]
+    NotAnEnd(Phase),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn stamp(t: Timestamp) -> String {
+    t.to_string()
+}
+
+fn lease_expired(job: &Resource, now: Timestamp) -> bool {
+    job.status
+        .get("leaseExpires")
+        .and_then(Value::as_str)
+        .and_then(|s| s.parse::<Timestamp>().ok())
+        .is_none_or(|t| t <= now)
+}
+
+fn status_object(job: &Resource) -> serde_json::Map<String, Value> {
+    job.status.as_object().cloned().unwrap_or_default()
+}
+
+/// Takes the oldest job `who` can run: a pending one, or a running one whose lease expired (re-queued with a
+/// line in its log). `None` when there is none. A start build records `agent_token_hash` (the hash of the
+/// token its agent will present) in `status.agentTokenHash`.
+pub async fn claim(
+    store: &Store,
+    who: &ProvisionerInfo,
+    agent_token_hash: &str,
+) -> Result<Option<Claimed>, StoreError> {
+    let query = ListQuery {
+        kind: Some(Kind::ProvisionerJob),
+        organization: who.organization.clone(),
+        ..ListQuery::default()
+    };
+    let mut jobs = store.list(&query).await?.items;
+    jobs.sort_by(|a, b| {
+        a.metadata
+            .creation_timestamp
+            .cmp(&b.metadata.creation_timestamp)
+    });
+    let now = Timestamp::now();
+    for job in jobs {
+        let Some(key) = Key::of(&job) else { continue };
+        let org = key.organization.clone().unwrap_or_default();
+        let Ok(spec) = model::typed_spec::<ProvisionerJobSpec>(&job) else {
+            continue;
+        };
+        let p = phase(&job);
+        let expired = p == Phase::Running && lease_expired(&job, now);
+        if spec.cancel || !(p == Phase::Pending || expired) || !who.can_take(&org, &spec) {
+            continue;
+        }
+        if job.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let next_epoch = epoch(&job) + 1;
+        let mut status = status_object(&job);
+        status.insert("phase".into(), json!(Phase::Running));
+        status.insert("epoch".into(), json!(next_epoch));
+        status.insert("holder".into(), json!(who.name));
+        status.insert("leaseExpires".into(), json!(stamp(now + LEASE)));
+        status.insert("startedAt".into(), json!(stamp(now)));
+        status.remove("waiting");
+        if spec.transition == Transition::Start {
+            status.insert("agentTokenHash".into(), json!(agent_token_hash));
+        }
+        let rv = job.metadata.resource_version.as_deref();
+        match store.update_status(&key, Value::Object(status), rv).await {
+            Ok(written) => {
+                let stream = log_stream(&org, &key.name);
+                let line = if expired {
+                    let was = job
+                        .status
+                        .get("holder")
+                        .and_then(Value::as_str)
+                        .unwrap_or("?");
+                    format!(
+                        "the lease of provisioner {was} expired; re-queued and taken by {}",
+                        who.name
+                    )
+                } else {
+                    format!("taken by provisioner {}", who.name)
+                };
+                store
+                    .append_logs(&stream, vec![LogLine::now("queue", line)])
+                    .await?;
+                return Ok(Some(Claimed {
+                    key,
+                    job: written,
+                    spec,
+                    epoch: next_epoch,
+                }));
+            }
+            // Another provisioner won it, or it changed: try the next.
+            Err(StoreError::Conflict { .. } | StoreError::NotFound(_)) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
+}
+
+/// The job, checked to be held at `epoch` and still running.
+async fn held(store: &Store, key: &Key, epoch_given: u64) -> Result<Resource, JobError> {
+    let job = match store.get(key).await {
+        Ok(j) => j,
+        Err(StoreError::NotFound(_)) => return Err(JobError::NotFound(key.name.clone())),
+        Err(e) => return Err(e.into()),
+    };
+    let (current, p) = (epoch(&job), phase(&job));
+    if current != epoch_given {
+        return Err(JobError::Stale {
+            job: key.name.clone(),
+            given: epoch_given,
+            current,
+            phase: p,
+        });
+    }
+    Ok(job)
+}
+
+/// What a renewal answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Renewed {
+    /// Stop the job: it was canceled.
+    pub cancel: bool,
+}
+
+/// Appends a job's log lines, up to [`MAX_JOB_LOG_LINES`] per job.
+pub async fn append_job_logs(
+    store: &Store,
+    key: &Key,
+    lines: Vec<LogLine>,
+) -> Result<(), StoreError> {
+    if lines.is_empty() {
+        return Ok(());
+    }
+    let org = key.organization.as_deref().unwrap_or_default();
+    let stream = log_stream(org, &key.name);
+    let have = store.append_logs(&stream, vec![]).await?;
+    if have >= MAX_JOB_LOG_LINES {
+        return Ok(());
+    }
+    let room = (MAX_JOB_LOG_LINES - have) as usize;
+    let mut lines = lines;
+    if lines.len() > room {
+        lines.truncate(room.saturating_sub(1));
+        lines.push(LogLine::now(
+            "queue",
+            format!("log limit of {MAX_JOB_LOG_LINES} lines reached; later lines are dropped"),
+        ));
+    }
+    store.append_logs(&stream, lines).await?;
+    Ok(())
+}
+
+/// Extends the lease of a job held at `epoch`, after appending its new log lines; answers whether it was
+/// canceled. A stale epoch or an ended job is refused.
+pub async fn renew(
+    store: &Store,
+    key: &Key,
+    epoch_given: u64,
+    logs: Vec<LogLine>,
+) -> Result<Renewed, JobError> {
+    loop {
+        let job = held(store, key, epoch_given).await?;
+        let p = phase(&job);
+        if p.is_final() {
+            return Err(JobError::AlreadyEnded {
+                job: key.name.clone(),
+                phase: p,
+            });
+        }
+        let cancel = model::typed_spec::<ProvisionerJobSpec>(&job).is_ok_and(|s| s.cancel);
+        let mut status = status_object(&job);
+        status.insert(
+            "leaseExpires".into(),
+            json!(stamp(Timestamp::now() + LEASE)),
+        );
+        let rv = job.metadata.resource_version.as_deref();
+        match store.update_status(key, Value::Object(status), rv).await {
+            Ok(_) => {
+                append_job_logs(store, key, logs).await?;
+                return Ok(Renewed { cancel });
+            }
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(StoreError::NotFound(_)) => return Err(JobError::NotFound(key.name.clone())),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// How a job ended, as its provisioner reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Outcome {
+    /// `Succeeded`, `Failed` or `Canceled`.
+    pub phase: Phase,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// What the build made (e.g. a container id), kept on the job.
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub outputs: Value,
+}
+
+/// Records how a job held at `epoch` ended, after its last log lines. Idempotent: the same outcome reported
+/// again (a retry after a lost answer) succeeds without writing; a different one is refused.
+pub async fn complete(
+    store: &Store,
+    key: &Key,
+    epoch_given: u64,
+    outcome: Outcome,
+    logs: Vec<LogLine>,
+) -> Result<Resource, JobError> {
+    if !outcome.phase.is_final() {
+        return Err(JobError::NotAnEnd(outcome.phase));
+    }
+    append_job_logs(store, key, logs).await?;
+    loop {
+        let job = held(store, key, epoch_given).await?;
+        let p = phase(&job);
+        if p.is_final() {
+            let same = p == outcome.phase
+                && job.status.get("error").and_then(Value::as_str) == outcome.error.as_deref();
+            if same {
+                return Ok(job);
+            }
+            return Err(JobError::AlreadyEnded {
+                job: key.name.clone(),
+                phase: p,
+            });
+        }
+        let mut status = status_object(&job);
+        status.insert("phase".into(), json!(outcome.phase));
+        status.insert("finishedAt".into(), json!(stamp(Timestamp::now())));
+        status.remove("leaseExpires");
+        match &outcome.error {
+            Some(e) => status.insert("error".into(), json!(e)),
+            None => status.remove("error"),
+        };
+        if !outcome.outputs.is_null() {
+            status.insert("outputs".into(), outcome.outputs.clone());
+        }
+        let rv = job.metadata.resource_version.as_deref();
+        match store.update_status(key, Value::Object(status), rv).await {
+            Ok(written) => return Ok(written),
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(StoreError::NotFound(_)) => return Err(JobError::NotFound(key.name.clone())),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! Workspaces on the process provider: a template pushed, a workspace built by the built-in provisioner with
+//! its agent dialing back, startup script logs, TCP port forwarding through server and agent, stop (agent
+//! gone, home kept), start again, immutable parameters refused, delete (directory gone).
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::harness::*;
+
+fn workspace(s: &Server, name: &str) -> Value {
+    let out = s.kiln(&["get", "workspace", name, "-o", "json"]);
+    if !out.status.success() {
+        return Value::Null;
+    }
+    serde_json::from_str(&stdout(&out)).expect("json")
+}
+
+fn wait_ws(s: &Server, name: &str, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let w = workspace(s, name);
+        if f(&w) {
+            return w;
+        }
+        assert!(Instant::now() < deadline, "{what}: {w:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Kills the port-forward child on drop.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn process_workspaces_build_connect_forward_stop_start_and_delete() {
+    let s = Server::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tpl");
+    std::fs::create_dir_all(dir.join("conf")).unwrap();
+    std::fs::write(
+        dir.join("template.yaml"),
+        r#"apiVersion: kiln.dev/v1
+kind: Template
+metadata:
+  name: local
+spec:
+  parameters:
+    - name: size
+      default: "1"
+      mutable: false
+  agent:
+    scripts:
+      - name: hello
+        script: echo "hello from $KILN_WORKSPACE_NAME size=$KILN_PARAM_SIZE in $PWD"
+"#,
+    )
+    .unwrap();
+    std::fs::write(dir.join("conf/app.conf"), "x = 1\n").unwrap();
+    let pushed = ok(s.kiln(&["template", "push", dir.to_str().unwrap()]));
+    assert!(
+        pushed.contains("template/local created") && pushed.contains("1 file(s)"),
+        "{pushed}"
+    );
+
+    // A parameter the template does not have is refused, naming it.
+    let bad = s.kiln(&[
+        "workspace",
+        "create",
+        "dev",
+        "-t",
+        "local",
+        "-p",
+        "colour=red",
+    ]);
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("spec.parameters.colour"),
+        "{}",
+        stderr(&bad)
+    );
+
+    ok(s.kiln(&["workspace", "create", "dev", "-t", "local", "-p", "size=2"]));
+    let w = workspace(&s, "dev");
+    assert_eq!(w["status"]["phase"], "running", "{w:#}");
+    assert_eq!(w["status"]["agent"]["status"], "connected", "{w:#}");
+    assert_eq!(w["status"]["agent"]["lifecycle"], "ready", "{w:#}");
+    let home = s.data_dir.join("workspaces/default/dev/home");
+    assert!(home.is_dir());
+
+    let logs = ok(s.kiln(&["workspace", "logs", "dev"]));
+    assert!(
+        logs.contains("[queue] taken by provisioner built-in"),
+        "{logs}"
+    );
+    assert!(logs.contains("agent started (pid"), "{logs}");
+    assert!(
+        logs.contains(&format!(
+            "[script:hello] hello from dev size=2 in {}",
+            home.display()
+        )),
+        "{logs}"
+    );
+
+    // Changing an immutable parameter is refused with its name.
+    let auth = format!("Bearer {}", s.admin_token());
+    let (code, body) = http_request(
+        "PATCH",
+        &format!("{}/api/v1/orgs/default/workspaces/dev", s.url),
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/merge-patch+json"),
+        ],
+        Some(br#"{"spec":{"parameters":{"size":"3"}}}"#),
+    )
+    .unwrap();
+    assert_eq!(code, 422, "{body}");
+    assert!(body.contains("spec.parameters.size"), "{body}");
+
+    // A TCP service on the host, reached through a forwarded port: CLI → server → agent → service.
+    let service = TcpListener::bind("127.0.0.1:0").unwrap();
+    let remote = service.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in service.incoming() {
+            let Ok(mut c) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = c.read(&mut buf) {
+                    if n == 0 || c.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let local = free_port();
+    let pf = Child(
+        Command::new(kiln_bin())
+            .args(["port-forward", "dev", "--tcp", &format!("{local}:{remote}")])
+            .env("KILN_URL", &s.url)
+            .env("KILN_TOKEN", s.admin_token())
+            .env("KILN_ORG", "default")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut conn = loop {
+        match TcpStream::connect(("127.0.0.1", local)) {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "port-forward never listened: {e}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let writer = {
+        let mut c = conn.try_clone().unwrap();
+        let p = payload.clone();
+        std::thread::spawn(move || c.write_all(&p).unwrap())
+    };
+    let mut echoed = vec![0u8; payload.len()];
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    conn.read_exact(&mut echoed).unwrap();
+    writer.join().unwrap();
+    assert!(echoed == payload, "the echo through the tunnel differs");
+    drop(conn);
+    drop(pf);
+    let w = workspace(&s, "dev");
+    assert!(
+        w["status"]["lastActivity"].is_string(),
+        "activity is recorded: {w:#}"
+    );
+
+    // Stop: the agent goes, the home stays.
+    std::fs::write(home.join("keep.txt"), "kept").unwrap();
+    ok(s.kiln(&["workspace", "stop", "dev"]));
+    let w = wait_ws(&s, "dev", "agent disconnected after stop", |w| {
+        w["status"]["agent"]["status"] == "disconnected"
+    });
+    assert_eq!(w["status"]["phase"], "stopped");
+    assert_eq!(
+        std::fs::read_to_string(home.join("keep.txt")).unwrap(),
+        "kept"
+    );
+    let blocked = s.kiln(&[
+        "port-forward",
+        "dev",
+        "--tcp",
+        &format!("{}:{remote}", free_port()),
+    ]);
+    assert!(!blocked.status.success());
+    assert!(
+        stderr(&blocked).contains("not connected"),
+        "{}",
+        stderr(&blocked)
+    );
+
+    // Start again: a new build, a new agent.
+    ok(s.kiln(&["workspace", "start", "dev"]));
+    let w = workspace(&s, "dev");
+    assert_eq!(w["status"]["build"]["number"], 3, "{w:#}");
+    assert_eq!(w["status"]["agent"]["build"], 3, "{w:#}");
+    let listed = ok(s.kiln(&["workspace", "list"]));
+    assert!(
+        listed.contains("running") && listed.contains("connected"),
+        "{listed}"
+    );
+
+    // Delete: the delete build removes the directory, then the workspace and its jobs go.
+    ok(s.kiln(&["workspace", "delete", "dev"]));
+    wait_ws(&s, "dev", "workspace deleted", Value::is_null);
+    assert!(!s.data_dir.join("workspaces/default/dev").exists());
+    let jobs = ok(s.kiln(&["get", "provisionerjobs"]));
+    assert!(!jobs.contains("dev-build"), "{jobs}");
+}
