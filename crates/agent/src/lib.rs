@@ -4,11 +4,15 @@
 //! - reports its lifecycle (`created → starting → ready`, or `start_error` / `start_timeout`);
 //! - on its first manifest, runs the start scripts (each with its timeout, output streamed as logs), the
 //!   metadata commands on their intervals, and the apps' health checks; on shutdown, the stop scripts;
-//! - serves the streams the server opens: `tcp:<host>:<port>` connects inside the workspace and relays bytes.
+//! - serves the streams the server opens: `tcp:<host>:<port>` connects inside the workspace and relays bytes;
+//!   `ssh` is one connection to the agent's SSH server (shells, commands, SFTP, `-L`/`-R` forwarding).
 //!
 //! Messages produced while disconnected wait in a bounded outbox and are sent on the next session.
 
 pub mod proto;
+mod pty;
+pub mod sftp;
+mod ssh;
 mod tasks;
 
 use std::collections::VecDeque;
@@ -17,8 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use proto::{FromAgent, Lifecycle, ToAgent, TCP_TARGET};
-use tokio::sync::{mpsc, Notify, OnceCell};
+use proto::{FromAgent, Lifecycle, ToAgent, SSH_TARGET, TCP_TARGET};
+use tokio::sync::{mpsc, watch, Notify, OnceCell};
 use tunnel_io::{Event, Incoming, Redial, Session};
 
 /// The agent's version, reported to the server.
@@ -55,10 +59,30 @@ pub(crate) struct Shared {
     outbox: Mutex<VecDeque<FromAgent>>,
     wake: Notify,
     lifecycle: Mutex<(Lifecycle, Option<String>)>,
+    /// The lifecycle state, for logins waiting on start scripts.
+    state: watch::Sender<Lifecycle>,
     manifest: OnceCell<proto::Manifest>,
+    /// The SSH server's configuration (its host key is made once per run).
+    ssh: Arc<russh::server::Config>,
 }
 
 impl Shared {
+    fn new() -> Shared {
+        Shared {
+            outbox: Mutex::new(VecDeque::new()),
+            wake: Notify::new(),
+            lifecycle: Mutex::new((Lifecycle::Created, None)),
+            state: watch::Sender::new(Lifecycle::Created),
+            manifest: OnceCell::new(),
+            ssh: ssh::config(),
+        }
+    }
+
+    /// Follows the lifecycle state.
+    pub(crate) fn lifecycle_watch(&self) -> watch::Receiver<Lifecycle> {
+        self.state.subscribe()
+    }
+
     /// Queues a message for the server.
     pub(crate) fn send(&self, msg: FromAgent) {
         let mut q = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
@@ -76,6 +100,7 @@ impl Shared {
 
     pub(crate) fn set_lifecycle(&self, state: Lifecycle, detail: Option<String>) {
         *self.lifecycle.lock().unwrap_or_else(|p| p.into_inner()) = (state, detail.clone());
+        self.state.send_replace(state);
         self.send(FromAgent::Lifecycle {
             state,
             version: VERSION.to_string(),
@@ -107,12 +132,7 @@ impl Shared {
 
 /// Runs the agent until `shutdown` completes; then runs the stop scripts and returns.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) {
-    let shared = Arc::new(Shared {
-        outbox: Mutex::new(VecDeque::new()),
-        wake: Notify::new(),
-        lifecycle: Mutex::new((Lifecycle::Created, None)),
-        manifest: OnceCell::new(),
-    });
+    let shared = Arc::new(Shared::new());
     let url = config.connect_url();
     let mut redial = Redial::new(Duration::from_millis(250), Duration::from_secs(10));
     let connect_loop = async {
@@ -173,7 +193,7 @@ async fn serve(shared: &Arc<Shared>, session: Session, mut events: mpsc::Unbound
                     }
                 },
                 Event::Stream(incoming) => {
-                    tokio::spawn(serve_stream(incoming));
+                    tokio::spawn(serve_stream(shared.clone(), incoming));
                 }
             }
         }
@@ -212,8 +232,15 @@ fn start_once(shared: &Arc<Shared>, manifest: proto::Manifest) {
 }
 
 /// Serves a stream the server opened.
-async fn serve_stream(incoming: Incoming) {
+async fn serve_stream(shared: Arc<Shared>, incoming: Incoming) {
     let target = incoming.target().to_string();
+    if target == SSH_TARGET {
+        if let Ok(stream) = incoming.accept() {
+            let config = shared.ssh.clone();
+            ssh::serve(stream, shared, config).await;
+        }
+        return;
+    }
     let Some(addr) = target.strip_prefix(TCP_TARGET) else {
         incoming.refuse(&format!("the agent does not serve {target:?}"));
         return;

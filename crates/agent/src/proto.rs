@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 pub const CONNECT_PATH: &str = "/api/v1/agent/connect";
 /// The stream target prefix for a TCP connection from the workspace: `tcp:<host>:<port>`.
 pub const TCP_TARGET: &str = "tcp:";
+/// The stream target of the agent's SSH server: the stream is one SSH connection.
+pub const SSH_TARGET: &str = "ssh";
 /// The most bytes of one log message an agent sends.
 pub const MAX_LOG_BATCH: usize = 64 * 1024;
 

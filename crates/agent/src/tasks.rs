@@ -27,7 +27,7 @@ pub(crate) enum When {
 
 /// The directory commands start in: the manifest's `dir` (relative to the home directory), or the home
 /// directory, or the current one.
-fn work_dir(m: &Manifest) -> PathBuf {
+pub(crate) fn work_dir(m: &Manifest) -> PathBuf {
     let home = std::env::var_os("HOME").map(PathBuf::from);
     let base =
         home.unwrap_or_else(|| std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")));
@@ -70,7 +70,11 @@ pub(crate) async fn run_scripts(
         let cmd = shell(m, &s.script);
         let (name, timeout) = (
             s.name.clone(),
-            Duration::from_secs(u64::from(s.timeout_seconds)),
+            // 0 means no timeout.
+            match s.timeout_seconds {
+                0 => Duration::MAX,
+                n => Duration::from_secs(u64::from(n)),
+            },
         );
         runs.spawn(async move { run_script(&shared, cmd, &name, timeout).await });
     }

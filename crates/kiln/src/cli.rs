@@ -91,6 +91,11 @@ pub enum Command {
     Workspace(WorkspaceCommand),
     /// Forward local TCP ports to ports inside a workspace, through the server.
     PortForward(PortForwardArgs),
+    /// A shell or a command in a workspace over SSH, through the server.
+    Ssh(SshArgs),
+    /// Write `Host kiln.<workspace>` entries for your workspaces into ~/.ssh/config, so plain `ssh`, `scp`,
+    /// `rsync` and editors' remote modes reach them.
+    ConfigSsh(ConfigSshArgs),
     /// Run a workspace agent (started by provisioners inside each workspace; reads KILN_AGENT_URL and
     /// KILN_AGENT_TOKEN).
     #[command(hide = true)]
@@ -387,6 +392,49 @@ pub enum WorkspaceCommand {
         #[arg(long)]
         build: Option<u32>,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct SshArgs {
+    /// The workspace (`kiln.<name>` also works).
+    pub workspace: String,
+    /// Relay the SSH connection on standard input and output (for OpenSSH's ProxyCommand).
+    #[arg(long, conflicts_with_all = ["tty", "env", "command"])]
+    pub stdio: bool,
+    /// Allocate a terminal even for a command.
+    #[arg(short = 't', long)]
+    pub tty: bool,
+    /// Set a variable in the remote environment, KEY=VALUE (repeatable).
+    #[arg(short = 'e', long, value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// The command to run instead of a login shell (after `--`).
+    #[arg(last = true)]
+    pub command: Vec<String>,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigSshArgs {
+    /// The OpenSSH client configuration to update.
+    #[arg(long, default_value_os_t = default_ssh_config())]
+    pub ssh_config: PathBuf,
+    /// Print the block instead of writing it.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+fn default_ssh_config() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default()
+        .join(".ssh")
+        .join("config")
 }
 
 #[derive(Debug, Args)]

@@ -3,6 +3,7 @@
 mod logs;
 mod manifests;
 mod resources;
+mod ssh;
 mod workspace;
 
 use std::io::Read;
@@ -101,6 +102,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Template(c) => workspace::template(&ctx(&cli)?, c).await,
         Command::Workspace(c) => workspace::workspace(&ctx(&cli)?, c).await,
         Command::PortForward(args) => workspace::port_forward(&ctx(&cli)?, args).await,
+        Command::Ssh(args) => ssh::ssh(&ctx(&cli)?, args).await,
+        Command::ConfigSsh(args) => ssh::config_ssh(&ctx(&cli)?, args).await,
         Command::Agent { url, token } => {
             init_tracing(false);
             let config = agent::Config {

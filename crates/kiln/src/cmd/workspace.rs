@@ -368,14 +368,32 @@ pub fn parse_forwards(specs: &[String]) -> anyhow::Result<Vec<(u16, u16)>> {
 }
 
 /// A tunnel session to a workspace, opened again when it ends.
-struct Tunnel {
+pub(crate) struct Tunnel {
     url: String,
     token: String,
     session: Mutex<Option<Session>>,
 }
 
 impl Tunnel {
-    async fn session(&self) -> anyhow::Result<Session> {
+    /// A tunnel to a workspace of the context's organization, not yet connected.
+    pub(crate) fn new(c: &Ctx, workspace: &str) -> anyhow::Result<Tunnel> {
+        let token = c
+            .client
+            .token()
+            .context("connecting to a workspace needs a token (kiln login)")?
+            .to_string();
+        let url = c.client.ws_url(&format!(
+            "/api/v1/orgs/{}/workspaces/{}/tunnel",
+            c.org, workspace
+        ));
+        Ok(Tunnel {
+            url,
+            token,
+            session: Mutex::new(None),
+        })
+    }
+
+    pub(crate) async fn session(&self) -> anyhow::Result<Session> {
         let mut s = self.session.lock().await;
         if let Some(live) = s.as_ref().filter(|x| x.ended().is_none()) {
             return Ok(live.clone());
@@ -393,20 +411,7 @@ impl Tunnel {
 
 pub async fn port_forward(c: &Ctx, args: &PortForwardArgs) -> anyhow::Result<()> {
     let pairs = parse_forwards(&args.tcp)?;
-    let token = c
-        .client
-        .token()
-        .context("port-forward needs a token (kiln login)")?
-        .to_string();
-    let url = c.client.ws_url(&format!(
-        "/api/v1/orgs/{}/workspaces/{}/tunnel",
-        c.org, args.workspace
-    ));
-    let tunnel = Arc::new(Tunnel {
-        url,
-        token,
-        session: Mutex::new(None),
-    });
+    let tunnel = Arc::new(Tunnel::new(c, &args.workspace)?);
     tunnel
         .session()
         .await

@@ -11,5 +11,6 @@ mod docker;
 mod durability;
 mod logs;
 mod smoke;
+mod ssh;
 mod tasks;
 mod workspaces;

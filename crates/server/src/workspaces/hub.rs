@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use agent::proto::{FromAgent, Lifecycle, Manifest, ToAgent, TCP_TARGET};
+use agent::proto::{FromAgent, Lifecycle, Manifest, ToAgent, SSH_TARGET, TCP_TARGET};
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Path, State};
@@ -426,7 +426,7 @@ async fn may_connect(
 }
 
 /// `GET /api/v1/orgs/{org}/workspaces/{name}/tunnel`: a user's WebSocket to a workspace (port forwarding,
-/// SSH). Each stream the user opens (`tcp:<host>:<port>`) is opened on the agent's session and relayed.
+/// SSH). Each stream the user opens (`tcp:<host>:<port>`, `ssh`) is opened on the agent's session and relayed.
 pub async fn workspace_tunnel(
     State(state): State<AppState>,
     principal: Principal,
@@ -463,8 +463,8 @@ pub async fn workspace_tunnel(
                         Some(Event::Message(_)) => {}
                         Some(Event::Stream(incoming)) => {
                             let target = incoming.target().to_string();
-                            if !target.starts_with(TCP_TARGET) {
-                                incoming.refuse(&format!("unknown target {target:?}; a workspace serves tcp:<host>:<port>"));
+                            if !target.starts_with(TCP_TARGET) && target != SSH_TARGET {
+                                incoming.refuse(&format!("unknown target {target:?}; a workspace serves tcp:<host>:<port> and ssh"));
                                 continue;
                             }
                             if state.hub.activity_due(&wsid) {
