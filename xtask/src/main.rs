@@ -5,6 +5,7 @@
 mod deploy;
 mod load;
 mod server;
+mod workspaces;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -22,7 +23,8 @@ Measures a release `kiln server` on SQLite and PostgreSQL against the targets in
 
 options:
   --only NAME[,NAME]   run only these: startup, rss, get, create, watch (API and store, both backends);
-                       gateway, components, reconcile, promote (delivery, SQLite only)
+                       gateway, components, reconcile, promote (delivery, SQLite only);
+                       workspaces (SQLite only; needs OpenSSH's ssh and sshd)
   --backend B          sqlite, postgres or both (default: both)
   --runs N             server starts per startup case (default: 10)
   --get-secs S         length of the fixed-rate GET run (default: 10)
@@ -36,7 +38,7 @@ oha: $OHA, target/tools/bin/oha, or oha on PATH
      (cargo install oha --locked --root target/tools).
 nginx (gateway comparison): Debian's nginx package, run as a child process.";
 
-const SCENARIOS: [&str; 9] = [
+const SCENARIOS: [&str; 10] = [
     "startup",
     "rss",
     "get",
@@ -46,6 +48,7 @@ const SCENARIOS: [&str; 9] = [
     "components",
     "reconcile",
     "promote",
+    "workspaces",
 ];
 /// The delivery scenarios: run once, on SQLite, whatever `--backend` says.
 const DELIVERY: [&str; 4] = ["gateway", "components", "reconcile", "promote"];
@@ -595,7 +598,9 @@ fn bench(o: Opts) -> Result<bool> {
         bail!("{} not found (drop --no-build)", kiln.display());
     }
     let wants = |s: &str| o.only.iter().any(|x| x == s);
-    let api_scenarios = SCENARIOS.iter().any(|s| !DELIVERY.contains(s) && wants(s));
+    let api_scenarios = SCENARIOS
+        .iter()
+        .any(|s| !DELIVERY.contains(s) && *s != "workspaces" && wants(s));
     let pg_admin = if api_scenarios && o.backends.contains(&Backend::Postgres) {
         Some(postgres_admin_url(&root)?)
     } else {
@@ -634,6 +639,7 @@ fn bench(o: Opts) -> Result<bool> {
     let mut results = Results::new();
     let mut notes = Vec::new();
     let started = Instant::now();
+    let mut workspace_rows = Vec::new();
     let outcome = (|| -> Result<()> {
         if api_scenarios {
             for &b in &o.backends {
@@ -659,6 +665,9 @@ fn bench(o: Opts) -> Result<bool> {
                 &mut notes,
             )?;
         }
+        if wants("workspaces") {
+            workspace_rows = workspaces::run(&mut env)?;
+        }
         Ok(())
     })();
     env.cleanup();
@@ -668,7 +677,29 @@ fn bench(o: Opts) -> Result<bool> {
     if !shown.contains(&Backend::Sqlite) && DELIVERY.iter().any(|s| wants(s)) {
         shown.insert(0, Backend::Sqlite);
     }
-    let (table, pass) = summary(&shown, &results);
+    let (mut table, mut pass) = if results.is_empty() {
+        (String::new(), true)
+    } else {
+        summary(&shown, &results)
+    };
+    if !workspace_rows.is_empty() {
+        table.push_str("\n| Workspaces (process provider, SQLite) | Measured | Target | Result |\n|---|---:|---|---|\n");
+        for r in &workspace_rows {
+            let verdict = match r.pass {
+                Some(true) => "ok",
+                Some(false) => {
+                    pass = false;
+                    "FAIL"
+                }
+                None => "",
+            };
+            let _ = writeln!(
+                table,
+                "| {} | {} | {} | {verdict} |",
+                r.name, r.value, r.target
+            );
+        }
+    }
     let mut report = String::new();
     let _ = writeln!(
         report,
