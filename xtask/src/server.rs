@@ -191,7 +191,7 @@ fn psql(admin_url: &str, sql: &str) -> Result<()> {
     Ok(())
 }
 
-fn free_port() -> Result<u16> {
+pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 

@@ -16,12 +16,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::server::{Backend, Env};
+use crate::server::{free_port, Backend, Env};
 
 const GIB: u64 = 1 << 30;
 const CREATES: usize = 7;
 const ECHOES: usize = 4000;
 const STREAMS: u64 = 8;
+/// OpenSSH's server, the comparison.
+const SSHD: &str = "/usr/sbin/sshd";
 
 /// One line of the table: what, the value, the target, whether it is met.
 pub struct Row {
@@ -103,10 +105,6 @@ fn wait_listening(port: u16) -> Result<()> {
     Ok(())
 }
 
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 /// Pushes `bytes` to a sink through `port`; the time until the sink has read them all.
 fn push(port: u16, bytes: u64) -> Result<Duration> {
     let mut c = TcpStream::connect(("127.0.0.1", port))?;
@@ -157,20 +155,6 @@ fn cpu_seconds(pids: &[u32]) -> f64 {
         / ticks
 }
 
-/// Pids of processes whose command line starts with `prefix`.
-fn pids_named(prefix: &str) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|p| {
-            std::fs::read(format!("/proc/{p}/cmdline"))
-                .map(|c| c.starts_with(prefix.as_bytes()))
-                .unwrap_or(false)
-        })
-        .collect()
-}
-
 /// A private sshd on loopback with a key for the current user.
 struct Sshd {
     _child: Bg,
@@ -179,7 +163,7 @@ struct Sshd {
 }
 
 fn start_sshd(dir: &Path) -> Result<Sshd> {
-    let sshd = Path::new("/usr/sbin/sshd");
+    let sshd = Path::new(SSHD);
     if !sshd.is_file() {
         bail!("OpenSSH's sshd is not installed (apt-get install openssh-server)");
     }
@@ -385,7 +369,7 @@ pub fn run(env: &mut Env) -> Result<Vec<Row>> {
     let tunnel = Bg(c.spawn()?);
     wait_listening(sshl)?;
     push(sshl, 64 << 20)?;
-    let mut ssh_pids = pids_named("sshd");
+    let mut ssh_pids = crate::deploy::pids_of(Path::new(SSHD));
     ssh_pids.push(tunnel.0.id());
     let before = cpu_seconds(&ssh_pids);
     let via_ssh = push(sshl, GIB)?;

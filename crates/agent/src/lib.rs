@@ -13,6 +13,7 @@ pub mod proto;
 mod pty;
 pub mod sftp;
 mod ssh;
+pub use ssh::TunnelClient;
 mod tasks;
 
 use std::collections::VecDeque;

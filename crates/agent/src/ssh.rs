@@ -47,6 +47,22 @@ pub(crate) fn config() -> Arc<Config> {
     })
 }
 
+/// The client side of an SSH connection to an agent (`kiln ssh`). The tunnel already authenticated both ends
+/// (the user to the server, the agent by its token), so the agent's host key, made fresh on each start, is
+/// accepted.
+pub struct TunnelClient;
+
+impl russh::client::Handler for TunnelClient {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        _key: &russh::keys::PublicKey,
+    ) -> Result<bool, Self::Error> {
+        Ok(true)
+    }
+}
+
 /// Serves one SSH connection on a stream until it ends.
 pub(crate) async fn serve<S>(stream: S, shared: Arc<Shared>, config: Arc<Config>)
 where
@@ -630,19 +646,6 @@ async fn copy(mut from: impl AsyncRead + Unpin, mut to: impl AsyncWrite + Unpin)
 mod tests {
     use super::*;
 
-    struct TestClient;
-
-    impl russh::client::Handler for TestClient {
-        type Error = russh::Error;
-
-        async fn check_server_key(
-            &mut self,
-            _key: &russh::keys::PublicKey,
-        ) -> Result<bool, Self::Error> {
-            Ok(true)
-        }
-    }
-
     /// Reads the channel until its output contains `want`; answers all output so far.
     async fn read_until(
         rx: &mut russh::ChannelReadHalf,
@@ -671,7 +674,7 @@ mod tests {
         let mut handle = russh::client::connect_stream(
             Arc::new(russh::client::Config::default()),
             client_end,
-            TestClient,
+            TunnelClient,
         )
         .await
         .unwrap();

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use client::Scoped;
 use model::Kind;
-use russh::client::{Config, Handler};
+use russh::client::Config;
 use russh::ChannelMsg;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -22,21 +22,6 @@ const BEGIN: &str = "# ------------ BEGIN KILN (kiln config-ssh) ------------";
 const END: &str = "# ------------ END KILN ------------";
 /// Host names `config-ssh` writes are this prefix and the workspace's name.
 const HOST_PREFIX: &str = "kiln.";
-
-/// The client side of an SSH connection to an agent. The tunnel already authenticated both ends (the user
-/// to the server, the agent by its token), so the agent's host key, made fresh on each start, is accepted.
-struct Client;
-
-impl Handler for Client {
-    type Error = russh::Error;
-
-    async fn check_server_key(
-        &mut self,
-        _key: &russh::keys::PublicKey,
-    ) -> Result<bool, Self::Error> {
-        Ok(true)
-    }
-}
 
 /// The workspace name in `kiln.<ws>` or `<ws>`.
 fn workspace_name(given: &str) -> &str {
@@ -65,7 +50,7 @@ pub async fn ssh(c: &Ctx, args: &SshArgs) -> anyhow::Result<()> {
         window_size: 8 * 1024 * 1024,
         ..Config::default()
     });
-    let mut handle = russh::client::connect_stream(config, stream, Client)
+    let mut handle = russh::client::connect_stream(config, stream, agent::TunnelClient)
         .await
         .context("the SSH handshake with the workspace's agent failed")?;
     let user = std::env::var("USER").unwrap_or_else(|_| "kiln".into());

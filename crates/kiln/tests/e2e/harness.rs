@@ -2,7 +2,8 @@
 
 #![allow(dead_code)]
 
-use std::net::TcpListener;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -301,4 +302,61 @@ fn dechunk(s: &str) -> String {
         rest = tail[n..].trim_start_matches("\r\n");
     }
     out
+}
+
+/// Kills a background child (its own pid) on drop.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// An echo service on loopback, a thread per connection; answers its port.
+pub fn echo_service() -> u16 {
+    let service = TcpListener::bind("127.0.0.1:0").expect("bind the echo service");
+    let port = service.local_addr().expect("its address").port();
+    std::thread::spawn(move || {
+        for conn in service.incoming() {
+            let Ok(mut c) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = c.read(&mut buf) {
+                    if n == 0 || c.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// Connects to `port` (waiting up to 20 s for a forwarder to listen there), sends `len` bytes while reading
+/// them back, and asserts the echo is exact.
+pub fn echo_through(port: u16, len: u32) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut conn = loop {
+        match TcpStream::connect(("127.0.0.1", port)) {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "nothing listens on {port}: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    let writer = {
+        let mut c = conn.try_clone().unwrap();
+        let p = payload.clone();
+        std::thread::spawn(move || c.write_all(&p).unwrap())
+    };
+    let mut back = vec![0u8; payload.len()];
+    conn.read_exact(&mut back).unwrap();
+    writer.join().unwrap();
+    assert!(back == payload, "the echo through port {port} differs");
 }

@@ -3,69 +3,11 @@
 //! `scp` and `sftp` (the agent's SFTP server), `ssh -L` and `ssh -R` all go through `kiln ssh --stdio`, the
 //! server and the agent. `kiln ssh` itself runs commands with standard input and the exit status.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 use crate::harness::*;
-
-/// An echo service on the host; answers its port.
-fn echo_service() -> u16 {
-    let service = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = service.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for conn in service.incoming() {
-            let Ok(mut c) = conn else { continue };
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = c.read(&mut buf) {
-                    if n == 0 || c.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    port
-}
-
-/// Connects to a port, waiting for a forwarder to listen; then checks an echo through it.
-fn echo_through(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut conn = loop {
-        match TcpStream::connect(("127.0.0.1", port)) {
-            Ok(c) => break c,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "nothing listens on {port}: {e}");
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    };
-    conn.set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 241) as u8).collect();
-    let writer = {
-        let mut c = conn.try_clone().unwrap();
-        let p = payload.clone();
-        std::thread::spawn(move || c.write_all(&p).unwrap())
-    };
-    let mut back = vec![0u8; payload.len()];
-    conn.read_exact(&mut back).unwrap();
-    writer.join().unwrap();
-    assert!(back == payload, "the echo through port {port} differs");
-}
-
-/// Kills a background child on drop.
-struct Bg(std::process::Child);
-
-impl Drop for Bg {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Stops the workspace's agent when the test ends, passed or not (it outlives the server otherwise).
 struct AgentGuard(std::path::PathBuf);
@@ -245,35 +187,37 @@ spec:
     // ssh -L: a local port to a service the workspace reaches.
     let service = echo_service();
     let local_port = free_port();
-    let _forward = Bg(ssh
-        .command("ssh")
-        .args([
-            "-N",
-            "-o",
-            "ExitOnForwardFailure=yes",
-            "-L",
-            &format!("127.0.0.1:{local_port}:127.0.0.1:{service}"),
-            "kiln.dev",
-        ])
-        .spawn()
-        .unwrap());
-    echo_through(local_port);
+    let _forward = KillOnDrop(
+        ssh.command("ssh")
+            .args([
+                "-N",
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-L",
+                &format!("127.0.0.1:{local_port}:127.0.0.1:{service}"),
+                "kiln.dev",
+            ])
+            .spawn()
+            .unwrap(),
+    );
+    echo_through(local_port, 100_000);
 
     // ssh -R: a port in the workspace to a service on the client's side.
     let remote_port = free_port();
-    let _reverse = Bg(ssh
-        .command("ssh")
-        .args([
-            "-N",
-            "-o",
-            "ExitOnForwardFailure=yes",
-            "-R",
-            &format!("127.0.0.1:{remote_port}:127.0.0.1:{service}"),
-            "kiln.dev",
-        ])
-        .spawn()
-        .unwrap());
-    echo_through(remote_port);
+    let _reverse = KillOnDrop(
+        ssh.command("ssh")
+            .args([
+                "-N",
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-R",
+                &format!("127.0.0.1:{remote_port}:127.0.0.1:{service}"),
+                "kiln.dev",
+            ])
+            .spawn()
+            .unwrap(),
+    );
+    echo_through(remote_port, 100_000);
 
     // kiln ssh: a command with standard input and its exit status.
     let out = s.kiln_as(

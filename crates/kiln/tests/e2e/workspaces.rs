@@ -2,8 +2,6 @@
 //! its agent dialing back, startup script logs, TCP port forwarding through server and agent, stop (agent
 //! gone, home kept), start again, immutable parameters refused, delete (directory gone).
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -28,16 +26,6 @@ fn wait_ws(s: &Server, name: &str, what: &str, f: impl Fn(&Value) -> bool) -> Va
         }
         assert!(Instant::now() < deadline, "{what}: {w:#}");
         std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Kills the port-forward child on drop.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
@@ -127,23 +115,9 @@ spec:
     assert!(body.contains("spec.parameters.size"), "{body}");
 
     // A TCP service on the host, reached through a forwarded port: CLI → server → agent → service.
-    let service = TcpListener::bind("127.0.0.1:0").unwrap();
-    let remote = service.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for conn in service.incoming() {
-            let Ok(mut c) = conn else { continue };
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = c.read(&mut buf) {
-                    if n == 0 || c.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
+    let remote = echo_service();
     let local = free_port();
-    let pf = Child(
+    let pf = KillOnDrop(
         Command::new(kiln_bin())
             .args(["port-forward", "dev", "--tcp", &format!("{local}:{remote}")])
             .env("KILN_URL", &s.url)
@@ -154,32 +128,7 @@ spec:
             .spawn()
             .unwrap(),
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut conn = loop {
-        match TcpStream::connect(("127.0.0.1", local)) {
-            Ok(c) => break c,
-            Err(e) => {
-                assert!(
-                    Instant::now() < deadline,
-                    "port-forward never listened: {e}"
-                );
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    };
-    let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-    let writer = {
-        let mut c = conn.try_clone().unwrap();
-        let p = payload.clone();
-        std::thread::spawn(move || c.write_all(&p).unwrap())
-    };
-    let mut echoed = vec![0u8; payload.len()];
-    conn.set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    conn.read_exact(&mut echoed).unwrap();
-    writer.join().unwrap();
-    assert!(echoed == payload, "the echo through the tunnel differs");
-    drop(conn);
+    echo_through(local, 300_000);
     drop(pf);
     let w = workspace(&s, "dev");
     assert!(
