@@ -337,7 +337,8 @@ pub struct LogsArgs {
 #[derive(Debug, Subcommand)]
 pub enum TemplateCommand {
     /// Create or update a template from a directory: `template.yaml` (a Template manifest) and the
-    /// directory's other files, which the template carries (e.g. Terraform configuration).
+    /// directory's other files, which the template carries (e.g. Terraform configuration). A manifest file
+    /// instead of a directory makes a template without files.
     Push {
         dir: PathBuf,
         /// The template's name (default: the manifest's, else the directory's name).
@@ -382,6 +383,8 @@ pub enum WorkspaceCommand {
     },
     /// Delete a workspace and everything its builds made.
     Delete { name: String },
+    /// The workspace's apps: share level, health and the URL to open each at.
+    Apps { name: String },
     /// Build and agent (startup script) logs.
     Logs {
         name: String,

@@ -111,6 +111,8 @@ pub struct AppState {
     pub hub: Arc<workspaces::Hub>,
     /// Provisioners asking for workspace builds.
     pub provisioners: controllers::jobs::Provisioners,
+    /// The URL browsers and agents reach this server at, once it is listening (see [`access_url`]).
+    bound_url: Arc<OnceLock<String>>,
 }
 
 impl AppState {
@@ -130,6 +132,15 @@ impl AppState {
             drivers: controllers::Drivers::default(),
             hub: Arc::default(),
             provisioners: Default::default(),
+            bound_url: Arc::default(),
+        }
+    }
+
+    /// The URL this server is reached at: the access URL, or the listen address once bound.
+    pub fn public_url(&self) -> String {
+        match self.bound_url.get() {
+            Some(u) => u.clone(),
+            None => access_url(&self.config, self.config.listen),
         }
     }
 
@@ -440,6 +451,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let drivers = data_plane_drivers(&config).await?;
     let state = state.with_drivers(drivers.clone());
+    let _ = state.bound_url.set(access_url(&config, addr));
     // Dependency addresses for the process data plane, on loopback (see `mesh`).
     let mesh = mesh::Mesh::new(std::net::Ipv4Addr::LOCALHOST.into());
     let mesh_table = mesh::spawn_table(mesh.clone(), store.clone(), shutdown_rx.clone());

@@ -202,6 +202,14 @@ impl hyper::service::Service<hyper::Request<Incoming>> for Front {
 
     fn call(&self, req: hyper::Request<Incoming>) -> BoxFuture {
         let mut req = req.map(Body::new);
+        let state = &self.shared.state;
+        if let Some(target) = crate::workspaces::apps::target(&state.config.base_domain, &req) {
+            let shared = self.shared.clone();
+            let peer = self.peer;
+            return Box::pin(async move {
+                Ok(crate::workspaces::apps::handle(&shared.state, target, req, peer).await)
+            });
+        }
         match gateway::target(&self.shared.state.config.base_domain, &req) {
             Some(target) => {
                 let shared = self.shared.clone();

@@ -298,6 +298,8 @@ async fn every_non_public_route_requires_authentication() {
         "/api/v1/login",
         // Authenticated by the agent token of a workspace build, not a user's.
         "/api/v1/agent/connect",
+        // A browser's way to a subdomain app: it sends the signed-out to sign in.
+        "/api/v1/apps/auth",
     ];
     for op in server::api().ops {
         assert_eq!(

@@ -27,7 +27,13 @@ fn scoped(c: &Ctx) -> Scoped<'_> {
 
 pub async fn template(c: &Ctx, cmd: &TemplateCommand) -> anyhow::Result<()> {
     let TemplateCommand::Push { dir, name } = cmd;
-    let manifest_path = dir.join("template.yaml");
+    // A directory holds template.yaml and the template's files; a single manifest file has no files.
+    let single = dir.is_file();
+    let manifest_path = if single {
+        dir.clone()
+    } else {
+        dir.join("template.yaml")
+    };
     let text = std::fs::read_to_string(&manifest_path)
         .with_context(|| format!("reading {} (a Template manifest)", manifest_path.display()))?;
     let mut obj: Resource = serde_yaml::from_str(&text)
@@ -51,7 +57,9 @@ pub async fn template(c: &Ctx, cmd: &TemplateCommand) -> anyhow::Result<()> {
     }
     let mut files = BTreeMap::new();
     let mut total = 0u64;
-    collect_files(dir, dir, &mut files, &mut total)?;
+    if !single {
+        collect_files(dir, dir, &mut files, &mut total)?;
+    }
     if !files.is_empty() {
         obj.spec["files"] = json!(files);
     }
@@ -228,6 +236,28 @@ pub async fn workspace(c: &Ctx, cmd: &WorkspaceCommand) -> anyhow::Result<()> {
             if !*no_wait {
                 wait_for(c, name, if *stopped { "stopped" } else { "running" }).await?;
             }
+            Ok(())
+        }
+        WorkspaceCommand::Apps { name } => {
+            let v = c
+                .client
+                .get_json(&format!("/api/v1/orgs/{}/workspaces/{name}/apps", c.org))
+                .await?;
+            let items = v["items"].as_array().cloned().unwrap_or_default();
+            if items.is_empty() {
+                println!("workspace {name} has no apps (its template declares none)");
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = items
+                .iter()
+                .map(|a| {
+                    ["slug", "share", "health", "url"]
+                        .iter()
+                        .map(|k| a[*k].as_str().unwrap_or("-").to_string())
+                        .collect()
+                })
+                .collect();
+            crate::output::print_table(&["APP", "SHARE", "HEALTH", "URL"], &rows);
             Ok(())
         }
         WorkspaceCommand::List => {

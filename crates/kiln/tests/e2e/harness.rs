@@ -244,6 +244,34 @@ pub fn http_request(
     headers: &[(&str, &str)],
     body: Option<&[u8]>,
 ) -> std::io::Result<(u16, String)> {
+    http_exchange(method, url, headers, body).map(|r| (r.status, r.body))
+}
+
+/// A response as [`http_exchange`] reads it.
+pub struct HttpResponse {
+    pub status: u16,
+    /// Header fields in order, names lowercased.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// The first value of a header field.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One HTTP/1.1 exchange on a new connection (no redirects followed), with the response's headers.
+pub fn http_exchange(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> std::io::Result<HttpResponse> {
     use std::io::{Read, Write};
     let rest = url
         .strip_prefix("http://")
@@ -277,15 +305,25 @@ pub fn http_request(
         .nth(1)
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("bad response: {text:.200}")))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    let chunked = text.split_once("\r\n\r\n").is_some_and(|(h, _)| {
-        h.to_ascii_lowercase()
-            .contains("transfer-encoding: chunked")
-    });
-    Ok((status, if chunked { dechunk(&body) } else { body }))
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let headers: Vec<(String, String)> = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    Ok(HttpResponse {
+        status,
+        body: if chunked {
+            dechunk(body)
+        } else {
+            body.to_string()
+        },
+        headers,
+    })
 }
 
 fn dechunk(s: &str) -> String {

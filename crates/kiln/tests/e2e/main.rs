@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod apps;
 mod cli;
 mod console;
 mod delivery;

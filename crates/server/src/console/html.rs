@@ -85,7 +85,7 @@ pub fn page(title: &str, user: Option<&str>, body: &str) -> axum::response::Html
 }
 
 /// The sign-in card; `username` refills the field after a failed attempt.
-pub fn login_form(error: Option<&str>, username: &str) -> String {
+pub fn login_form(error: Option<&str>, username: &str, next: &str) -> String {
     let err = error
         .map(|e| {
             format!(
@@ -103,8 +103,10 @@ pub fn login_form(error: Option<&str>, username: &str) -> String {
         "<div class=\"card login\"><h1>Sign in to Kiln</h1>{err}<form class=\"login\" method=\"post\" action=\"/login\">\
          <label>Username <input id=\"username\" name=\"username\" value=\"{}\" autocomplete=\"username\" required{user_focus}></label>\
          <label>Password <input id=\"password\" name=\"password\" type=\"password\" autocomplete=\"current-password\" required{pass_focus}></label>\
+         <input type=\"hidden\" name=\"next\" value=\"{}\">\
          <button id=\"sign-in\" type=\"submit\">Sign in</button></form></div>",
-        esc(username)
+        esc(username),
+        esc(next)
     )
 }
 

@@ -65,17 +65,32 @@ fn require(p: MaybePrincipal) -> Result<Principal, Redirect> {
     p.0.ok_or_else(|| Redirect::to("/login"))
 }
 
-async fn login_form(p: MaybePrincipal) -> Response {
-    if p.0.is_some() {
-        return Redirect::to("/").into_response();
+/// Where to go after signing in: `next` when it is a path on this server, else the home page.
+fn after_login(next: Option<&str>) -> &str {
+    match next {
+        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n,
+        _ => "/",
     }
-    page("Sign in", None, &html::login_form(None, "")).into_response()
+}
+
+#[derive(Deserialize)]
+struct Next {
+    next: Option<String>,
+}
+
+async fn login_form(p: MaybePrincipal, Query(q): Query<Next>) -> Response {
+    let next = after_login(q.next.as_deref());
+    if p.0.is_some() {
+        return Redirect::to(next).into_response();
+    }
+    page("Sign in", None, &html::login_form(None, "", next)).into_response()
 }
 
 #[derive(Deserialize)]
 struct LoginForm {
     username: String,
     password: String,
+    next: Option<String>,
 }
 
 async fn login_submit(
@@ -85,6 +100,7 @@ async fn login_submit(
 ) -> Response {
     slot.0.set_user(&f.username);
     slot.0.set_target("User", None, None, Some(&f.username));
+    let next = after_login(f.next.as_deref());
     let user = match crate::identity_api::login_user(&state, &f.username, &f.password).await {
         Ok(u) => u,
         Err(e) => {
@@ -93,7 +109,7 @@ async fn login_submit(
                 page(
                     "Sign in",
                     None,
-                    &html::login_form(Some(&e.detail), &f.username),
+                    &html::login_form(Some(&e.detail), &f.username, next),
                 ),
             )
                 .into_response()
@@ -101,7 +117,7 @@ async fn login_submit(
     };
     match crate::identity_api::start_session(&state, &user).await {
         Ok(cookie) => {
-            let mut resp = Redirect::to("/").into_response();
+            let mut resp = Redirect::to(next).into_response();
             resp.headers_mut().insert(header::SET_COOKIE, cookie);
             resp
         }

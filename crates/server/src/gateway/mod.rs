@@ -555,7 +555,7 @@ pub(crate) async fn handle(
     resp
 }
 
-fn wants_html(headers: &HeaderMap) -> bool {
+pub(crate) fn wants_html(headers: &HeaderMap) -> bool {
     headers
         .get(header::ACCEPT)
         .and_then(|a| a.to_str().ok())
@@ -841,7 +841,7 @@ fn internal(html: bool) -> Response {
 }
 
 /// An error page: HTML for browsers, plain text otherwise.
-fn page(status: StatusCode, title: &str, lines: &[String], html: bool) -> Response {
+pub(crate) fn page(status: StatusCode, title: &str, lines: &[String], html: bool) -> Response {
     let (ctype, body) = page_text(status, title, lines, html);
     (
         status,
@@ -875,10 +875,7 @@ fn page_text(
         for l in lines {
             let _ = writeln!(b, "<p>{}</p>", esc(l));
         }
-        let _ = writeln!(
-            b,
-            "<p class=\"muted\">{status} · Kiln gateway</p></body></html>"
-        );
+        let _ = writeln!(b, "<p class=\"muted\">{status} · Kiln</p></body></html>");
         ("text/html; charset=utf-8", b)
     } else {
         let mut b = format!("{title}\n");
@@ -893,7 +890,7 @@ fn page_text(
 // ---- proxying ----
 
 /// Whether the request asks to switch protocols (`Connection: upgrade` with an `Upgrade` header).
-fn is_upgrade(h: &HeaderMap) -> bool {
+pub(crate) fn is_upgrade(h: &HeaderMap) -> bool {
     h.contains_key(header::UPGRADE)
         && h.get_all(header::CONNECTION).iter().any(|v| {
             v.to_str().is_ok_and(|s| {
@@ -903,14 +900,14 @@ fn is_upgrade(h: &HeaderMap) -> bool {
         })
 }
 
-/// Keeps the console's session away from workloads: its cookie is removed from what is forwarded (a workload
-/// served under the server's own origin would otherwise receive it), and a workload may not set it.
-fn strip_session_cookie(h: &mut HeaderMap) {
-    let name = crate::auth::SESSION_COOKIE;
-    let has = |v: &HeaderValue| {
-        v.to_str()
-            .is_ok_and(|s| s.split(';').any(|c| c.trim().starts_with(name)))
+/// Keeps Kiln's cookies (`names`) away from workloads: they are removed from what is forwarded (a workload
+/// served under the server's own origin would otherwise receive the console's session).
+pub(crate) fn strip_cookies(h: &mut HeaderMap, names: &[&str]) {
+    let ours = |c: &str| {
+        let k = c.split_once('=').map_or(c, |(k, _)| k).trim();
+        names.contains(&k)
     };
+    let has = |v: &HeaderValue| v.to_str().is_ok_and(|s| s.split(';').any(ours));
     if !h.get_all(header::COOKIE).iter().any(has) {
         return;
     }
@@ -920,11 +917,7 @@ fn strip_session_cookie(h: &mut HeaderMap) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|s| s.split(';'))
         .map(str::trim)
-        .filter(|c| {
-            !c.is_empty()
-                && c.split_once('=')
-                    .map_or(c.trim() != name, |(k, _)| k.trim() != name)
-        })
+        .filter(|c| !c.is_empty() && !ours(c))
         .map(str::to_owned)
         .collect();
     h.remove(header::COOKIE);
@@ -935,12 +928,12 @@ fn strip_session_cookie(h: &mut HeaderMap) {
     }
 }
 
-/// Removes `Set-Cookie` headers that would set the console's session cookie.
-fn strip_session_set_cookie(h: &mut HeaderMap) {
-    let name = crate::auth::SESSION_COOKIE;
+/// Removes `Set-Cookie` headers that would set one of Kiln's cookies (`names`); an unreadable one goes too.
+pub(crate) fn strip_set_cookies(h: &mut HeaderMap, names: &[&str]) {
     let sets = |v: &HeaderValue| {
         v.to_str().map_or(true, |s| {
-            s.split_once('=').is_some_and(|(k, _)| k.trim() == name)
+            s.split_once('=')
+                .is_some_and(|(k, _)| names.contains(&k.trim()))
         })
     };
     if !h.get_all(header::SET_COOKIE).iter().any(sets) {
@@ -966,7 +959,7 @@ fn connection_close(h: &HeaderMap) -> bool {
 }
 
 /// Removes the hop-by-hop headers (RFC 9110 §7.6.1): the fixed ones and those `Connection` names.
-fn strip_hop_by_hop(h: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
     if h.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = h
             .get_all(header::CONNECTION)
@@ -1009,7 +1002,7 @@ async fn proxy(
     let mut headers = parts.headers;
     let upgrade_proto = headers.get(header::UPGRADE).cloned();
     strip_hop_by_hop(&mut headers);
-    strip_session_cookie(&mut headers);
+    strip_cookies(&mut headers, &[crate::auth::SESSION_COOKIE]);
     if let (true, Some(proto)) = (upgrade, upgrade_proto) {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, proto);
@@ -1178,7 +1171,7 @@ fn respond(
     let (mut parts, body) = resp.into_parts();
     let keep = !connection_close(&parts.headers);
     strip_hop_by_hop(&mut parts.headers);
-    strip_session_set_cookie(&mut parts.headers);
+    strip_set_cookies(&mut parts.headers, &[crate::auth::SESSION_COOKIE]);
     let body = PooledBody {
         inner: body,
         upstream,
@@ -1441,14 +1434,14 @@ mod tests {
             HeaderValue::from_static("a=1; kiln_session=secret"),
         );
         h.append(header::COOKIE, HeaderValue::from_static("kiln_session_x=2"));
-        strip_session_cookie(&mut h);
+        strip_cookies(&mut h, &[crate::auth::SESSION_COOKIE]);
         assert_eq!(h[header::COOKIE], "a=1; kiln_session_x=2");
         let mut h = HeaderMap::new();
         h.insert(
             header::COOKIE,
             HeaderValue::from_static("kiln_session=secret"),
         );
-        strip_session_cookie(&mut h);
+        strip_cookies(&mut h, &[crate::auth::SESSION_COOKIE]);
         assert!(!h.contains_key(header::COOKIE));
         let mut h = HeaderMap::new();
         h.append(
@@ -1459,7 +1452,7 @@ mod tests {
             header::SET_COOKIE,
             HeaderValue::from_static("app=1; Path=/"),
         );
-        strip_session_set_cookie(&mut h);
+        strip_set_cookies(&mut h, &[crate::auth::SESSION_COOKIE]);
         assert_eq!(
             h.get_all(header::SET_COOKIE).iter().collect::<Vec<_>>(),
             ["app=1; Path=/"]

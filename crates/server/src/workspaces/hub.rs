@@ -52,6 +52,8 @@ pub struct Hub {
     agents: Mutex<HashMap<WsId, AgentConn>>,
     activity: Mutex<HashMap<WsId, Instant>>,
     next_id: AtomicU64,
+    /// What the app path looks up (see [`super::apps`]).
+    pub(crate) apps: super::apps::AppCache,
 }
 
 #[derive(Clone)]
@@ -79,6 +81,40 @@ impl Hub {
                 a.insert(id.clone(), Instant::now());
                 true
             }
+        }
+    }
+
+    /// Records activity on a workspace (a stream opened, an app request, an open connection): moves
+    /// `status.lastActivity`, which its ttl counts from, at most once per [`ACTIVITY_FLUSH`].
+    pub fn touch(&self, state: &AppState, org: &str, ws: &str) {
+        if !self.activity_due(&(org.to_string(), ws.to_string())) {
+            return;
+        }
+        let (state, org, ws) = (state.clone(), org.to_string(), ws.to_string());
+        tokio::spawn(async move {
+            let now = Timestamp::now().to_string();
+            update_status(&state, &org, &ws, |s| {
+                s.insert("lastActivity".into(), json!(now));
+            })
+            .await;
+        });
+    }
+}
+
+/// Copies between `a` and `b` until both directions end, recording activity on the workspace while the
+/// connection lasts (an hour-long SSH session keeps its workspace up, not only its first minute).
+pub(crate) async fn relay<A, B>(state: &AppState, org: &str, ws: &str, a: &mut A, b: &mut B)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let copy = tokio::io::copy_bidirectional(a, b);
+    tokio::pin!(copy);
+    let mut tick = tokio::time::interval(ACTIVITY_FLUSH);
+    loop {
+        tokio::select! {
+            _ = &mut copy => return,
+            _ = tick.tick() => state.hub.touch(state, org, ws),
         }
     }
 }
@@ -413,16 +449,22 @@ async fn may_connect(
         .get("owner")
         .and_then(Value::as_str)
         .unwrap_or_default();
-    if owner == principal.user.name
-        || principal.user.superuser
-        || access.allows(Verb::Create, Kind::Template, None)
-    {
+    if owner == principal.user.name || is_admin(state, principal, org).await {
         return Ok(());
     }
     Err(ApiError::forbidden(format!(
         "workspace {} belongs to {owner}; only its owner and administrators connect to it",
         ws.metadata.name
     )))
+}
+
+/// Whether the caller administers the workspaces of an organization (may create templates there), or is a
+/// superuser.
+pub(crate) async fn is_admin(state: &AppState, principal: &Principal, org: &str) -> bool {
+    principal.user.superuser
+        || rbac::org_access(state, principal, org)
+            .await
+            .is_ok_and(|a| a.allows(Verb::Create, Kind::Template, None))
 }
 
 /// `GET /api/v1/orgs/{org}/workspaces/{name}/tunnel`: a user's WebSocket to a workspace (port forwarding,
@@ -455,7 +497,6 @@ pub async fn workspace_tunnel(
             let Ok((session, mut events)) = tunnel_io::accept(AxumWs(socket), config).await else {
                 return;
             };
-            let wsid = (org.clone(), name.clone());
             loop {
                 tokio::select! {
                     ev = events.recv() => match ev {
@@ -467,22 +508,14 @@ pub async fn workspace_tunnel(
                                 incoming.refuse(&format!("unknown target {target:?}; a workspace serves tcp:<host>:<port> and ssh"));
                                 continue;
                             }
-                            if state.hub.activity_due(&wsid) {
-                                let (state, org, name) = (state.clone(), org.clone(), name.clone());
-                                tokio::spawn(async move {
-                                    let now = Timestamp::now().to_string();
-                                    update_status(&state, &org, &name, |s| {
-                                        s.insert("lastActivity".into(), json!(now));
-                                    })
-                                    .await;
-                                });
-                            }
+                            state.hub.touch(&state, &org, &name);
                             let agent = agent.clone();
+                            let (state, org, name) = (state.clone(), org.clone(), name.clone());
                             tokio::spawn(async move {
                                 match agent.open(&target).await {
                                     Ok(mut there) => {
                                         if let Ok(mut here) = incoming.accept() {
-                                            let _ = tokio::io::copy_bidirectional(&mut here, &mut there).await;
+                                            relay(&state, &org, &name, &mut here, &mut there).await;
                                         }
                                     }
                                     Err(e) => incoming.refuse(&e.to_string()),

@@ -1,7 +1,9 @@
 //! Workspaces on the server: admission of Templates and Workspaces ([`admit`]), the built-in provisioner
-//! ([`builtin`]), the agent hub and user tunnels ([`hub`]), and build and agent logs.
+//! ([`builtin`]), the agent hub and user tunnels ([`hub`]), workspace apps through the server ([`apps`]), and
+//! build and agent logs.
 
 pub mod admit;
+pub mod apps;
 pub mod builtin;
 pub mod hub;
 mod ws;
@@ -60,6 +62,29 @@ pub fn register(api: Api) -> Api {
         )
         .returns(101, None),
         hub::workspace_tunnel,
+    )
+    .op(
+        Op::new(
+            Method::GET,
+            "/api/v1/orgs/{org}/workspaces/{name}/apps",
+            "workspaceApps",
+            "workspaces",
+            "A workspace's apps: slug, display name, share level, health and the URL to open each at",
+        )
+        .returns(200, None),
+        apps::list,
+    )    .op(
+        Op::new(
+            Method::GET,
+            "/api/v1/apps/auth",
+            "appsAuth",
+            "workspaces",
+            "Signs a browser in to a subdomain workspace app: sends it to sign in to the console if needed, then back to the app URL with an app session",
+        )
+        .public()
+        .query("redirect", "The app URL to return to (on an app host of this server)")
+        .returns(303, None),
+        apps::app_auth,
     )
     .op(
         Op::new(
