@@ -5,7 +5,10 @@
 //! - `process` (the embedded default): a directory per workspace under the provider's root, whose `home/` is
 //!   the persistent part; a start runs `kiln agent` in it as a child process in its own process group
 //!   (surviving a restart of the provisioner), a stop kills that group, a delete also removes the directory.
+//! - `docker`: a container from the template's image with the agent injected by read-only bind mounts, and a
+//!   named volume for the home (see [`docker`]).
 
+pub mod docker;
 mod process;
 
 use std::collections::BTreeMap;
@@ -13,6 +16,7 @@ use std::collections::BTreeMap;
 use model::kinds::{ProvisionerType, TemplateSpec, Transition};
 use tokio::sync::{mpsc, watch};
 
+pub use docker::DockerProvider;
 pub use process::ProcessProvider;
 
 /// One build, as a provider sees it.
@@ -54,6 +58,7 @@ impl Logs {
 #[derive(Debug, Clone, Default)]
 pub struct Providers {
     pub process: Option<ProcessProvider>,
+    pub docker: Option<DockerProvider>,
 }
 
 impl Providers {
@@ -62,6 +67,9 @@ impl Providers {
         let mut out = Vec::new();
         if self.process.is_some() {
             out.push(ProvisionerType::Process);
+        }
+        if self.docker.is_some() {
+            out.push(ProvisionerType::Docker);
         }
         out
     }
@@ -77,6 +85,12 @@ impl Providers {
             ProvisionerType::Process => match &self.process {
                 Some(p) => p.run(build, logs, cancel).await,
                 None => Err("this provisioner does not run process builds".into()),
+            },
+            ProvisionerType::Docker => match &self.docker {
+                Some(p) => p.run(build, logs, cancel).await,
+                None => {
+                    Err("this provisioner does not run docker builds (no Docker Engine)".into())
+                }
             },
             other => Err(format!("this provisioner does not run {other:?} builds")),
         }

@@ -341,20 +341,26 @@ pub fn access_url(config: &Config, bound: SocketAddr) -> String {
     format!("http://{}", SocketAddr::new(host, bound.port()))
 }
 
-/// The providers of the built-in provisioner: `process`, with workspaces under `<data-dir>/workspaces`.
-fn builtin_providers(config: &Config) -> anyhow::Result<provision::Providers> {
+/// The providers of the built-in provisioner: `process`, with workspaces under `<data-dir>/workspaces`, and
+/// `docker` when the Engine answers (its containers run this executable as their agent).
+async fn builtin_providers(config: &Config) -> anyhow::Result<provision::Providers> {
+    let exe = std::env::current_exe().context("finding this executable (the agent it runs)")?;
     let command = match &config.agent_command {
         Some(c) => c.clone(),
-        None => {
-            let exe =
-                std::env::current_exe().context("finding this executable (the agent it runs)")?;
-            vec![exe.to_string_lossy().into_owned(), "agent".into()]
-        }
+        None => vec![exe.to_string_lossy().into_owned(), "agent".into()],
     };
     let root = config.data_dir.join("workspaces");
     let root = std::path::absolute(&root).unwrap_or(root);
+    let docker = match provision::DockerProvider::connect(&exe).await {
+        Ok(d) => Some(d),
+        Err(e) => {
+            tracing::info!(error = %e, "docker workspaces are unavailable");
+            None
+        }
+    };
     Ok(provision::Providers {
         process: Some(provision::ProcessProvider::new(root, command)),
+        docker,
     })
 }
 
@@ -465,7 +471,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let builtin = workspaces::builtin::spawn(
         store.clone(),
         state.provisioners.clone(),
-        builtin_providers(&config)?,
+        builtin_providers(&config).await?,
         access_url(&config, addr),
         shutdown_rx.clone(),
     );

@@ -31,7 +31,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hyper::{Method, StatusCode};
+use hyper::StatusCode;
 use serde_json::json;
 use tokio::sync::broadcast;
 
@@ -39,8 +39,10 @@ use crate::{
     BoxFuture, DataPlane, Error, HostAddress, LogOptions, LogStream, Result, RunStatus, Workload,
     WorkloadId, WorkloadStatus, LABEL_WORKLOAD,
 };
-use api::{query_escape, ApiError, Engine};
+pub use api::{query_escape, ApiError, Engine};
 use engine_types::{ContainerSummary, NetworkInspect};
+/// The HTTP method type [`Engine::call`] takes.
+pub use hyper::Method;
 pub use spec::{
     LABEL_ENVIRONMENT, LABEL_LIVENESS, LABEL_NETWORK, LABEL_PORTS, LABEL_READINESS, LABEL_REPLICA,
     LABEL_RUN, LABEL_SPEC_HASH,

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use crate::harness::*;
 
 /// Whether the Engine answers; under CI it must.
-fn docker_available() -> bool {
+pub(crate) fn docker_available() -> bool {
     let up = Command::new("docker")
         .args(["info", "--format", "{{.ServerVersion}}"])
         .output()

@@ -1,4 +1,4 @@
-//! Workspaces on the process provider: a template pushed, a workspace built by the built-in provisioner with
+//! Workspaces on the process and docker providers: a template pushed, a workspace built by the built-in provisioner with
 //! its agent dialing back, startup script logs, TCP port forwarding through server and agent, stop (agent
 //! gone, home kept), start again, immutable parameters refused, delete (directory gone).
 
@@ -177,4 +177,201 @@ spec:
     assert!(!s.data_dir.join("workspaces/default/dev").exists());
     let jobs = ok(s.kiln(&["get", "provisionerjobs"]));
     assert!(!jobs.contains("dev-build"), "{jobs}");
+}
+
+/// A `FROM scratch` image with a static busybox as its shell and tools (Debian's busybox-static), standing
+/// for a developer image; removed on drop.
+struct BusyboxImage(String);
+
+impl BusyboxImage {
+    /// The image, or `None` (said loudly) without busybox; under `CI=true` it must be there.
+    fn build() -> Option<BusyboxImage> {
+        let Some(busybox) = ["/bin/busybox", "/usr/bin/busybox"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+        else {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true and busybox (busybox-static) is not installed"
+            );
+            eprintln!(
+                "\n*** SKIPPED: busybox-static not installed (the workspace image's shell) ***\n"
+            );
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("bin")).unwrap();
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::create_dir_all(root.join("tmp")).unwrap();
+        std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
+        for tool in [
+            "sh", "cat", "echo", "ls", "id", "hostname", "sleep", "mkdir", "rm",
+        ] {
+            std::os::unix::fs::symlink("busybox", root.join("bin").join(tool)).unwrap();
+        }
+        std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+        std::fs::write(root.join("Dockerfile"), "FROM scratch\nCOPY . /\n").unwrap();
+        let tag = format!("kiln-ws-busybox:test-{}", std::process::id());
+        let out = Command::new("docker")
+            .args(["build", "-q", "-t", &tag])
+            .arg(root)
+            .env("DOCKER_BUILDKIT", "0")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "docker build: {}", stderr(&out));
+        Some(BusyboxImage(tag))
+    }
+}
+
+impl Drop for BusyboxImage {
+    fn drop(&mut self) {
+        let _ = Command::new("docker").args(["rmi", "-f", &self.0]).output();
+    }
+}
+
+/// Removes what the docker provider made for a workspace, should the test end early.
+struct WorkspaceContainers(String);
+
+impl Drop for WorkspaceContainers {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["rm", "-f", &format!("kiln-ws-default-{}", self.0)])
+            .output();
+        let out = Command::new("docker")
+            .args(["volume", "ls", "-q", "--filter"])
+            .arg(format!("label=kiln.dev/workspace=default/{}", self.0))
+            .output();
+        if let Ok(out) = out {
+            for v in stdout(&out).split_whitespace() {
+                let _ = Command::new("docker")
+                    .args(["volume", "rm", "-f", v])
+                    .output();
+            }
+        }
+    }
+}
+
+fn docker(args: &[&str]) -> String {
+    let out = Command::new("docker").args(args).output().unwrap();
+    stdout(&out).trim().to_string()
+}
+
+#[test]
+fn docker_workspaces_inject_the_agent_keep_the_home_volume_and_clean_up() {
+    if !crate::docker::docker_available() {
+        return;
+    }
+    let Some(image) = BusyboxImage::build() else {
+        return;
+    };
+    let s = Server::start();
+    let name = format!("box-{}", std::process::id());
+    let _cleanup = WorkspaceContainers(name.clone());
+    let tmp = tempfile::tempdir().unwrap();
+    let tpl = tmp.path().join("template.yaml");
+    std::fs::write(
+        &tpl,
+        format!(
+            r#"apiVersion: kiln.dev/v1
+kind: Template
+metadata:
+  name: box
+spec:
+  provisioner: docker
+  docker:
+    image: {}
+  agent:
+    scripts:
+      - name: hello
+        script: echo "started in $(hostname) as uid $(id -u) at $PWD" | tee "$HOME/started"
+"#,
+            image.0
+        ),
+    )
+    .unwrap();
+    ok(s.kiln(&["template", "push", tpl.to_str().unwrap()]));
+    ok(s.kiln(&["workspace", "create", &name, "-t", "box"]));
+    let container = format!("kiln-ws-default-{name}");
+    assert_eq!(
+        docker(&[
+            "inspect",
+            "-f",
+            "{{.State.Running}} {{index .Config.Labels \"kiln.dev/workspace\"}}",
+            &container
+        ]),
+        format!("true default/{name}")
+    );
+    let logs = ok(s.kiln(&["workspace", "logs", &name]));
+    assert!(logs.contains(&format!("container {container}")), "{logs}");
+    assert!(
+        logs.contains(&format!(
+            "[script:hello] started in {name} as uid 0 at /home/kiln"
+        )),
+        "{logs}"
+    );
+
+    // The image's own shell, through the injected agent.
+    let out = ok(s.kiln(&[
+        "ssh",
+        &name,
+        "--",
+        "cat $HOME/started; echo kept > $HOME/keep; ls /.kiln",
+    ]));
+    assert!(out.contains("started in"), "{out}");
+    assert!(out.contains("kiln") && out.contains("ld.so"), "{out}");
+
+    // Stop: the container goes, the home volume stays; start: a new container with the same home.
+    ok(s.kiln(&["workspace", "stop", &name]));
+    assert_eq!(
+        docker(&["ps", "-aq", "--filter", &format!("name=^{container}$")]),
+        ""
+    );
+    let volumes = docker(&[
+        "volume",
+        "ls",
+        "-q",
+        "--filter",
+        &format!("label=kiln.dev/workspace=default/{name}"),
+    ]);
+    assert_eq!(volumes.lines().count(), 1, "{volumes}");
+    ok(s.kiln(&["workspace", "start", &name]));
+    let out = ok(s.kiln(&["ssh", &name, "--", "cat $HOME/keep"]));
+    assert_eq!(out.trim(), "kept");
+
+    // Delete: container and volume go.
+    ok(s.kiln(&["workspace", "delete", &name]));
+    wait_ws(&s, &name, "workspace deleted", Value::is_null);
+    assert_eq!(
+        docker(&["ps", "-aq", "--filter", &format!("name=^{container}$")]),
+        ""
+    );
+    assert_eq!(
+        docker(&[
+            "volume",
+            "ls",
+            "-q",
+            "--filter",
+            &format!("label=kiln.dev/workspace=default/{name}")
+        ]),
+        ""
+    );
+
+    // An image that is not on the Engine fails the build, saying so.
+    std::fs::write(
+        &tpl,
+        std::fs::read_to_string(&tpl)
+            .unwrap()
+            .replace(&image.0, "kiln-absent:none")
+            .replace("name: box", "name: absent"),
+    )
+    .unwrap();
+    ok(s.kiln(&["template", "push", tpl.to_str().unwrap()]));
+    let out = s.kiln(&["workspace", "create", "absent", "-t", "absent"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("image kiln-absent:none is not on the Docker Engine"),
+        "{}",
+        stderr(&out)
+    );
 }
