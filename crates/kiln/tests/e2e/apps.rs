@@ -14,7 +14,7 @@ use crate::harness::*;
 /// An HTTP app on loopback, standing for one inside the workspace: it answers every request with what it
 /// received (request line, then its header fields) and tries to set Kiln's session cookie beside its own;
 /// `/ws` is a WebSocket echo.
-fn app_server() -> u16 {
+pub(crate) fn app_server() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let port = listener.local_addr().unwrap().port();

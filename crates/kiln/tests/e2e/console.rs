@@ -725,3 +725,96 @@ async fn deployments_and_logs(b: &Session, server: &Server, password: &str) {
     b.find("body[data-kept='yes']").await;
     save_png("console-logs.png", &b.screenshot().await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_shows_workspaces_apps_and_live_build_logs_in_chromium() {
+    let Some((chromium, chromedriver)) =
+        browser_tools("console_shows_workspaces_apps_and_live_build_logs_in_chromium")
+    else {
+        return;
+    };
+    let server = Server::start();
+    let app = crate::apps::app_server();
+    // The start script waits for a file the test writes once the page is open, so its last line is written
+    // while the page watches.
+    let tpl = server.data_dir.join("template.yaml");
+    std::fs::write(
+        &tpl,
+        format!(
+            r#"apiVersion: kiln.dev/v1
+kind: Template
+metadata:
+  name: web
+spec:
+  agent:
+    scripts:
+      - name: setup
+        script: echo before-the-page; while [ ! -f go ]; do sleep 0.1; done; echo while-watching
+    apps:
+      - slug: code
+        displayName: Code
+        url: http://127.0.0.1:{app}/base
+        healthcheck:
+          url: http://127.0.0.1:{app}/healthz
+          intervalSeconds: 1
+"#
+        ),
+    )
+    .unwrap();
+    ok(server.kiln(&["template", "push", tpl.to_str().unwrap()]));
+    ok(server.kiln(&["workspace", "create", "dev", "-t", "web", "--no-wait"]));
+    let password = std::fs::read_to_string(server.data_dir.join("admin-password"))
+        .unwrap()
+        .trim()
+        .to_string();
+
+    let driver = Driver::start(&chromedriver).await;
+    let session = driver.session(&chromium).await;
+    let flow = std::panic::AssertUnwindSafe(workspaces_flow(&session, &server, &password));
+    let outcome = futures_util::FutureExt::catch_unwind(flow).await;
+    session.close().await;
+    drop(driver);
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+async fn workspaces_flow(b: &Session, server: &Server, password: &str) {
+    let base = &server.url;
+    // Signing in from an app link comes back to the app page afterwards.
+    b.goto(&format!("{base}/orgs/default/workspaces")).await;
+    b.wait_path("/login").await;
+    b.type_into("#username", "admin").await;
+    b.type_into("#password", password).await;
+    b.click("#sign-in").await;
+    b.wait_path("/").await;
+
+    b.goto(&format!("{base}/orgs/default/workspaces")).await;
+    assert_eq!(b.text("h1").await, "Workspaces of default");
+    b.click("#workspace-dev").await;
+    b.wait_path("/orgs/default/workspaces/dev").await;
+    assert_eq!(b.text("h1").await, "Workspace dev");
+    wait_text(b, "#ws-logs", "before-the-page").await;
+    wait_text(b, "#live-status", "Live").await;
+    // The script ends while the page is open: its line arrives live, the agent turns ready.
+    std::fs::write(server.data_dir.join("workspaces/default/dev/home/go"), "").unwrap();
+    wait_text(b, "#ws-logs", "while-watching").await;
+    wait_text(b, "#ws-phase", "running").await;
+    wait_text(b, "#ws-agent", "connected").await;
+    wait_text(b, "#ws-lifecycle", "ready").await;
+    wait_text(b, "#app-health-code", "healthy").await;
+    let logs = b.text("#ws-logs").await;
+    assert!(
+        logs.contains("[script:setup]") || logs.contains("[setup]"),
+        "{logs}"
+    );
+    save_png("console-workspace.png", &b.screenshot().await);
+
+    // The app opens through the server, in the signed-in browser.
+    assert_eq!(b.text("#app-code").await, "Code");
+    b.click("#app-code").await;
+    b.wait_path("/@admin/dev.default/apps/code/").await;
+    let shown = b.text("body").await;
+    assert!(shown.starts_with("GET /base/ HTTP/1.1"), "{shown}");
+    assert!(!shown.contains("kiln_session"), "{shown}");
+}

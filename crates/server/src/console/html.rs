@@ -174,12 +174,17 @@ pub fn org_tabs(org: &str, current: &str) -> String {
         )
     };
     format!(
-        "<nav class=\"tabs\">{}{}</nav>",
+        "<nav class=\"tabs\">{}{}{}</nav>",
         tab("overview", format!("/orgs/{org}"), "Overview"),
         tab(
             "environments",
             format!("/orgs/{org}/environments"),
             "Environments"
+        ),
+        tab(
+            "workspaces",
+            format!("/orgs/{org}/workspaces"),
+            "Workspaces"
         ),
     )
 }
@@ -566,6 +571,71 @@ const LOGS_SCRIPT: &str = r#"<script>
     st.textContent = why ? "Stream ended: " + why + " (retrying)" : "Disconnected; reconnecting…";
     st.setAttribute("data-live", "closed");
   });
+})();
+</script>"#;
+
+/// One line of a workspace's build or agent log as the workspace page shows it (the script formats live
+/// lines the same way).
+pub fn workspace_log_line(stream: &str, time: &str, source: &str, text: &str) -> String {
+    format!(
+        "<span class=\"line {}\"><span class=\"meta\">{} [{}]</span> {}\n</span>",
+        esc(stream),
+        esc(time),
+        esc(source),
+        esc(text)
+    )
+}
+
+/// Follows a workspace: its build and agent log lines (the API's NDJSON stream, resumed after the lines the
+/// page was rendered with) and, every two seconds, its state, agent and app health.
+pub const WORKSPACE_SCRIPT: &str = r#"<script>
+(function () {
+  var pre = document.getElementById("ws-logs"), st = document.getElementById("live-status");
+  var root = document.getElementById("workspace"), api = root.getAttribute("data-api");
+  function set(id, v) { var e = document.getElementById(id); if (e && v !== undefined && v !== null) e.textContent = v; }
+  function span(cls, text) { var s = document.createElement("span"); s.className = cls; s.textContent = text; return s; }
+  function refresh() {
+    fetch(api, {credentials: "same-origin"}).then(function (r) { return r.ok ? r.json() : null; }).then(function (w) {
+      if (!w) return;
+      var s = w.status || {}, a = s.agent || {};
+      set("ws-phase", s.phase); set("ws-agent", a.status); set("ws-lifecycle", a.lifecycle);
+      set("ws-build", s.build && s.build.number); set("ws-activity", s.lastActivity);
+      var apps = a.apps || {};
+      Object.keys(apps).forEach(function (k) { set("app-health-" + k, apps[k]); });
+    }).catch(function () {});
+  }
+  setInterval(refresh, 2000);
+  if (!window.fetch || !window.TextDecoder || !pre) return;
+  var build = pre.getAttribute("data-build"), skip = {build: +pre.getAttribute("data-build-seq"), agent: +pre.getAttribute("data-agent-seq")};
+  function follow() {
+    fetch(api + "/logs?follow=true&build=" + build, {credentials: "same-origin"}).then(function (r) {
+      if (!r.ok || !r.body) throw new Error("HTTP " + r.status);
+      st.textContent = "Live: new lines appear as they are written."; st.setAttribute("data-live", "open");
+      var reader = r.body.getReader(), dec = new TextDecoder(), buf = "";
+      function pump() {
+        return reader.read().then(function (x) {
+          if (x.done) throw new Error("stream ended");
+          buf += dec.decode(x.value, {stream: true});
+          var parts = buf.split("\n"); buf = parts.pop();
+          parts.forEach(function (t) {
+            var l; try { l = JSON.parse(t); } catch (e) { return; }
+            if (l.seq <= (skip[l.stream] || 0)) return;
+            skip[l.stream] = l.seq;
+            var line = span("line " + l.stream, "");
+            line.appendChild(span("meta", l.time + " [" + l.source + "]"));
+            line.appendChild(document.createTextNode(" " + l.text + "\n"));
+            pre.appendChild(line);
+          });
+          return pump();
+        });
+      }
+      return pump();
+    }).catch(function (e) {
+      st.textContent = "Disconnected (" + e.message + "); reconnecting…"; st.setAttribute("data-live", "closed");
+      setTimeout(follow, 2000);
+    });
+  }
+  follow();
 })();
 </script>"#;
 

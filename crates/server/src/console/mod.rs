@@ -2,6 +2,7 @@
 //! the API. Signed-in state is the session cookie that `/login` sets.
 
 pub(crate) mod html;
+mod workspaces;
 
 use axum::extract::{Form, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -27,6 +28,11 @@ pub fn routes() -> Router<AppState> {
         .route("/logout", axum::routing::post(logout))
         .route("/orgs/{org}", get(org_page))
         .route("/orgs/{org}/environments", get(environments_page))
+        .route("/orgs/{org}/workspaces", get(workspaces::list_page))
+        .route(
+            "/orgs/{org}/workspaces/{name}",
+            get(workspaces::workspace_page),
+        )
         .route("/orgs/{org}/projects/{project}", get(project_page))
         .route(
             "/orgs/{org}/projects/{project}/components/{component}/logs",

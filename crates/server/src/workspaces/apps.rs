@@ -173,7 +173,7 @@ pub struct AppCache {
 }
 
 /// A failure of the app path, as the page it answers with.
-struct Failure(StatusCode, &'static str, Vec<String>);
+pub(crate) struct Failure(pub StatusCode, &'static str, Vec<String>);
 
 impl Failure {
     fn new(status: StatusCode, title: &'static str, line: impl Into<String>) -> Failure {
@@ -659,7 +659,10 @@ async fn app_of(state: &AppState, ws: &Resource, slug: &str) -> Result<App, Fail
 }
 
 /// The apps of the template version the workspace's current build runs.
-async fn apps_of(state: &AppState, ws: &Resource) -> Result<std::sync::Arc<Vec<App>>, Failure> {
+pub(crate) async fn apps_of(
+    state: &AppState,
+    ws: &Resource,
+) -> Result<std::sync::Arc<Vec<App>>, Failure> {
     let version = ws
         .status
         .get("build")

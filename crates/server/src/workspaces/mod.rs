@@ -102,7 +102,7 @@ pub fn register(api: Api) -> Api {
 }
 
 /// The streams of a build: its job's log, and (for a start) its agent's scripts.
-fn streams(org: &str, ws: &str, build: u32) -> [(&'static str, String); 2] {
+pub(crate) fn streams(org: &str, ws: &str, build: u32) -> [(&'static str, String); 2] {
     [
         (
             "build",
