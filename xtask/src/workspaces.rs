@@ -265,6 +265,49 @@ fn gbps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / 1e9
 }
 
+/// Create → agent ready on the docker provider, p50, with a `FROM scratch` busybox image; a row saying why
+/// when the Engine or busybox is missing.
+fn docker_creates(
+    kiln: &dyn Fn(&[&str]) -> Command,
+    ok: &dyn Fn(Command) -> Result<()>,
+    scratch: &Path,
+) -> Result<Row> {
+    const NAME: &str = "workspace create → agent ready, p50 (docker)";
+    let image = match testsvc::busybox_image() {
+        Ok(i) => i,
+        Err(why) => return Ok(row(NAME, format!("not measured: {why}"), "< 3000 ms", None)),
+    };
+    let dir = scratch.join("docker-tpl");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join("template.yaml"),
+        format!(
+            "apiVersion: kiln.dev/v1\nkind: Template\nmetadata:\n  name: bench-docker\nspec:\n  provisioner: docker\n  \
+             docker:\n    image: {}\n",
+            image.tag
+        ),
+    )?;
+    ok(kiln(&["template", "push", dir.to_str().unwrap_or("")]))?;
+    let mut creates = Vec::new();
+    for i in 0..CREATES {
+        let name = format!("d{i}");
+        let t = Instant::now();
+        ok(kiln(&["workspace", "create", &name, "-t", "bench-docker"]))?;
+        creates.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    for i in 0..CREATES {
+        ok(kiln(&["workspace", "delete", &format!("d{i}")]))?;
+    }
+    creates.sort_by(|a, b| a.total_cmp(b));
+    let p50 = creates[creates.len() / 2];
+    Ok(row(
+        NAME,
+        format!("{p50:.0} ms"),
+        "< 3000 ms",
+        Some(p50 < 3000.0),
+    ))
+}
+
 pub fn run(env: &mut Env) -> Result<Vec<Row>> {
     let inst = env.fresh(Backend::Sqlite)?;
     let (server, _) = env.start(&inst)?;
@@ -316,6 +359,7 @@ pub fn run(env: &mut Env) -> Result<Vec<Row>> {
     for i in 1..CREATES {
         ok(kiln(&["workspace", "delete", &format!("b{i}")]))?;
     }
+    rows.push(docker_creates(&kiln, &ok, &scratch)?);
     let agent_pid: u32 =
         std::fs::read_to_string(inst.data_dir.join("workspaces/default/b0/agent.pid"))?
             .split_whitespace()

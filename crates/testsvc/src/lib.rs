@@ -231,3 +231,44 @@ pub fn docker_image() -> Arc<DockerImage> {
     *slot = Arc::downgrade(&image);
     image
 }
+
+/// Builds an image `FROM scratch` holding a static busybox (Debian's busybox-static) as its shell and tools,
+/// standing for a developer's workspace image. `Err` says what is missing (busybox, or the Engine's build).
+pub fn busybox_image() -> Result<DockerImage, String> {
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .ok_or("busybox-static is not installed (the workspace image's shell)")?;
+    let pid = std::process::id();
+    let dir = std::env::temp_dir().join(format!("kiln-busybox-image-{pid}"));
+    let io = |e: std::io::Error| format!("preparing the image in {}: {e}", dir.display());
+    for sub in ["bin", "etc", "tmp"] {
+        std::fs::create_dir_all(dir.join(sub)).map_err(io)?;
+    }
+    std::fs::copy(busybox, dir.join("bin/busybox")).map_err(io)?;
+    for tool in [
+        "sh", "cat", "echo", "ls", "id", "hostname", "sleep", "mkdir", "rm",
+    ] {
+        let link = dir.join("bin").join(tool);
+        if !link.exists() {
+            std::os::unix::fs::symlink("busybox", link).map_err(io)?;
+        }
+    }
+    std::fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").map_err(io)?;
+    std::fs::write(dir.join("Dockerfile"), "FROM scratch\nCOPY . /\n").map_err(io)?;
+    let tag = format!("kiln-ws-busybox:test-{pid}");
+    let out = Command::new("docker")
+        .args(["build", "-q", "-t", &tag])
+        .arg(&dir)
+        .env("DOCKER_BUILDKIT", "0")
+        .output()
+        .map_err(|e| format!("docker build: {e}"))?;
+    let image = DockerImage { tag, dir };
+    if !out.status.success() {
+        return Err(format!(
+            "docker build: {}",
+            String::from_utf8_lossy(&out.stderr).trim_end()
+        ));
+    }
+    Ok(image)
+}

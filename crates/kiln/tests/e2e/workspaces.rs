@@ -179,54 +179,19 @@ spec:
     assert!(!jobs.contains("dev-build"), "{jobs}");
 }
 
-/// A `FROM scratch` image with a static busybox as its shell and tools (Debian's busybox-static), standing
-/// for a developer image; removed on drop.
-struct BusyboxImage(String);
-
-impl BusyboxImage {
-    /// The image, or `None` (said loudly) without busybox; under `CI=true` it must be there.
-    fn build() -> Option<BusyboxImage> {
-        let Some(busybox) = ["/bin/busybox", "/usr/bin/busybox"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists())
-        else {
+/// The workspace image (see [`testsvc::busybox_image`]), or `None` (said loudly) without busybox; under
+/// `CI=true` it must be built.
+fn busybox_image() -> Option<testsvc::DockerImage> {
+    match testsvc::busybox_image() {
+        Ok(image) => Some(image),
+        Err(why) => {
             assert!(
                 std::env::var("CI").as_deref() != Ok("true"),
-                "CI=true and busybox (busybox-static) is not installed"
+                "CI=true: {why}"
             );
-            eprintln!(
-                "\n*** SKIPPED: busybox-static not installed (the workspace image's shell) ***\n"
-            );
-            return None;
-        };
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path();
-        std::fs::create_dir_all(root.join("bin")).unwrap();
-        std::fs::create_dir_all(root.join("etc")).unwrap();
-        std::fs::create_dir_all(root.join("tmp")).unwrap();
-        std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
-        for tool in [
-            "sh", "cat", "echo", "ls", "id", "hostname", "sleep", "mkdir", "rm",
-        ] {
-            std::os::unix::fs::symlink("busybox", root.join("bin").join(tool)).unwrap();
+            eprintln!("\n*** SKIPPED: {why} ***\n");
+            None
         }
-        std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
-        std::fs::write(root.join("Dockerfile"), "FROM scratch\nCOPY . /\n").unwrap();
-        let tag = format!("kiln-ws-busybox:test-{}", std::process::id());
-        let out = Command::new("docker")
-            .args(["build", "-q", "-t", &tag])
-            .arg(root)
-            .env("DOCKER_BUILDKIT", "0")
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "docker build: {}", stderr(&out));
-        Some(BusyboxImage(tag))
-    }
-}
-
-impl Drop for BusyboxImage {
-    fn drop(&mut self) {
-        let _ = Command::new("docker").args(["rmi", "-f", &self.0]).output();
     }
 }
 
@@ -262,7 +227,7 @@ fn docker_workspaces_inject_the_agent_keep_the_home_volume_and_clean_up() {
     if !crate::docker::docker_available() {
         return;
     }
-    let Some(image) = BusyboxImage::build() else {
+    let Some(image) = busybox_image() else {
         return;
     };
     let s = Server::start();
@@ -286,7 +251,7 @@ spec:
       - name: hello
         script: echo "started in $(hostname) as uid $(id -u) at $PWD" | tee "$HOME/started"
 "#,
-            image.0
+            image.tag
         ),
     )
     .unwrap();
@@ -362,7 +327,7 @@ spec:
         &tpl,
         std::fs::read_to_string(&tpl)
             .unwrap()
-            .replace(&image.0, "kiln-absent:none")
+            .replace(&image.tag, "kiln-absent:none")
             .replace("name: box", "name: absent"),
     )
     .unwrap();
