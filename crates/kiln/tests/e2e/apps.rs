@@ -107,12 +107,8 @@ fn workspace_apps_by_path_and_subdomain_with_share_levels_and_websockets() {
     let s = Server::start();
     let app = app_server();
     let closed = free_port();
-    let tmp = tempfile::tempdir().unwrap();
-    let tpl = tmp.path().join("template.yaml");
-    std::fs::write(
-        &tpl,
-        format!(
-            r#"apiVersion: kiln.dev/v1
+    s.push_template(&format!(
+        r#"apiVersion: kiln.dev/v1
 kind: Template
 metadata:
   name: web
@@ -138,10 +134,7 @@ spec:
           intervalSeconds: 1
           threshold: 1
 "#
-        ),
-    )
-    .unwrap();
-    ok(s.kiln(&["template", "push", tpl.to_str().unwrap()]));
+    ));
     ok(s.kiln(&["workspace", "create", "dev", "-t", "web"]));
 
     // The agent's health checks reach the status.

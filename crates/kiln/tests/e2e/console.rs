@@ -737,11 +737,8 @@ async fn console_shows_workspaces_apps_and_live_build_logs_in_chromium() {
     let app = crate::apps::app_server();
     // The start script waits for a file the test writes once the page is open, so its last line is written
     // while the page watches.
-    let tpl = server.data_dir.join("template.yaml");
-    std::fs::write(
-        &tpl,
-        format!(
-            r#"apiVersion: kiln.dev/v1
+    server.push_template(&format!(
+        r#"apiVersion: kiln.dev/v1
 kind: Template
 metadata:
   name: web
@@ -758,10 +755,7 @@ spec:
           url: http://127.0.0.1:{app}/healthz
           intervalSeconds: 1
 "#
-        ),
-    )
-    .unwrap();
-    ok(server.kiln(&["template", "push", tpl.to_str().unwrap()]));
+    ));
     ok(server.kiln(&["workspace", "create", "dev", "-t", "web", "--no-wait"]));
     let password = std::fs::read_to_string(server.data_dir.join("admin-password"))
         .unwrap()

@@ -149,6 +149,13 @@ impl Server {
         self.kiln_as(&self.admin_token(), args, None)
     }
 
+    /// Pushes a Template manifest (a file without template files) as the owner; the CLI's output.
+    pub fn push_template(&self, manifest: &str) -> String {
+        let path = self.data_dir.join("template.yaml");
+        std::fs::write(&path, manifest).expect("write the template manifest");
+        ok(self.kiln(&["template", "push", path.to_str().unwrap()]))
+    }
+
     /// Runs the CLI with a token and optional standard input.
     pub fn kiln_as(&self, token: &str, args: &[&str], stdin: Option<&str>) -> Output {
         run_kiln(&self.url, token, args, stdin)

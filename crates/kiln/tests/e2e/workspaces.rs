@@ -233,12 +233,8 @@ fn docker_workspaces_inject_the_agent_keep_the_home_volume_and_clean_up() {
     let s = Server::start();
     let name = format!("box-{}", std::process::id());
     let _cleanup = WorkspaceContainers(name.clone());
-    let tmp = tempfile::tempdir().unwrap();
-    let tpl = tmp.path().join("template.yaml");
-    std::fs::write(
-        &tpl,
-        format!(
-            r#"apiVersion: kiln.dev/v1
+    let manifest = format!(
+        r#"apiVersion: kiln.dev/v1
 kind: Template
 metadata:
   name: box
@@ -251,11 +247,9 @@ spec:
       - name: hello
         script: echo "started in $(hostname) as uid $(id -u) at $PWD" | tee "$HOME/started"
 "#,
-            image.tag
-        ),
-    )
-    .unwrap();
-    ok(s.kiln(&["template", "push", tpl.to_str().unwrap()]));
+        image.tag
+    );
+    s.push_template(&manifest);
     ok(s.kiln(&["workspace", "create", &name, "-t", "box"]));
     let container = format!("kiln-ws-default-{name}");
     assert_eq!(
@@ -323,15 +317,11 @@ spec:
     );
 
     // An image that is not on the Engine fails the build, saying so.
-    std::fs::write(
-        &tpl,
-        std::fs::read_to_string(&tpl)
-            .unwrap()
+    s.push_template(
+        &manifest
             .replace(&image.tag, "kiln-absent:none")
             .replace("name: box", "name: absent"),
-    )
-    .unwrap();
-    ok(s.kiln(&["template", "push", tpl.to_str().unwrap()]));
+    );
     let out = s.kiln(&["workspace", "create", "absent", "-t", "absent"]);
     assert!(!out.status.success());
     assert!(

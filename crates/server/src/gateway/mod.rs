@@ -999,34 +999,13 @@ async fn proxy(
     let upgrade = is_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
-    let mut headers = parts.headers;
-    let upgrade_proto = headers.get(header::UPGRADE).cloned();
-    strip_hop_by_hop(&mut headers);
-    strip_cookies(&mut headers, &[crate::auth::SESSION_COOKIE]);
-    if let (true, Some(proto)) = (upgrade, upgrade_proto) {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        headers.insert(header::UPGRADE, proto);
-    }
-    let ip = peer.ip();
-    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip.to_string(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
-    }
-    if let Some(host) = headers.get(header::HOST).cloned() {
-        headers.insert(X_FORWARDED_HOST.clone(), host);
-    }
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-    match prefix {
-        Some(Ok(p)) => {
-            headers.insert(X_FORWARDED_PREFIX.clone(), p);
-        }
-        _ => {
-            headers.remove(&X_FORWARDED_PREFIX);
-        }
-    }
+    let headers = forwarded_headers(
+        parts.headers,
+        upgrade,
+        peer,
+        prefix.and_then(Result::ok),
+        &[crate::auth::SESSION_COOKIE],
+    );
     let mut out = match axum::http::Request::builder()
         .method(parts.method)
         .uri(path)
@@ -1128,45 +1107,93 @@ fn exchange_failed(route: &Route, addr: SocketAddr, e: String) -> Vec<String> {
     ]
 }
 
+/// What a proxy forwards of a client's request headers: hop-by-hop headers and Kiln's `cookies` removed (an
+/// upgrade's `Connection` and `Upgrade` kept), `X-Forwarded-For`, `-Host` and `-Proto` added, and
+/// `X-Forwarded-Prefix` set to `prefix` or removed.
+pub(crate) fn forwarded_headers(
+    mut headers: HeaderMap,
+    upgrade: bool,
+    peer: SocketAddr,
+    prefix: Option<HeaderValue>,
+    cookies: &[&str],
+) -> HeaderMap {
+    let upgrade_proto = headers.get(header::UPGRADE).cloned();
+    strip_hop_by_hop(&mut headers);
+    strip_cookies(&mut headers, cookies);
+    if let (true, Some(proto)) = (upgrade, upgrade_proto) {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, proto);
+    }
+    let ip = peer.ip();
+    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
+    }
+    if let Some(host) = headers.get(header::HOST).cloned() {
+        headers.insert(X_FORWARDED_HOST.clone(), host);
+    }
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    match prefix {
+        Some(p) => headers.insert(X_FORWARDED_PREFIX.clone(), p),
+        None => headers.remove(&X_FORWARDED_PREFIX),
+    };
+    headers
+}
+
+/// The answer to a backend's `101 Switching Protocols`: its head without hop-by-hop headers (the upgrade
+/// kept), and, once both the client and the backend have switched, `splice` run on the two connections.
+pub(crate) fn switching_protocols<F, Fut>(
+    mut resp: axum::http::Response<Incoming>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    splice: F,
+) -> Response
+where
+    F: FnOnce(TokioIo<hyper::upgrade::Upgraded>, TokioIo<hyper::upgrade::Upgraded>) -> Fut
+        + Send
+        + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let backend_upgrade = hyper::upgrade::on(&mut resp);
+    let (mut parts, _) = resp.into_parts();
+    let proto = parts.headers.get(header::UPGRADE).cloned();
+    strip_hop_by_hop(&mut parts.headers);
+    if let Some(p) = proto {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, p);
+    }
+    if let Some(client_upgrade) = client_upgrade {
+        tokio::spawn(async move {
+            match tokio::join!(client_upgrade, backend_upgrade) {
+                (Ok(c), Ok(b)) => splice(TokioIo::new(c), TokioIo::new(b)).await,
+                (c, b) => tracing::debug!(
+                    client = c.is_ok(),
+                    backend = b.is_ok(),
+                    "proxy: upgrade did not complete"
+                ),
+            }
+        });
+    }
+    Response::from_parts(parts, Body::empty())
+}
+
 /// The backend's response, passed on: hop-by-hop headers removed, the body streamed (and the connection
 /// returned to the pool when it ends), or for `101 Switching Protocols` both connections spliced together.
 fn respond(
     pool: &Arc<Pool>,
-    mut resp: axum::http::Response<Incoming>,
+    resp: axum::http::Response<Incoming>,
     upstream: Option<Upstream>,
     addr: SocketAddr,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Response {
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        let backend_upgrade = hyper::upgrade::on(&mut resp);
-        let (mut parts, _) = resp.into_parts();
-        let proto = parts.headers.get(header::UPGRADE).cloned();
-        strip_hop_by_hop(&mut parts.headers);
-        if let Some(p) = proto {
-            parts
-                .headers
-                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            parts.headers.insert(header::UPGRADE, p);
-        }
-        if let Some(client_upgrade) = client_upgrade {
-            tokio::spawn(async move {
-                let (client, backend) = match tokio::join!(client_upgrade, backend_upgrade) {
-                    (Ok(c), Ok(b)) => (c, b),
-                    (c, b) => {
-                        tracing::debug!(
-                            client = c.is_ok(),
-                            backend = b.is_ok(),
-                            "gateway: upgrade did not complete"
-                        );
-                        return;
-                    }
-                };
-                let mut client = TokioIo::new(client);
-                let mut backend = TokioIo::new(backend);
-                let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
-            });
-        }
-        return Response::from_parts(parts, Body::empty());
+        return switching_protocols(resp, client_upgrade, |mut client, mut backend| async move {
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
+        });
     }
     let (mut parts, body) = resp.into_parts();
     let keep = !connection_close(&parts.headers);

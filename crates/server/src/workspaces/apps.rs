@@ -40,7 +40,9 @@ use store::{ListQuery, StoreError};
 
 use super::org_key as key;
 use crate::auth::{self, MaybePrincipal, Principal, SESSION_COOKIE};
-use crate::gateway::{is_upgrade, page, strip_cookies, strip_hop_by_hop, wants_html};
+use crate::gateway::{
+    forwarded_headers, is_upgrade, page, strip_hop_by_hop, switching_protocols, wants_html,
+};
 use crate::AppState;
 
 /// The cookie that carries an app session on an app's own host.
@@ -53,11 +55,6 @@ pub const TOKEN_HEADER: HeaderName = HeaderName::from_static("kiln-token");
 const APP_SESSION_HOURS: i64 = 12;
 /// How long a resolved (owner, workspace) → organization is trusted before it is looked up again.
 const RESOLVE_TTL: Duration = Duration::from_secs(30);
-
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
 
 /// The domain under which subdomain apps live.
 pub fn apps_domain(base: &str) -> String {
@@ -315,13 +312,8 @@ async fn caller(
         };
         return app_session_user(state, secret).await.map_err(unavailable);
     }
-    let mut only_session = HeaderMap::new();
-    if let Some(c) = auth::cookie(headers, SESSION_COOKIE) {
-        if let Ok(v) = HeaderValue::from_str(&format!("{SESSION_COOKIE}={c}")) {
-            only_session.insert(header::COOKIE, v);
-        }
-    }
-    auth::authenticate(state, &only_session, None)
+    // Without a bearer token, only the console's session cookie is looked at (`Authorization` is the app's).
+    auth::authenticate(state, headers, None)
         .await
         .map_err(unavailable)
 }
@@ -751,30 +743,14 @@ async fn forward(
     let upgrade = is_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
-    let mut headers = parts.headers;
-    let proto = headers.get(header::UPGRADE).cloned();
-    strip_hop_by_hop(&mut headers);
-    strip_cookies(&mut headers, &[SESSION_COOKIE, APP_COOKIE]);
+    let mut headers = forwarded_headers(
+        parts.headers,
+        upgrade,
+        peer,
+        prefix.and_then(|p| HeaderValue::from_str(&p).ok()),
+        &[SESSION_COOKIE, APP_COOKIE],
+    );
     headers.remove(&TOKEN_HEADER);
-    if let (true, Some(proto)) = (upgrade, proto) {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        headers.insert(header::UPGRADE, proto);
-    }
-    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {}", peer.ip()),
-        None => peer.ip().to_string(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
-    }
-    if let Some(host) = headers.get(header::HOST).cloned() {
-        headers.insert(X_FORWARDED_HOST.clone(), host);
-    }
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-    headers.remove(&X_FORWARDED_PREFIX);
-    if let Some(p) = prefix.and_then(|p| HeaderValue::from_str(&p).ok()) {
-        headers.insert(X_FORWARDED_PREFIX.clone(), p);
-    }
     let failed = |what: &str, e: &dyn std::fmt::Display| {
         Failure::new(
             StatusCode::BAD_GATEWAY,
@@ -795,33 +771,19 @@ async fn forward(
     tokio::spawn(async move {
         let _ = conn.with_upgrades().await;
     });
-    let mut resp = sender
+    let resp = sender
         .send_request(out)
         .await
         .map_err(|e| failed("the app failed while answering", &e))?;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        let app_upgrade = hyper::upgrade::on(&mut resp);
-        let (mut parts, _) = resp.into_parts();
-        let proto = parts.headers.get(header::UPGRADE).cloned();
-        strip_hop_by_hop(&mut parts.headers);
-        if let Some(p) = proto {
-            parts
-                .headers
-                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            parts.headers.insert(header::UPGRADE, p);
-        }
-        if let Some(client_upgrade) = client_upgrade {
-            tokio::spawn(async move {
-                let (Ok(client), Ok(app)) = tokio::join!(client_upgrade, app_upgrade) else {
-                    return;
-                };
-                let (state, org, ws) = activity;
-                let mut client = TokioIo::new(client);
-                let mut app = TokioIo::new(app);
+        let (state, org, ws) = activity;
+        return Ok(switching_protocols(
+            resp,
+            client_upgrade,
+            |mut client, mut app| async move {
                 super::hub::relay(&state, &org, &ws, &mut client, &mut app).await;
-            });
-        }
-        return Ok(Response::from_parts(parts, Body::empty()));
+            },
+        ));
     }
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
