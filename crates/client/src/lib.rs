@@ -516,6 +516,67 @@ impl Client {
         Ok(items(self.json(rb).await?))
     }
 
+    /// The provisioner keys of an organization.
+    pub async fn list_provisioner_keys(&self, org: &str) -> Result<Vec<Value>> {
+        let path = format!("/api/v1/orgs/{}/provisionerkeys", enc(org));
+        Ok(items(self.json(self.request(Method::GET, &path)).await?))
+    }
+
+    /// Creates a provisioner key; the answer holds the key (`key`), shown this once.
+    pub async fn create_provisioner_key(&self, org: &str, body: &Value) -> Result<Value> {
+        self.post_json(&format!("/api/v1/orgs/{}/provisionerkeys", enc(org)), body)
+            .await
+    }
+
+    pub async fn delete_provisioner_key(&self, org: &str, name: &str) -> Result<()> {
+        let path = format!("/api/v1/orgs/{}/provisionerkeys/{}", enc(org), enc(name));
+        self.send(self.request(Method::DELETE, &path))
+            .await
+            .map(|_| ())
+    }
+
+    /// The provisioners serving an organization (built-in and external) that asked for work lately.
+    pub async fn list_provisioners(&self, org: &str) -> Result<Vec<Value>> {
+        let path = format!("/api/v1/orgs/{}/provisioners", enc(org));
+        Ok(items(self.json(self.request(Method::GET, &path)).await?))
+    }
+
+    /// A provisioner's long poll for a job (this client's token is a provisioner key): the claimed job and its
+    /// build, or `None` when none came within `wait_seconds`.
+    pub async fn provisioner_acquire(
+        &self,
+        body: &Value,
+        wait_seconds: u64,
+    ) -> Result<Option<Value>> {
+        let rb = self
+            .request(Method::POST, "/api/v1/provisioner/acquire")
+            .query(&[("wait", wait_seconds)])
+            .json(body);
+        let resp = self.send(rb).await?;
+        if resp.status() == StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| Error::Decode(e.to_string()))?;
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::Decode(e.to_string()))
+    }
+
+    /// A provisioner's operation on a job it holds: `logs`, `renew` or `complete`.
+    pub async fn provisioner_job(
+        &self,
+        org: &str,
+        job: &str,
+        op: &str,
+        body: &Value,
+    ) -> Result<Value> {
+        let path = format!("/api/v1/provisioner/jobs/{}/{}/{op}", enc(org), enc(job));
+        self.post_json(&path, body).await
+    }
+
     pub async fn revoke_token(&self, id: &str) -> Result<()> {
         self.send(self.request(Method::DELETE, &format!("/api/v1/tokens/{}", enc(id))))
             .await

@@ -131,18 +131,22 @@ impl Provisioners {
         if self.live().iter().any(|p| p.can_take(org, spec)) {
             return None;
         }
-        let tags = if spec.tags.is_empty() {
-            String::new()
+        let (tags, key) = if spec.tags.is_empty() {
+            (String::new(), String::new())
         } else {
             let t: Vec<String> = spec.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            format!(" with tags {}", t.join(","))
+            let t = t.join(",");
+            (
+                format!(" with tags {t}"),
+                format!(" with a provisioner key tagged {t}"),
+            )
         };
         let kind = serde_json::to_value(spec.provisioner)
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))
             .unwrap_or_default();
         Some(format!(
-            "no connected provisioner runs {kind} jobs{tags} for organization {org}; start one with `kiln provisioner`"
+            "no connected provisioner runs {kind} jobs{tags} for organization {org}; start one with `kiln provisioner start`{key}"
         ))
     }
 
@@ -283,8 +287,8 @@ pub async fn claim(
     Ok(None)
 }
 
-/// The job, checked to be held at `epoch` and still running.
-async fn held(store: &Store, key: &Key, epoch_given: u64) -> Result<Resource, JobError> {
+/// The job, checked to be held at `epoch` (a stale epoch is refused).
+pub async fn held(store: &Store, key: &Key, epoch_given: u64) -> Result<Resource, JobError> {
     let job = match store.get(key).await {
         Ok(j) => j,
         Err(StoreError::NotFound(_)) => return Err(JobError::NotFound(key.name.clone())),
@@ -337,6 +341,31 @@ pub async fn append_job_logs(
     Ok(())
 }
 
+/// Appends log lines of a job that is still held at `epoch` and running.
+pub async fn append_held_logs(
+    store: &Store,
+    key: &Key,
+    epoch_given: u64,
+    lines: Vec<LogLine>,
+) -> Result<(), JobError> {
+    held_running(store, key, epoch_given).await?;
+    append_job_logs(store, key, lines).await?;
+    Ok(())
+}
+
+/// The job, checked to be held at `epoch` and not ended.
+async fn held_running(store: &Store, key: &Key, epoch_given: u64) -> Result<Resource, JobError> {
+    let job = held(store, key, epoch_given).await?;
+    let p = phase(&job);
+    if p.is_final() {
+        return Err(JobError::AlreadyEnded {
+            job: key.name.clone(),
+            phase: p,
+        });
+    }
+    Ok(job)
+}
+
 /// Extends the lease of a job held at `epoch`, after appending its new log lines; answers whether it was
 /// canceled. A stale epoch or an ended job is refused.
 pub async fn renew(
@@ -346,14 +375,7 @@ pub async fn renew(
     logs: Vec<LogLine>,
 ) -> Result<Renewed, JobError> {
     loop {
-        let job = held(store, key, epoch_given).await?;
-        let p = phase(&job);
-        if p.is_final() {
-            return Err(JobError::AlreadyEnded {
-                job: key.name.clone(),
-                phase: p,
-            });
-        }
+        let job = held_running(store, key, epoch_given).await?;
         let cancel = model::typed_spec::<ProvisionerJobSpec>(&job).is_ok_and(|s| s.cancel);
         let mut status = status_object(&job);
         status.insert(

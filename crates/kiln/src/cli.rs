@@ -89,6 +89,9 @@ pub enum Command {
     /// Remote development workspaces.
     #[command(subcommand, alias = "ws")]
     Workspace(WorkspaceCommand),
+    /// Provisioners: run one on this host (`start`), list the live ones, manage provisioner keys.
+    #[command(subcommand)]
+    Provisioner(ProvisionerCommand),
     /// Forward local TCP ports to ports inside a workspace, through the server.
     PortForward(PortForwardArgs),
     /// A shell or a command in a workspace over SSH, through the server.
@@ -345,6 +348,51 @@ pub enum TemplateCommand {
         #[arg(long)]
         name: Option<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProvisionerCommand {
+    /// Run a provisioner on this host: it takes the organization's workspace builds whose templates ask for
+    /// the key's tags, and runs them with the providers this host has (process; docker when an Engine answers;
+    /// terraform when the binary runs). Stops on Ctrl-C or SIGTERM after the builds under way.
+    Start {
+        /// The provisioner key (`kiln provisioner keys create`).
+        #[arg(long, env = "KILN_PROVISIONER_KEY", hide_env_values = true)]
+        key: String,
+        /// Its name among the live provisioners (default: the host name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Where process and terraform workspaces live on this host.
+        #[arg(long, env = "KILN_PROVISIONER_DIR")]
+        dir: Option<PathBuf>,
+        /// Offer only these provider types (comma-separated: process, docker, terraform).
+        #[arg(long, value_delimiter = ',')]
+        types: Vec<String>,
+        /// Builds run at once.
+        #[arg(long, default_value_t = 2)]
+        concurrency: usize,
+    },
+    /// The provisioners that asked for this organization's jobs lately, built-in and external.
+    List,
+    /// Provisioner keys (organization administrators).
+    #[command(subcommand)]
+    Keys(ProvisionerKeysCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProvisionerKeysCommand {
+    /// Create a key; it is printed once. Its provisioners take the jobs of templates whose
+    /// `provisionerTags` are all among its tags.
+    Create {
+        name: String,
+        /// A tag, KEY=VALUE (repeatable).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+    },
+    /// List the keys (names, tags, who created them); secrets are never shown again.
+    List,
+    /// Delete a key: provisioners using it are refused from their next request.
+    Delete { name: String },
 }
 
 #[derive(Debug, Subcommand)]

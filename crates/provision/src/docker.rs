@@ -118,6 +118,9 @@ impl DockerProvider {
             .as_ref()
             .ok_or("the template has no docker section (spec.docker.image)")?;
         let image = &docker.image;
+        let (cpus, memory) = docker
+            .limits(&build.parameters)
+            .map_err(|e| e.to_string())?;
         match self
             .engine
             .call(Method::GET, &format!("/images/{}/json", query_escape(image)), None)
@@ -159,6 +162,23 @@ impl DockerProvider {
         }
         let loopback = is_loopback_url(&build.agent_url);
         let mut host_config = json!({"Binds": binds, "Init": true});
+        if let Some(c) = cpus {
+            host_config["NanoCpus"] = json!((c * 1e9).round() as u64);
+        }
+        if let Some(m) = memory {
+            host_config["Memory"] = json!(m);
+        }
+        if cpus.is_some() || memory.is_some() {
+            let show = |v: Option<String>| v.unwrap_or_else(|| "unlimited".into());
+            logs.line(
+                "provision",
+                format!(
+                    "limits: {} CPUs, {} bytes of memory",
+                    show(cpus.map(|c| c.to_string())),
+                    show(memory.map(|m| m.to_string()))
+                ),
+            );
+        }
         if loopback {
             host_config["NetworkMode"] = json!("host");
             logs.line(

@@ -349,19 +349,8 @@ async fn builtin_providers(config: &Config) -> anyhow::Result<provision::Provide
         Some(c) => c.clone(),
         None => vec![exe.to_string_lossy().into_owned(), "agent".into()],
     };
-    let root = config.data_dir.join("workspaces");
-    let root = std::path::absolute(&root).unwrap_or(root);
-    let docker = match provision::DockerProvider::connect(&exe).await {
-        Ok(d) => Some(d),
-        Err(e) => {
-            tracing::info!(error = %e, "docker workspaces are unavailable");
-            None
-        }
-    };
-    Ok(provision::Providers {
-        process: Some(provision::ProcessProvider::new(root, command)),
-        docker,
-    })
+    let data = std::path::absolute(&config.data_dir).unwrap_or(config.data_dir.clone());
+    Ok(provision::Providers::detect(&data, &exe, command).await)
 }
 
 /// Opens the store the configuration names.

@@ -300,6 +300,11 @@ async fn every_non_public_route_requires_authentication() {
         "/api/v1/agent/connect",
         // A browser's way to a subdomain app: it sends the signed-out to sign in.
         "/api/v1/apps/auth",
+        // The provisioner queue: authenticated with a provisioner key, not a user's token.
+        "/api/v1/provisioner/acquire",
+        "/api/v1/provisioner/jobs/{org}/{name}/logs",
+        "/api/v1/provisioner/jobs/{org}/{name}/renew",
+        "/api/v1/provisioner/jobs/{org}/{name}/complete",
     ];
     for op in server::api().ops {
         assert_eq!(
@@ -396,11 +401,29 @@ fn kind_of_path(path: &str) -> Option<Kind> {
     })
 }
 
+/// The provisioner key `fixture` of an organization, made (again) by the server's admin.
+async fn provisioner_key_fixture(e: &Env, org: &str) {
+    let (s, b) = call(
+        &e.app,
+        Method::POST,
+        &format!("/api/v1/orgs/{org}/provisionerkeys"),
+        Some(&e.admin),
+        Some(json!({"name": "fixture"})),
+    )
+    .await;
+    assert!(
+        s.is_success(),
+        "making provisioner key fixture in {org}: {b}"
+    );
+}
+
 #[tokio::test]
 async fn rbac_every_route_by_role_and_organization() {
     let e = env().await;
     seed_org(&e, "alpha").await;
     seed_org(&e, "beta").await;
+    provisioner_key_fixture(&e, "alpha").await;
+    provisioner_key_fixture(&e, "beta").await;
     let roles = ["owner", "admin", "developer", "viewer"];
     let mut tokens = BTreeMap::new();
     for r in roles {
@@ -446,6 +469,26 @@ async fn rbac_every_route_by_role_and_organization() {
                         )
                         .await;
                         (s, b, "forbidden")
+                    }
+                    (p, _) if p.contains("/provisionerkeys") || p.ends_with("/provisioners") => {
+                        // Keys are the administrators'; the live provisioners are readable like templates.
+                        let req_path = p.replace("{org}", org).replace("{name}", "fixture");
+                        let body = (op.method == Method::POST)
+                            .then(|| json!({"name": format!("by-{role}"), "tags": {"site": "a"}}));
+                        let (s, b) =
+                            call(&e.app, op.method.clone(), &req_path, Some(token), body).await;
+                        if s.is_success() && op.method == Method::DELETE {
+                            provisioner_key_fixture(&e, org).await;
+                        }
+                        let expect = if !same {
+                            "hidden"
+                        } else if p.ends_with("/provisioners") || matches!(role, "owner" | "admin")
+                        {
+                            "allowed"
+                        } else {
+                            "forbidden"
+                        };
+                        (s, b, expect)
                     }
                     (p, Some(kind))
                         if p.starts_with("/api/v1/orgs/{org}")
@@ -2165,4 +2208,75 @@ async fn organization_quotas_are_enforced_when_components_are_written() {
         b["detail"].as_str().unwrap().contains("allows 5 replicas"),
         "{b}"
     );
+}
+
+#[tokio::test]
+async fn an_organization_quota_caps_running_workspaces_and_only_starts_count() {
+    let e = env().await;
+    seed_org(&e, "q").await; // its fixture workspace runs: one of two
+    let mut org = manifest(Kind::Organization, "q");
+    org["spec"]["resourceQuotas"] = json!({"runningWorkspaces": 2});
+    let (s, b) = call(
+        &e.app,
+        Method::PUT,
+        "/api/v1/orgs/q",
+        Some(&e.admin),
+        Some(org),
+    )
+    .await;
+    assert!(s.is_success(), "{b}");
+    let put = |name: &'static str, state: &'static str, ttl: Option<&'static str>| {
+        let mut m = manifest(Kind::Workspace, name);
+        m["spec"]["state"] = json!(state);
+        if let Some(t) = ttl {
+            m["spec"]["ttl"] = json!(t);
+        }
+        let app = e.app.clone();
+        let token = e.admin.clone();
+        async move {
+            call(
+                &app,
+                Method::PUT,
+                &item_path(Kind::Workspace, "q", name),
+                Some(&token),
+                Some(m),
+            )
+            .await
+        }
+    };
+
+    let (s, b) = put("two", "running", None).await;
+    assert!(s.is_success(), "{b}");
+    let (s, b) = put("three", "running", None).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{b}");
+    let detail = b["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("allows 2 running workspace(s)")
+            && detail.contains("spec.resourceQuotas.runningWorkspaces"),
+        "{detail}"
+    );
+    // Nothing was stored by the refused write.
+    let (s, _) = call(
+        &e.app,
+        Method::GET,
+        &item_path(Kind::Workspace, "q", "three"),
+        Some(&e.admin),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    // A stopped workspace is within any quota; starting it is not, while two run.
+    let (s, b) = put("three", "stopped", None).await;
+    assert!(s.is_success(), "{b}");
+    let (s, b) = put("three", "running", None).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{b}");
+    // Changing a workspace that already runs is no start.
+    let (s, b) = put("two", "running", Some("2h")).await;
+    assert!(s.is_success(), "{b}");
+    // Stopping one makes room.
+    let (s, b) = put("two", "stopped", None).await;
+    assert!(s.is_success(), "{b}");
+    let (s, b) = put("three", "running", None).await;
+    assert!(s.is_success(), "{b}");
 }

@@ -402,6 +402,28 @@ impl Store {
         dispatch!(self, b => b.delete_logs(stream).await)
     }
 
+    /// Stores `data` under `name`, replacing what was there. Blobs are small opaque values that belong to no
+    /// resource and are never shown through the API as they are (e.g. a workspace's Terraform state, which
+    /// holds its agent's token; provisioner keys).
+    pub async fn put_blob(&self, name: &str, data: Vec<u8>) -> Result<()> {
+        dispatch!(self, b => b.put_blob(name, data).await)
+    }
+
+    /// The blob stored under `name`, if any.
+    pub async fn get_blob(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        dispatch!(self, b => b.get_blob(name).await)
+    }
+
+    /// Names of the blobs that start with `prefix`, in byte order.
+    pub async fn blob_names(&self, prefix: &str) -> Result<Vec<String>> {
+        dispatch!(self, b => b.blob_names(prefix).await)
+    }
+
+    /// Deletes a blob; whether it existed.
+    pub async fn delete_blob(&self, name: &str) -> Result<bool> {
+        dispatch!(self, b => b.delete_blob(name).await)
+    }
+
     /// Names of the streams this process appends to, as it does. Another process's appends (a shared
     /// PostgreSQL) are not announced: a live reader also re-reads on a timer.
     pub fn log_appends(&self) -> broadcast::Receiver<String> {

@@ -179,6 +179,7 @@ conformance! {
     users_tokens_sessions => sqlite_users_tokens_sessions, postgres_users_tokens_sessions;
     audit_and_events => sqlite_audit_and_events, postgres_audit_and_events;
     log_streams => sqlite_log_streams, postgres_log_streams;
+    blobs => sqlite_blobs, postgres_blobs;
 }
 
 // ---- helpers ----
@@ -1689,4 +1690,32 @@ async fn log_streams(b: Backend) {
     s.delete_logs("job/a").await.unwrap();
     assert!(s.read_logs("job/a", 0, 100).await.unwrap().is_empty());
     assert_eq!(s.read_logs("job/b", 0, 100).await.unwrap().len(), 1);
+}
+
+async fn blobs(b: Backend) {
+    let Some(s) = open(b, Options::default()).await else {
+        return;
+    };
+    assert_eq!(s.get_blob("tf/a").await.unwrap(), None);
+    s.put_blob("tf/a", b"one".to_vec()).await.unwrap();
+    s.put_blob("tf/b", vec![0, 255, 1]).await.unwrap();
+    s.put_blob("tg/c", b"x".to_vec()).await.unwrap();
+    assert_eq!(
+        s.get_blob("tf/a").await.unwrap().as_deref(),
+        Some(&b"one"[..])
+    );
+    assert_eq!(s.get_blob("tf/b").await.unwrap(), Some(vec![0, 255, 1]));
+    s.put_blob("tf/a", b"two".to_vec()).await.unwrap();
+    assert_eq!(
+        s.get_blob("tf/a").await.unwrap().as_deref(),
+        Some(&b"two"[..])
+    );
+    assert_eq!(s.blob_names("tf/").await.unwrap(), ["tf/a", "tf/b"]);
+    // A prefix is matched literally: `_` and `%` are no wildcards.
+    s.put_blob("t_/d", b"y".to_vec()).await.unwrap();
+    assert_eq!(s.blob_names("t_/").await.unwrap(), ["t_/d"]);
+    assert!(s.delete_blob("tf/a").await.unwrap());
+    assert!(!s.delete_blob("tf/a").await.unwrap());
+    assert_eq!(s.get_blob("tf/a").await.unwrap(), None);
+    assert_eq!(s.blob_names("tf/").await.unwrap(), ["tf/b"]);
 }

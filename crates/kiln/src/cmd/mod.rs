@@ -2,6 +2,7 @@
 
 mod logs;
 mod manifests;
+mod provisioner;
 mod resources;
 mod ssh;
 mod workspace;
@@ -29,13 +30,17 @@ pub struct Ctx {
     pub org_explicit: bool,
 }
 
+/// The server URL: the flag (or `KILN_URL`), else the stored one, else the default.
+fn server_url(cli: &Cli, stored: &config::Stored) -> String {
+    cli.url
+        .clone()
+        .or(stored.url.clone())
+        .unwrap_or_else(|| DEFAULT_URL.to_string())
+}
+
 fn ctx(cli: &Cli) -> anyhow::Result<Ctx> {
     let stored = config::load()?;
-    let url = cli
-        .url
-        .clone()
-        .or(stored.url)
-        .unwrap_or_else(|| DEFAULT_URL.to_string());
+    let url = server_url(cli, &stored);
     let token = cli.token.clone().or(stored.token);
     let client = Client::new(&url, token)?;
     Ok(Ctx {
@@ -101,6 +106,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Template(c) => workspace::template(&ctx(&cli)?, c).await,
         Command::Workspace(c) => workspace::workspace(&ctx(&cli)?, c).await,
+        Command::Provisioner(c) => provisioner::run(&cli, c).await,
         Command::PortForward(args) => workspace::port_forward(&ctx(&cli)?, args).await,
         Command::Ssh(args) => ssh::ssh(&ctx(&cli)?, args).await,
         Command::ConfigSsh(args) => ssh::config_ssh(&ctx(&cli)?, args).await,

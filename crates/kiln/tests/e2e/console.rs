@@ -785,6 +785,11 @@ async fn workspaces_flow(b: &Session, server: &Server, password: &str) {
 
     b.goto(&format!("{base}/orgs/default/workspaces")).await;
     assert_eq!(b.text("h1").await, "Workspaces of default");
+    let provisioners = b.text("#provisioners").await;
+    assert!(
+        provisioners.contains("built-in") && provisioners.contains("Provisioner keys"),
+        "{provisioners}"
+    );
     b.click("#workspace-dev").await;
     b.wait_path("/orgs/default/workspaces/dev").await;
     assert_eq!(b.text("h1").await, "Workspace dev");

@@ -156,6 +156,33 @@ impl Server {
         ok(self.kiln(&["template", "push", path.to_str().unwrap()]))
     }
 
+    /// A workspace as `kiln get workspace NAME -o json` prints it; `null` once it is gone.
+    pub fn workspace(&self, name: &str) -> serde_json::Value {
+        let out = self.kiln(&["get", "workspace", name, "-o", "json"]);
+        if !out.status.success() {
+            return serde_json::Value::Null;
+        }
+        serde_json::from_str(&stdout(&out)).expect("json")
+    }
+
+    /// Polls a workspace until `f` holds (90 s at most, then fails naming `what`).
+    pub fn wait_workspace(
+        &self,
+        name: &str,
+        what: &str,
+        f: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let w = self.workspace(name);
+            if f(&w) {
+                return w;
+            }
+            assert!(Instant::now() < deadline, "{what}: {w:#}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Runs the CLI with a token and optional standard input.
     pub fn kiln_as(&self, token: &str, args: &[&str], stdin: Option<&str>) -> Output {
         run_kiln(&self.url, token, args, stdin)

@@ -3,31 +3,10 @@
 //! gone, home kept), start again, immutable parameters refused, delete (directory gone).
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use crate::harness::*;
-
-fn workspace(s: &Server, name: &str) -> Value {
-    let out = s.kiln(&["get", "workspace", name, "-o", "json"]);
-    if !out.status.success() {
-        return Value::Null;
-    }
-    serde_json::from_str(&stdout(&out)).expect("json")
-}
-
-fn wait_ws(s: &Server, name: &str, what: &str, f: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let w = workspace(s, name);
-        if f(&w) {
-            return w;
-        }
-        assert!(Instant::now() < deadline, "{what}: {w:#}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 #[test]
 fn process_workspaces_build_connect_forward_stop_start_and_delete() {
@@ -78,7 +57,7 @@ spec:
     );
 
     ok(s.kiln(&["workspace", "create", "dev", "-t", "local", "-p", "size=2"]));
-    let w = workspace(&s, "dev");
+    let w = s.workspace("dev");
     assert_eq!(w["status"]["phase"], "running", "{w:#}");
     assert_eq!(w["status"]["agent"]["status"], "connected", "{w:#}");
     assert_eq!(w["status"]["agent"]["lifecycle"], "ready", "{w:#}");
@@ -130,7 +109,7 @@ spec:
     );
     echo_through(local, 300_000);
     drop(pf);
-    let w = workspace(&s, "dev");
+    let w = s.workspace("dev");
     assert!(
         w["status"]["lastActivity"].is_string(),
         "activity is recorded: {w:#}"
@@ -139,7 +118,7 @@ spec:
     // Stop: the agent goes, the home stays.
     std::fs::write(home.join("keep.txt"), "kept").unwrap();
     ok(s.kiln(&["workspace", "stop", "dev"]));
-    let w = wait_ws(&s, "dev", "agent disconnected after stop", |w| {
+    let w = s.wait_workspace("dev", "agent disconnected after stop", |w| {
         w["status"]["agent"]["status"] == "disconnected"
     });
     assert_eq!(w["status"]["phase"], "stopped");
@@ -162,7 +141,7 @@ spec:
 
     // Start again: a new build, a new agent.
     ok(s.kiln(&["workspace", "start", "dev"]));
-    let w = workspace(&s, "dev");
+    let w = s.workspace("dev");
     assert_eq!(w["status"]["build"]["number"], 3, "{w:#}");
     assert_eq!(w["status"]["agent"]["build"], 3, "{w:#}");
     let listed = ok(s.kiln(&["workspace", "list"]));
@@ -173,7 +152,7 @@ spec:
 
     // Delete: the delete build removes the directory, then the workspace and its jobs go.
     ok(s.kiln(&["workspace", "delete", "dev"]));
-    wait_ws(&s, "dev", "workspace deleted", Value::is_null);
+    s.wait_workspace("dev", "workspace deleted", Value::is_null);
     assert!(!s.data_dir.join("workspaces/default/dev").exists());
     let jobs = ok(s.kiln(&["get", "provisionerjobs"]));
     assert!(!jobs.contains("dev-build"), "{jobs}");
@@ -242,6 +221,14 @@ spec:
   provisioner: docker
   docker:
     image: {}
+    cpus: ${{cpus}}
+    memory: 256Mi
+  parameters:
+    - name: cpus
+      type: number
+      default: "1"
+      mutable: true
+      validation: {{min: 0.5, max: 2}}
   agent:
     scripts:
       - name: hello
@@ -250,16 +237,17 @@ spec:
         image.tag
     );
     s.push_template(&manifest);
-    ok(s.kiln(&["workspace", "create", &name, "-t", "box"]));
+    ok(s.kiln(&["workspace", "create", &name, "-t", "box", "-p", "cpus=1.5"]));
     let container = format!("kiln-ws-default-{name}");
+    // The template's limits, one of them from the workspace's parameter.
     assert_eq!(
         docker(&[
             "inspect",
             "-f",
-            "{{.State.Running}} {{index .Config.Labels \"kiln.dev/workspace\"}}",
+            "{{.State.Running}} {{index .Config.Labels \"kiln.dev/workspace\"}} {{.HostConfig.NanoCpus}} {{.HostConfig.Memory}}",
             &container
         ]),
-        format!("true default/{name}")
+        format!("true default/{name} 1500000000 268435456")
     );
     let logs = ok(s.kiln(&["workspace", "logs", &name]));
     assert!(logs.contains(&format!("container {container}")), "{logs}");
@@ -300,7 +288,7 @@ spec:
 
     // Delete: container and volume go.
     ok(s.kiln(&["workspace", "delete", &name]));
-    wait_ws(&s, &name, "workspace deleted", Value::is_null);
+    s.wait_workspace(&name, "workspace deleted", Value::is_null);
     assert_eq!(
         docker(&["ps", "-aq", "--filter", &format!("name=^{container}$")]),
         ""

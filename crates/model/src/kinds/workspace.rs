@@ -67,6 +67,66 @@ pub struct DockerTemplate {
     /// Keep the home directory in a volume that survives stop (default true).
     #[serde(default = "default_true")]
     pub persistent_home: bool,
+    /// CPUs the container may use (a quantity: `2`, `500m`), or `${name}` for a parameter's value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<String>,
+    /// Memory the container may use (a quantity: `512Mi`, `2Gi`), or `${name}` for a parameter's value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+}
+
+impl DockerTemplate {
+    /// The container's CPU limit in cores and memory limit in bytes, with parameters substituted; an error
+    /// names the field and the value.
+    pub fn limits(
+        &self,
+        parameters: &BTreeMap<String, String>,
+    ) -> Result<(Option<f64>, Option<u64>), FieldError> {
+        let cpus = match &self.cpus {
+            Some(c) => Some(resource_value("spec.docker.cpus", c, parameters)?),
+            None => None,
+        };
+        let memory = match &self.memory {
+            Some(m) => Some(resource_value("spec.docker.memory", m, parameters)? as u64),
+            None => None,
+        };
+        Ok((cpus, memory))
+    }
+}
+
+/// The parameter a `${name}` value refers to.
+fn parameter_ref(value: &str) -> Option<&str> {
+    value.strip_prefix("${")?.strip_suffix('}')
+}
+
+/// A positive quantity, given literally or through a `${parameter}`.
+fn resource_value(
+    path: &str,
+    value: &str,
+    parameters: &BTreeMap<String, String>,
+) -> Result<f64, FieldError> {
+    let (text, from) = match parameter_ref(value) {
+        Some(name) => match parameters.get(name) {
+            Some(v) => (v.as_str(), format!(" (parameter {name})")),
+            None => {
+                return Err(FieldError::new(
+                    path,
+                    format!("parameter {name} has no value"),
+                ))
+            }
+        },
+        None => (value, String::new()),
+    };
+    let q = crate::Quantity(text.to_string());
+    q.validate(path)
+        .map_err(|e| FieldError::new(path, format!("{}{from}", e.message)))?;
+    match q.value() {
+        Some(v) if v > 0.0 => Ok(v),
+        _ => Err(FieldError::new(
+            path,
+            format!("{text:?}{from} must be more than zero"),
+        )),
+    }
 }
 
 /// The type of a parameter's value.
@@ -303,7 +363,27 @@ impl KindSpec for TemplateSpec {
                 "required with provisioner docker: the image workspaces run",
             )),
             (ProvisionerType::Docker, Some(d)) => {
-                check_not_blank(errors, "spec.docker.image", &d.image)
+                check_not_blank(errors, "spec.docker.image", &d.image);
+                for (path, value) in [
+                    ("spec.docker.cpus", &d.cpus),
+                    ("spec.docker.memory", &d.memory),
+                ] {
+                    let Some(v) = value else { continue };
+                    match parameter_ref(v) {
+                        Some(name) if !self.parameters.iter().any(|p| p.name == name) => {
+                            errors.push(FieldError::new(
+                                path,
+                                format!("refers to parameter {name}, which spec.parameters does not declare"),
+                            ))
+                        }
+                        Some(_) => {}
+                        None => {
+                            if let Err(e) = resource_value(path, v, &BTreeMap::new()) {
+                                errors.push(e);
+                            }
+                        }
+                    }
+                }
             }
             (p, Some(_)) => errors.push(FieldError::new(
                 "spec.docker",
@@ -848,6 +928,47 @@ parameters:
         assert_eq!(
             messages(resolve_parameters(&t, &values(&[("region", "eu")]), Some(&before))),
             ["spec.parameters.region: immutable parameter: it was \"us\" and cannot become \"eu\"; create a new workspace instead"]
+        );
+    }
+
+    #[test]
+    fn docker_limits_come_from_literals_or_declared_parameters() {
+        let mut t = template();
+        t.provisioner = ProvisionerType::Docker;
+        t.docker = Some(DockerTemplate {
+            image: "dev".into(),
+            persistent_home: true,
+            cpus: Some("${cpus}".into()),
+            memory: Some("512Mi".into()),
+        });
+        let meta = ObjectMeta::default();
+        let mut errors = Vec::new();
+        t.validate(&meta, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        let d = t.docker.clone().unwrap();
+        assert_eq!(
+            d.limits(&values(&[("cpus", "1.5")])).unwrap(),
+            (Some(1.5), Some(512 * 1024 * 1024))
+        );
+        assert_eq!(
+            d.limits(&values(&[("cpus", "0")])).unwrap_err().to_string(),
+            "spec.docker.cpus: \"0\" (parameter cpus) must be more than zero"
+        );
+
+        t.docker = Some(DockerTemplate {
+            cpus: Some("${gpus}".into()),
+            memory: Some("lots".into()),
+            ..d
+        });
+        let mut errors = Vec::new();
+        t.validate(&meta, &mut errors);
+        let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            errors,
+            [
+                "spec.docker.cpus: refers to parameter gpus, which spec.parameters does not declare",
+                "spec.docker.memory: \"lots\" is not a valid quantity: it must start with a non-negative number (examples: 500m, 2, 512Mi, 1Ti)",
+            ]
         );
     }
 

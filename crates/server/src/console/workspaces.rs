@@ -12,7 +12,7 @@ use super::{error_page, org_link, require, visible};
 use crate::auth::MaybePrincipal;
 use crate::error::ApiError;
 use crate::rbac::{self, Verb};
-use crate::workspaces::{apps, org_key};
+use crate::workspaces::{apps, hub, org_key, provisioners};
 use crate::AppState;
 
 /// How many lines of each log stream the page is rendered with.
@@ -86,6 +86,7 @@ pub(super) async fn list_page(
                 "<p class=\"muted\">Create one with <code>kiln workspace create NAME --template TEMPLATE</code>.</p>",
             );
         }
+        body.push_str(&provisioners_section(&state, &p, &org).await?);
         Ok(body)
     }
     .await;
@@ -95,6 +96,70 @@ pub(super) async fn list_page(
         }
         Err(e) => error_page(Some(&p.user.name), e, &[org_link(&org)]),
     }
+}
+
+/// The provisioners serving the organization and, for its administrators, its provisioner keys.
+async fn provisioners_section(
+    state: &AppState,
+    p: &crate::auth::Principal,
+    org: &str,
+) -> Result<String, ApiError> {
+    let tags = |t: &std::collections::BTreeMap<String, String>| {
+        t.iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut out = String::from("<section id=\"provisioners\"><h2>Provisioners</h2>");
+    let rows: Vec<Vec<String>> = provisioners::live_for(state, org)
+        .iter()
+        .map(|i| {
+            let types: Vec<String> = i
+                .types
+                .iter()
+                .filter_map(|t| serde_json::to_value(t).ok())
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect();
+            vec![
+                esc(&i.name),
+                if i.organization.is_none() {
+                    "built-in"
+                } else {
+                    "external"
+                }
+                .to_string(),
+                esc(&types.join(", ")),
+                esc(&tags(&i.tags)),
+            ]
+        })
+        .collect();
+    out.push_str(&html::table(&["Name", "Kind", "Types", "Tags"], &rows));
+    if hub::is_admin(state, p, org).await {
+        out.push_str("<h3>Provisioner keys</h3>");
+        let keys = provisioners::keys_of(state, org).await?;
+        let rows: Vec<Vec<String>> = keys
+            .iter()
+            .map(|k| {
+                let t: std::collections::BTreeMap<String, String> =
+                    serde_json::from_value(k["tags"].clone()).unwrap_or_default();
+                vec![
+                    esc(text(k, &["name"])),
+                    esc(&tags(&t)),
+                    esc(text(k, &["createdBy"])),
+                    esc(text(k, &["createdAt"])),
+                ]
+            })
+            .collect();
+        out.push_str(&html::table(
+            &["Name", "Tags", "Created by", "Created"],
+            &rows,
+        ));
+        out.push_str(
+            "<p class=\"muted\">Run a provisioner on another host: <code>kiln provisioner keys create NAME --tag KEY=VALUE</code>, then <code>KILN_PROVISIONER_KEY=… kiln provisioner start --url URL</code>. Templates with <code>provisionerTags</code> go to provisioners whose key carries every tag.</p>",
+        );
+    }
+    out.push_str("</section>");
+    Ok(out)
 }
 
 pub(super) async fn workspace_page(

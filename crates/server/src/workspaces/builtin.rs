@@ -1,24 +1,22 @@
-//! The server's built-in provisioner: workers that claim jobs from the queue in the store, run them with the
-//! providers this server offers, renew their leases (carrying the build's log lines and learning of
-//! cancellation) and complete them.
+//! The job queue as provisioners reach it through this server: the operations the provisioner API
+//! ([`super::provisioners`]) and the built-in workers share (acquire, logs, renew, complete over
+//! `controllers::jobs`, with the build's template version, agent token and Terraform state), and the built-in
+//! provisioner, whose workers run [`provision::worker::serve`] on a [`StoreQueue`].
 
 use std::time::Duration;
 
 use controllers::jobs::{self, Claimed, JobError, Outcome, Phase, ProvisionerInfo, Provisioners};
-use model::kinds::{TemplateVersionSpec, Transition};
+use model::kinds::{ProvisionerType, TemplateVersionSpec, Transition};
 use model::Kind;
-use provision::{Build, Logs, Providers};
+use provision::worker::{Ending, Line};
+use provision::{Acquired, Build, Finished, JobRef, Providers, Queue, QueueError};
 use serde_json::Value;
-use store::{LogLine, Store};
-use tokio::sync::{mpsc, watch};
+use store::{Key, LogLine, Store, StoreError};
+use tokio::sync::watch;
 
 use super::hub::{agent_token, new_agent_secret};
 use super::org_key;
 
-/// How often a running job's lease is renewed (and its log lines sent).
-const RENEW_EVERY: Duration = Duration::from_secs(5);
-/// How often log lines are stored while a job runs (between renewals).
-const LOG_FLUSH: Duration = Duration::from_millis(250);
 /// Builds the built-in provisioner runs at once.
 pub const WORKERS: usize = 4;
 
@@ -38,157 +36,181 @@ pub fn spawn(
     };
     (0..WORKERS)
         .map(|i| {
-            let (store, registry, providers, info) =
-                (store.clone(), registry.clone(), providers.clone(), info.clone());
-            let (agent_url, mut shutdown) = (agent_url.clone(), shutdown.clone());
-            tokio::spawn(async move {
-                let holder = ProvisionerInfo {
+            let queue = StoreQueue {
+                store: store.clone(),
+                registry: registry.clone(),
+                info: info.clone(),
+                holder: ProvisionerInfo {
                     name: format!("built-in-{i}"),
                     ..info.clone()
-                };
-                while !*shutdown.borrow() {
-                    registry.seen(&info);
-                    let (secret, hash) = new_agent_secret();
-                    match jobs::claim(&store, &holder, &hash).await {
-                        Ok(Some(c)) => run(&store, &providers, &agent_url, c, &secret).await,
-                        Ok(None) => {
-                            tokio::select! {
-                                () = registry.wait_queued(Duration::from_secs(2)) => {}
-                                _ = shutdown.changed() => {}
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "the built-in provisioner cannot read the job queue");
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                        }
-                    }
-                }
+                },
+                agent_url: agent_url.clone(),
+            };
+            let (providers, shutdown) = (providers.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                provision::worker::serve(&queue, &providers, shutdown).await;
             })
         })
         .collect()
 }
 
-fn lines(batch: Vec<(String, String)>) -> Vec<LogLine> {
-    batch.into_iter().map(|(s, t)| LogLine::now(s, t)).collect()
+/// The queue in this server's store, as one built-in worker reaches it.
+struct StoreQueue {
+    store: Store,
+    registry: Provisioners,
+    /// How the provisioner is listed among the live ones.
+    info: ProvisionerInfo,
+    /// The worker, as a job's holder.
+    holder: ProvisionerInfo,
+    agent_url: String,
 }
 
-/// Runs one claimed job to its end.
-async fn run(store: &Store, providers: &Providers, agent_url: &str, c: Claimed, secret: &str) {
-    let org = c.key.organization.clone().unwrap_or_default();
-    let (logs, mut rx) = Logs::channel();
-    let build = match build_of(store, &org, &c, agent_url, secret).await {
-        Ok(b) => b,
-        Err(why) => {
-            finish(
-                store,
-                &c,
-                Outcome {
+impl Queue for StoreQueue {
+    async fn acquire(&self) -> Result<Option<Acquired>, QueueError> {
+        self.registry.seen(&self.info);
+        match acquire(&self.store, &self.holder, &self.agent_url).await {
+            Ok(Some(a)) => Ok(Some(a)),
+            Ok(None) => {
+                self.registry.wait_queued(Duration::from_secs(2)).await;
+                Ok(None)
+            }
+            Err(e) => Err(QueueError::Unavailable(e.to_string())),
+        }
+    }
+
+    async fn logs(&self, job: &JobRef, lines: Vec<Line>) -> Result<(), QueueError> {
+        let key = job_key(job);
+        // The worker holds the job: its lines go in without the epoch check a remote provisioner gets.
+        jobs::append_job_logs(&self.store, &key, stamp(lines))
+            .await
+            .map_err(|e| QueueError::Unavailable(e.to_string()))
+    }
+
+    async fn renew(&self, job: &JobRef, lines: Vec<Line>) -> Result<bool, QueueError> {
+        renew(&self.store, job, lines).await.map_err(queue_error)
+    }
+
+    async fn complete(
+        &self,
+        job: &JobRef,
+        finished: &Finished,
+        lines: Vec<Line>,
+    ) -> Result<(), QueueError> {
+        complete(&self.store, job, finished, lines)
+            .await
+            .map_err(queue_error)
+    }
+}
+
+/// How a refused or failed queue operation reaches a provisioner.
+pub(crate) fn queue_error(e: JobError) -> QueueError {
+    match e {
+        JobError::Store(e) => QueueError::Unavailable(e.to_string()),
+        other => QueueError::Lost(other.to_string()),
+    }
+}
+
+pub(crate) fn job_key(job: &JobRef) -> Key {
+    org_key(Kind::ProvisionerJob, &job.organization, &job.name)
+}
+
+pub(crate) fn stamp(lines: Vec<Line>) -> Vec<LogLine> {
+    lines.into_iter().map(|(s, t)| LogLine::now(s, t)).collect()
+}
+
+/// Where a workspace's Terraform state is kept (it holds the agent's token, so it is no resource).
+pub(crate) fn state_blob(org: &str, workspace_uid: &str) -> String {
+    format!("terraform-state/{org}/{workspace_uid}")
+}
+
+/// Claims the oldest job `holder` can run and gathers its build. A job whose build cannot be gathered (its
+/// template version gone) is failed with the reason, and the next one is tried.
+pub(crate) async fn acquire(
+    store: &Store,
+    holder: &ProvisionerInfo,
+    agent_url: &str,
+) -> Result<Option<Acquired>, StoreError> {
+    loop {
+        let (secret, hash) = new_agent_secret();
+        let Some(c) = jobs::claim(store, holder, &hash).await? else {
+            return Ok(None);
+        };
+        let org = c.key.organization.clone().unwrap_or_default();
+        let job = JobRef {
+            organization: org.clone(),
+            name: c.key.name.clone(),
+            epoch: c.epoch,
+        };
+        match build_of(store, &org, &c, agent_url, &secret).await {
+            Ok(build) => return Ok(Some(Acquired { job, build })),
+            Err(why) => {
+                let outcome = Outcome {
                     phase: Phase::Failed,
-                    error: Some(why),
+                    error: Some(why.clone()),
                     outputs: Value::Null,
-                },
-                vec![],
-            )
-            .await;
-            return;
-        }
-    };
-    logs.line(
-        "provision",
-        format!(
-            "build {} ({}) of workspace {}",
-            build.number,
-            build.transition.as_str(),
-            build.workspace
-        ),
-    );
-    let (cancel_tx, cancel_rx) = watch::channel(false);
-    let work = providers.run(&build, &logs, cancel_rx);
-    tokio::pin!(work);
-    let mut renew = tokio::time::interval(RENEW_EVERY);
-    renew.tick().await;
-    let mut flush = tokio::time::interval(LOG_FLUSH);
-    let mut pending: Vec<(String, String)> = Vec::new();
-    let result = loop {
-        tokio::select! {
-            r = &mut work => break r,
-            _ = flush.tick() => {
-                drain(&mut rx, &mut pending);
-                if !pending.is_empty() {
-                    let _ = jobs::append_job_logs(store, &c.key, lines(std::mem::take(&mut pending))).await;
-                }
-            }
-            _ = renew.tick() => {
-                drain(&mut rx, &mut pending);
-                match jobs::renew(store, &c.key, c.epoch, lines(std::mem::take(&mut pending))).await {
-                    Ok(r) if r.cancel => { let _ = cancel_tx.send(true); }
-                    Ok(_) => {}
-                    Err(JobError::Store(e)) => tracing::warn!(job = %c.key, error = %e, "cannot renew the lease"),
-                    Err(e) => {
-                        // Taken over or gone: this worker no longer owns the job.
-                        tracing::warn!(job = %c.key, error = %e, "abandoning the job");
-                        let _ = cancel_tx.send(true);
-                        return;
-                    }
+                };
+                let line = vec![LogLine::now("provision", format!("error: {why}"))];
+                if let Err(e) = jobs::complete(store, &c.key, c.epoch, outcome, line).await {
+                    tracing::warn!(job = %c.key, error = %e, "cannot fail a job whose build is unreadable");
                 }
             }
         }
-    };
-    drain(&mut rx, &mut pending);
-    let canceled = *cancel_tx.borrow();
-    let outcome = match result {
-        Ok(outputs) => Outcome {
-            phase: Phase::Succeeded,
-            error: None,
-            outputs,
-        },
-        Err(_) if canceled => Outcome {
-            phase: Phase::Canceled,
-            error: Some("canceled".into()),
-            outputs: Value::Null,
-        },
-        Err(e) => Outcome {
-            phase: Phase::Failed,
-            error: Some(e),
-            outputs: Value::Null,
-        },
-    };
-    if let Some(e) = &outcome.error {
-        pending.push(("provision".into(), format!("error: {e}")));
-    }
-    finish(store, &c, outcome, lines(pending)).await;
-}
-
-fn drain(rx: &mut mpsc::UnboundedReceiver<(String, String)>, into: &mut Vec<(String, String)>) {
-    while let Ok(l) = rx.try_recv() {
-        into.push(l);
     }
 }
 
-/// Completes a job, retrying a few times when the store fails (completion is idempotent).
-async fn finish(store: &Store, c: &Claimed, outcome: Outcome, logs: Vec<LogLine>) {
-    let mut logs = Some(logs);
-    for attempt in 0..5 {
-        match jobs::complete(
-            store,
-            &c.key,
-            c.epoch,
-            outcome.clone(),
-            logs.take().unwrap_or_default(),
-        )
-        .await
+/// Renews a held job's lease after appending its lines; whether it was canceled.
+pub(crate) async fn renew(store: &Store, job: &JobRef, lines: Vec<Line>) -> Result<bool, JobError> {
+    let r = jobs::renew(store, &job_key(job), job.epoch, stamp(lines)).await?;
+    Ok(r.cancel)
+}
+
+/// Completes a held job: keeps the Terraform state it reports (dropped once a delete succeeded), then
+/// records the outcome after its last lines.
+pub(crate) async fn complete(
+    store: &Store,
+    job: &JobRef,
+    finished: &Finished,
+    lines: Vec<Line>,
+) -> Result<(), JobError> {
+    let key = job_key(job);
+    let held = jobs::held(store, &key, job.epoch).await?;
+    if !jobs::phase(&held).is_final() {
+        let spec = model::typed_spec::<model::kinds::ProvisionerJobSpec>(&held)
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        let uid = match store
+            .get(&org_key(
+                Kind::Workspace,
+                &job.organization,
+                &spec.workspace,
+            ))
+            .await
         {
-            Ok(_) => return,
-            Err(JobError::Store(e)) => {
-                tracing::warn!(job = %c.key, attempt, error = %e, "cannot complete the job; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Err(e) => {
-                tracing::warn!(job = %c.key, error = %e, "the job's completion was refused");
-                return;
+            Ok(w) => w.metadata.uid,
+            Err(StoreError::NotFound(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(uid) = uid {
+            let blob = state_blob(&job.organization, &uid);
+            let deleted =
+                spec.transition == Transition::Delete && finished.phase == Ending::Succeeded;
+            if deleted {
+                store.delete_blob(&blob).await?;
+            } else if let Some(state) = &finished.state {
+                store.put_blob(&blob, state.clone().into_bytes()).await?;
             }
         }
     }
+    let outcome = Outcome {
+        phase: match finished.phase {
+            Ending::Succeeded => Phase::Succeeded,
+            Ending::Failed => Phase::Failed,
+            Ending::Canceled => Phase::Canceled,
+        },
+        error: finished.error.clone(),
+        outputs: finished.outputs.clone(),
+    };
+    jobs::complete(store, &key, job.epoch, outcome, stamp(lines)).await?;
+    Ok(())
 }
 
 /// What the provider needs of a claimed job.
@@ -213,6 +235,15 @@ async fn build_of(
         Ok(w) => w.metadata.uid.unwrap_or_default(),
         Err(_) => String::new(),
     };
+    let state = if tv.snapshot.provisioner == ProvisionerType::Terraform && !uid.is_empty() {
+        let blob = store
+            .get_blob(&state_blob(org, &uid))
+            .await
+            .map_err(|e| format!("reading the workspace's terraform state: {e}"))?;
+        blob.map(|b| String::from_utf8_lossy(&b).into_owned())
+    } else {
+        None
+    };
     Ok(Build {
         organization: org.to_string(),
         workspace: s.workspace.clone(),
@@ -225,5 +256,6 @@ async fn build_of(
         agent_url: agent_url.to_string(),
         agent_token: (s.transition == Transition::Start)
             .then(|| agent_token(org, &s.workspace, s.build, secret)),
+        state,
     })
 }

@@ -1,11 +1,12 @@
 //! Workspaces on the server: admission of Templates and Workspaces ([`admit`]), the built-in provisioner
-//! ([`builtin`]), the agent hub and user tunnels ([`hub`]), workspace apps through the server ([`apps`]), and
+//! ([`builtin`]) and the API of external ones ([`provisioners`]), the agent hub and user tunnels ([`hub`]), workspace apps through the server ([`apps`]), and
 //! build and agent logs.
 
 pub mod admit;
 pub mod apps;
 pub mod builtin;
 pub mod hub;
+pub mod provisioners;
 mod ws;
 
 use std::collections::HashMap;
@@ -40,7 +41,8 @@ pub(crate) fn org_key(kind: Kind, org: &str, name: &str) -> Key {
 }
 
 pub fn register(api: Api) -> Api {
-    api.op(
+    provisioners::register(api)
+    .op(
         Op::new(
             Method::GET,
             agent::proto::CONNECT_PATH,

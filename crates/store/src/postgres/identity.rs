@@ -473,3 +473,47 @@ impl Postgres {
         Ok(())
     }
 }
+
+impl Postgres {
+    pub async fn put_blob(&self, name: &str, data: Vec<u8>) -> Result<()> {
+        let c = self.pool.get().await?;
+        c.execute(
+            "INSERT INTO kiln_blobs (name, data, updated) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO UPDATE SET data = excluded.data, updated = excluded.updated",
+            &[&name, &data, &to_micros(now())],
+        )
+        .await
+        .map_err(pg_err)?;
+        Ok(())
+    }
+
+    pub async fn get_blob(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        let c = self.pool.get().await?;
+        let row = c
+            .query_opt("SELECT data FROM kiln_blobs WHERE name = $1", &[&name])
+            .await
+            .map_err(pg_err)?;
+        row.map(|r| col::<Vec<u8>>(&r, 0)).transpose()
+    }
+
+    pub async fn blob_names(&self, prefix: &str) -> Result<Vec<String>> {
+        let c = self.pool.get().await?;
+        let rows = c
+            .query(
+                "SELECT name FROM kiln_blobs WHERE left(name, length($1)) = $1 ORDER BY name",
+                &[&prefix],
+            )
+            .await
+            .map_err(pg_err)?;
+        rows.iter().map(|r| col::<String>(r, 0)).collect()
+    }
+
+    pub async fn delete_blob(&self, name: &str) -> Result<bool> {
+        let c = self.pool.get().await?;
+        let n = c
+            .execute("DELETE FROM kiln_blobs WHERE name = $1", &[&name])
+            .await
+            .map_err(pg_err)?;
+        Ok(n > 0)
+    }
+}

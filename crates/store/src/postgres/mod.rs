@@ -117,6 +117,13 @@ CREATE TABLE kiln_logs (
     PRIMARY KEY (stream, seq)
 );
 "#,
+    r#"
+CREATE TABLE kiln_blobs (
+    name TEXT COLLATE "C" PRIMARY KEY,
+    data BYTEA NOT NULL,
+    updated BIGINT NOT NULL
+);
+"#,
 ];
 
 /// The PostgreSQL backend.

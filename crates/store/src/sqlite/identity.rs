@@ -565,3 +565,56 @@ impl Sqlite {
         .await
     }
 }
+
+impl Sqlite {
+    pub async fn put_blob(&self, name: &str, data: Vec<u8>) -> Result<()> {
+        let name = name.to_string();
+        self.write(move |ctx| {
+            ctx.conn.execute(
+                "INSERT INTO kiln_blobs (name, data, updated) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (name) DO UPDATE SET data = excluded.data, updated = excluded.updated",
+                rusqlite::params![name, data, to_micros(now())],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn get_blob(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        let name = name.to_string();
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached("SELECT data FROM kiln_blobs WHERE name = ?1")?;
+            let mut rows = stmt.query([&name])?;
+            match rows.next()? {
+                Some(r) => Ok(Some(r.get::<_, Vec<u8>>(0)?)),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    pub async fn blob_names(&self, prefix: &str) -> Result<Vec<String>> {
+        let prefix = prefix.to_string();
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT name FROM kiln_blobs WHERE substr(name, 1, length(?1)) = ?1 ORDER BY name",
+            )?;
+            let names = stmt
+                .query_map([&prefix], |r| r.get::<_, String>(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(names)
+        })
+        .await
+    }
+
+    pub async fn delete_blob(&self, name: &str) -> Result<bool> {
+        let name = name.to_string();
+        self.write(move |ctx| {
+            let n = ctx
+                .conn
+                .execute("DELETE FROM kiln_blobs WHERE name = ?1", [&name])?;
+            Ok(n > 0)
+        })
+        .await
+    }
+}

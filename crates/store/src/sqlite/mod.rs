@@ -126,6 +126,13 @@ CREATE TABLE kiln_logs (
     PRIMARY KEY (stream, seq)
 );
 "#,
+    r#"
+CREATE TABLE kiln_blobs (
+    name TEXT PRIMARY KEY,
+    data BLOB NOT NULL,
+    updated INTEGER NOT NULL
+);
+"#,
 ];
 
 /// The SQLite backend.
