@@ -43,6 +43,10 @@ pub const STATE_CHANGED_BY: &str = "kiln.dev/state-changed-by";
 pub const BUILDS_KEPT: usize = 10;
 /// How often a pending build re-checks whether a provisioner can take it.
 const WAITING_RECHECK: Duration = Duration::from_secs(5);
+/// Status field: why a due autostart waits (the organization's quota of running workspaces is full).
+const AUTOSTART_HELD: &str = "autostartHeld";
+/// How often a due autostart held back by the quota checks again.
+const QUOTA_RECHECK: Duration = Duration::from_secs(60);
 /// The longest a reconcile sleeps before re-checking its timers.
 const MAX_TIMER: Duration = Duration::from_secs(3600);
 
@@ -337,6 +341,44 @@ impl WorkspaceController {
         }
     }
 
+    /// Why an autostart must wait: the organization already runs as many workspaces as
+    /// `spec.resourceQuotas.runningWorkspaces` allows (the quota a user's start is held to by the API).
+    async fn quota_full(&self, key: &Key) -> Result<Option<String>, Error> {
+        let Some(org) = key.organization.as_deref() else {
+            return Ok(None);
+        };
+        let org_key = Key {
+            kind: Kind::Organization,
+            organization: None,
+            project: None,
+            name: org.to_string(),
+        };
+        let limit = match self.store.get(&org_key).await {
+            Ok(o) => model::typed_spec::<model::kinds::OrganizationSpec>(&o)
+                .ok()
+                .and_then(|s| s.resource_quotas)
+                .and_then(|q| q.running_workspaces),
+            Err(_) => None,
+        };
+        let Some(limit) = limit else { return Ok(None) };
+        let query = ListQuery {
+            kind: Some(Kind::Workspace),
+            organization: Some(org.to_string()),
+            ..ListQuery::default()
+        };
+        let running = list_all(&self.store, query, key)
+            .await?
+            .iter()
+            .filter(|w| w.metadata.name != key.name && w.metadata.deletion_timestamp.is_none())
+            .filter(|w| w.spec.get("state").and_then(Value::as_str) == Some("running"))
+            .count();
+        Ok((running as u64 >= u64::from(limit)).then(|| {
+            format!(
+                "autostart is due, but organization {org} runs {running} of the {limit} workspace(s) spec.resourceQuotas.runningWorkspaces allows; it starts when one stops"
+            )
+        }))
+    }
+
     /// The ttl and autostart timers of a settled workspace: `Some` when one fired (its action), or the time
     /// of the next check.
     async fn timers(
@@ -382,6 +424,24 @@ impl WorkspaceController {
                 };
                 if let Some(due) = plan.next_after(stopped) {
                     if due <= now {
+                        if let Some(full) = self.quota_full(key).await? {
+                            // The quota is checked again a minute later; the start happens once there is room.
+                            if ws.status.get(AUTOSTART_HELD).and_then(Value::as_str) != Some(&full)
+                            {
+                                let mut status = ws.status.as_object().cloned().unwrap_or_default();
+                                status.insert(AUTOSTART_HELD.into(), json!(full));
+                                write_status(&self.store, key, ws, Value::Object(status)).await?;
+                                record_event(
+                                    &self.store,
+                                    key,
+                                    EventType::Warning,
+                                    "autostart",
+                                    full,
+                                )
+                                .await;
+                            }
+                            return Ok(Err(Some(QUOTA_RECHECK)));
+                        }
                         let message = format!(
                             "started by spec.autostart ({} {})",
                             a.schedule,
@@ -543,6 +603,9 @@ impl Reconciler for WorkspaceController {
                 .and_then(Value::as_str)
                 .map(str::to_string);
             status.insert("phase".into(), json!(phase));
+            if phase != "stopped" {
+                status.remove(AUTOSTART_HELD);
+            }
             match &reason {
                 Some(r) => status.insert("reason".into(), json!(r)),
                 None => status.remove("reason"),

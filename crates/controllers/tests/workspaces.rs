@@ -1,6 +1,7 @@
 //! The workspace controller's timers on a real (SQLite) store, with the real job queue: a running workspace idle
 //! past its `ttl` is stopped (and says so), activity within the ttl keeps it running, and a stopped workspace
-//! whose `autostart` schedule came due is started. The builds are completed through `controllers::jobs` by a
+//! whose `autostart` schedule came due is started, once the organization's quota of running workspaces has
+//! room. The builds are completed through `controllers::jobs` by a
 //! loop standing in for a provisioner (what provisioners do is tested elsewhere); times in the past are
 //! written into the records the timers read, instead of waiting an hour.
 
@@ -216,15 +217,52 @@ async fn ttl_stops_an_idle_workspace_and_autostart_starts_a_stopped_one() {
     store.update(w).await.unwrap();
     sleep(Duration::from_millis(300)).await;
     assert_eq!(store.get(&ws_key).await.unwrap().spec["state"], "stopped");
+    // While the organization's quota of running workspaces is full, a due autostart waits and says why.
+    let org_key = Key {
+        kind: Kind::Organization,
+        organization: None,
+        project: None,
+        name: ORG.into(),
+    };
+    let mut org = store.get(&org_key).await.unwrap();
+    org.spec = json!({"resourceQuotas": {"runningWorkspaces": 1}});
+    store.update(org).await.unwrap();
+    store
+        .create(object(
+            Kind::Workspace,
+            Some(ORG),
+            "other",
+            json!({"template": "local", "templateVersion": "local-0000000000", "owner": "bob", "state": "running"}),
+        ))
+        .await
+        .unwrap();
     set_status(&store, &key(Kind::ProvisionerJob, "dev-build-2"), |s| {
         s.insert("finishedAt".into(), json!(ago(Duration::from_secs(7200))));
     })
     .await;
+    let w = until(&store, "the autostart held by the quota", |w| {
+        w.status["autostartHeld"].is_string()
+    })
+    .await;
+    assert_eq!(w.spec["state"], "stopped");
+    let held = w.status["autostartHeld"].as_str().unwrap();
+    assert!(held.contains("runs 1 of the 1 workspace(s)"), "{held}");
+
+    // Room again (the other one stopped): the next check starts it.
+    let mut other = store.get(&key(Kind::Workspace, "other")).await.unwrap();
+    other.spec["state"] = json!("stopped");
+    store.update(other).await.unwrap();
+    let mut w = store.get(&ws_key).await.unwrap();
+    w.metadata
+        .annotations
+        .insert("example.com/poke".into(), "1".into());
+    store.update(w).await.unwrap();
     let w = until(&store, "the autostart", |w| {
         w.spec["state"] == "running" && w.status["phase"] == "running"
     })
     .await;
     assert_eq!(changed_by(&w), Some("autostart"), "{w:#?}");
     assert_eq!(build_of(&w), 3);
+    assert!(w.status.get("autostartHeld").is_none(), "{w:#?}");
     let _ = stop_tx.send(true);
 }
