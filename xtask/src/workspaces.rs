@@ -493,6 +493,12 @@ pub fn run(env: &mut Env) -> Result<Vec<Row>> {
         Some(k >= 0.8 * o),
     ));
     ok(kiln(&["workspace", "delete", "b0"]))?;
+    // The delete build stops the agent; the server must outlive it, or the agent keeps redialing.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while kiln(&["get", "workspace", "b0"]).output()?.status.success() && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     drop(server);
     Ok(rows)
 }

@@ -252,7 +252,7 @@ async fn serve_stream(shared: Arc<Shared>, incoming: Incoming) {
             let Ok(mut stream) = incoming.accept() else {
                 return;
             };
-            let _ = tokio::io::copy_bidirectional(&mut stream, &mut tcp).await;
+            let _ = tunnel_io::relay(&mut stream, &mut tcp).await;
         }
         Err(e) => incoming.refuse(&format!("connecting to {addr} in the workspace: {e}")),
     }

@@ -144,7 +144,7 @@ impl Handler for Connection {
                     let _ = tcp.set_nodelay(true);
                     reply.accept().await;
                     let mut stream = channel.into_stream();
-                    let _ = tokio::io::copy_bidirectional(&mut stream, &mut tcp).await;
+                    let _ = tunnel_io::relay(&mut stream, &mut tcp).await;
                 }
                 Err(e) => {
                     tracing::debug!(host, port, error = %e, "ssh -L: cannot connect");
@@ -241,7 +241,7 @@ impl Handler for Connection {
                         .await;
                     if let Ok(channel) = opened {
                         let mut stream = channel.into_stream();
-                        let _ = tokio::io::copy_bidirectional(&mut stream, &mut tcp).await;
+                        let _ = tunnel_io::relay(&mut stream, &mut tcp).await;
                     }
                 });
             }

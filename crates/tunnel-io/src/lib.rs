@@ -14,9 +14,11 @@
 //! writing at once never deadlock.
 
 mod dial;
+mod relay;
 mod session;
 mod transport;
 
 pub use dial::{connect, jitter, ConnectError, Redial};
+pub use relay::{relay, RELAY_BUFFER};
 pub use session::{accept, dial, Config, Error, Event, Incoming, Session, TunnelStream};
 pub use transport::{memory_pair, MemoryTransport, Transport, WsTransport};

@@ -41,7 +41,7 @@ pub async fn ssh(c: &Ctx, args: &SshArgs) -> anyhow::Result<()> {
         .with_context(|| format!("opening SSH to workspace {name}"))?;
     if args.stdio {
         let mut stdio = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
-        let _ = tokio::io::copy_bidirectional(&mut stdio, &mut stream).await;
+        let _ = tunnel_io::relay(&mut stdio, &mut stream).await;
         // Standard input is read on a thread that does not end by itself.
         std::process::exit(0);
     }

@@ -469,7 +469,7 @@ pub async fn port_forward(c: &Ctx, args: &PortForwardArgs) -> anyhow::Result<()>
                     };
                     match opened {
                         Ok(mut stream) => {
-                            let _ = tokio::io::copy_bidirectional(&mut conn, &mut stream).await;
+                            let _ = tunnel_io::relay(&mut conn, &mut stream).await;
                         }
                         Err(e) => eprintln!("port {local}: {e:#}"),
                     }

@@ -213,6 +213,40 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill9();
+        // Agents of process workspaces outlive their server by design (they redial); a test's must not.
+        kill_agents_under(&self.data_dir.join("workspaces"));
+    }
+}
+
+/// Stops the agents whose `agent.pid` files lie under `dir` (a few levels deep), with their process groups.
+/// A pid is signalled only while it is still a `kiln agent`, so a reused pid is left alone.
+pub fn kill_agents_under(dir: &Path) {
+    fn walk(dir: &Path, depth: u32, found: &mut Vec<u32>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.is_dir() && depth > 0 {
+                walk(&path, depth - 1, found);
+            } else if e.file_name() == "agent.pid" {
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                if let Some(pid) = text.split_whitespace().next().and_then(|p| p.parse().ok()) {
+                    found.push(pid);
+                }
+            }
+        }
+    }
+    let mut pids = Vec::new();
+    walk(dir, 4, &mut pids);
+    for pid in pids {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains("agent") {
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{pid}")])
+                .stderr(Stdio::null())
+                .status();
+        }
     }
 }
 

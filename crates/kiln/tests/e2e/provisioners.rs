@@ -31,6 +31,15 @@ fn terraform_available() -> bool {
     ok
 }
 
+/// Stops the agents a provisioner started under its directory when the test ends, passed or not.
+struct AgentsUnder(std::path::PathBuf);
+
+impl Drop for AgentsUnder {
+    fn drop(&mut self) {
+        kill_agents_under(&self.0);
+    }
+}
+
 fn start_provisioner(s: &Server, key: &str, name: &str, dir: &std::path::Path) -> KillOnDrop {
     KillOnDrop(
         Command::new(kiln_bin())
@@ -161,6 +170,7 @@ fn external_provisioner_with_a_tagged_key_builds_terraform_workspaces() {
 
     // The key's provisioner takes the job and builds it with terraform; the agent dials back.
     let pdir = tmp.path().join("prov");
+    let _agents = AgentsUnder(pdir.clone());
     let prov = start_provisioner(&s, &key, "lab-1", &pdir);
     let w = s.wait_workspace("dev", "running with a ready agent", |w| {
         w["status"]["phase"] == "running" && w["status"]["agent"]["lifecycle"] == "ready"

@@ -108,7 +108,7 @@ where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let copy = tokio::io::copy_bidirectional(a, b);
+    let copy = tunnel_io::relay(a, b);
     tokio::pin!(copy);
     let mut tick = tokio::time::interval(ACTIVITY_FLUSH);
     loop {
