@@ -353,6 +353,17 @@ async fn builtin_providers(config: &Config) -> anyhow::Result<provision::Provide
     Ok(provision::Providers::detect(&data, &exe, command).await)
 }
 
+/// Tasks aborted when this is dropped (with the task that holds it).
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
 /// Opens the store the configuration names.
 pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
     let opts = store::Options::default();
@@ -457,13 +468,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         state.provisioners.clone(),
         shutdown_rx.clone(),
     );
-    let builtin = workspaces::builtin::spawn(
-        store.clone(),
-        state.provisioners.clone(),
-        builtin_providers(&config).await?,
-        access_url(&config, addr),
-        shutdown_rx.clone(),
-    );
+    // Finding the providers (the Engine's API, `terraform version`) takes a while; readiness does not wait.
+    let builtin = {
+        let (config, store, registry) = (config.clone(), store.clone(), state.provisioners.clone());
+        let (url, shutdown) = (access_url(&config, addr), shutdown_rx.clone());
+        tokio::spawn(async move {
+            let providers = match builtin_providers(&config).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(error = %e, "the built-in provisioner cannot start");
+                    return;
+                }
+            };
+            let mut workers = AbortOnDrop(workspaces::builtin::spawn(
+                store, registry, providers, url, shutdown,
+            ));
+            for w in &mut workers.0 {
+                let _ = w.await;
+            }
+        })
+    };
     let gateway_table = gateway::spawn_gateway_table(state.clone(), shutdown_rx.clone());
     let access_watch = tokio::spawn(rbac::watch_access_changes(
         state.clone(),
@@ -530,9 +554,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(h) = handle {
         h.stop().await;
     }
-    for b in builtin {
-        b.abort();
-    }
+    builtin.abort();
     let _ = flusher.await;
     let _ = access_watch.await;
     let _ = gateway_table.await;
