@@ -141,10 +141,7 @@ impl Provisioners {
                 format!(" with a provisioner key tagged {t}"),
             )
         };
-        let kind = serde_json::to_value(spec.provisioner)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default();
+        let kind = spec.provisioner.as_str();
         Some(format!(
             "no connected provisioner runs {kind} jobs{tags} for organization {org}; start one with `kiln provisioner start`{key}"
         ))

@@ -191,3 +191,13 @@ impl Providers {
         }
     }
 }
+
+/// Sends `signal` (e.g. `TERM`) to `target`: a pid, or `-<pgid>` for a process group.
+fn signal(signal: &str, target: &str) {
+    let _ = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg("--")
+        .arg(target)
+        .stderr(std::process::Stdio::null())
+        .status();
+}

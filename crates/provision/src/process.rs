@@ -195,10 +195,5 @@ async fn stop_agent(dir: &Path, logs: &Logs) -> Result<(), String> {
 
 /// Sends a signal to the process group led by `pid` (the agent and everything it started).
 fn signal_group(pid: u32, signal: &str) {
-    let _ = std::process::Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg("--")
-        .arg(format!("-{pid}"))
-        .stderr(Stdio::null())
-        .status();
+    crate::signal(signal, &format!("-{pid}"));
 }

@@ -189,11 +189,9 @@ impl TerraformProvider {
             &["apply", "-auto-approve", "-compact-warnings"]
         };
         self.step(dir, apply, &common, logs, &mut cancel).await?;
-        let out = tokio::process::Command::new(&self.binary)
+        let out = self
+            .command(dir)
             .args(["output", "-json", "-no-color"])
-            .current_dir(dir)
-            .envs(ENV)
-            .stdin(Stdio::null())
             .output()
             .await
             .map_err(|e| format!("running terraform output: {e}"))?;
@@ -207,6 +205,13 @@ impl TerraformProvider {
         Ok(Value::Object(outputs))
     }
 
+    /// `terraform` in a build's directory, without prompts or update checks.
+    fn command(&self, dir: &Path) -> tokio::process::Command {
+        let mut c = tokio::process::Command::new(&self.binary);
+        c.current_dir(dir).envs(ENV).stdin(Stdio::null());
+        c
+    }
+
     /// Runs one terraform command, its output streamed as log lines; SIGINT on cancel, SIGKILL after a grace.
     async fn step(
         &self,
@@ -218,12 +223,10 @@ impl TerraformProvider {
     ) -> Result<(), String> {
         let shown = format!("terraform {}", args.join(" "));
         logs.line("provision", format!("$ {shown}"));
-        let mut child = tokio::process::Command::new(&self.binary)
+        let mut child = self
+            .command(dir)
             .args(args)
             .args(common)
-            .current_dir(dir)
-            .envs(ENV)
-            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
@@ -241,7 +244,7 @@ impl TerraformProvider {
                         interrupted = true;
                         logs.line("provision", "canceling: interrupting terraform");
                         if let Some(pid) = pid {
-                            signal(pid, "INT");
+                            crate::signal("INT", &pid.to_string());
                         }
                     }
                 }
@@ -325,14 +328,6 @@ fn pump(pipe: impl AsyncRead + Unpin + Send + 'static, logs: Logs) -> tokio::tas
             logs.line("terraform", line);
         }
     })
-}
-
-fn signal(pid: u32, signal: &str) {
-    let _ = std::process::Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(pid.to_string())
-        .stderr(Stdio::null())
-        .status();
 }
 
 /// Quotes a word for a POSIX shell.

@@ -190,14 +190,7 @@ async fn start(
         }
         Err(e) => bail!("{url}: {e}"),
     }
-    let names: Vec<String> = types
-        .iter()
-        .map(|t| {
-            serde_json::to_value(t)
-                .map(|v| text(&v))
-                .unwrap_or_default()
-        })
-        .collect();
+    let names: Vec<&str> = types.iter().map(|t| t.as_str()).collect();
     eprintln!(
         "provisioner {name} serving {url} with {} ({} at once); workspaces under {}",
         names.join(", "),

@@ -30,6 +30,17 @@ pub enum ProvisionerType {
     Terraform,
 }
 
+impl ProvisionerType {
+    /// The name manifests use: `process`, `docker` or `terraform`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProvisionerType::Process => "process",
+            ProvisionerType::Docker => "docker",
+            ProvisionerType::Terraform => "terraform",
+        }
+    }
+}
+
 /// The spec of a Template.
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -387,7 +398,7 @@ impl KindSpec for TemplateSpec {
             }
             (p, Some(_)) => errors.push(FieldError::new(
                 "spec.docker",
-                format!("only for provisioner docker, not {}", provisioner_name(p)),
+                format!("only for provisioner docker, not {}", p.as_str()),
             )),
             _ => {}
         }
@@ -421,14 +432,6 @@ impl KindSpec for TemplateSpec {
             p.check(&index("spec.parameters", i), errors);
         }
         self.agent.check("spec.agent", errors);
-    }
-}
-
-fn provisioner_name(p: ProvisionerType) -> &'static str {
-    match p {
-        ProvisionerType::Process => "process",
-        ProvisionerType::Docker => "docker",
-        ProvisionerType::Terraform => "terraform",
     }
 }
 

@@ -114,12 +114,7 @@ async fn provisioners_section(
     let rows: Vec<Vec<String>> = provisioners::live_for(state, org)
         .iter()
         .map(|i| {
-            let types: Vec<String> = i
-                .types
-                .iter()
-                .filter_map(|t| serde_json::to_value(t).ok())
-                .filter_map(|v| v.as_str().map(str::to_string))
-                .collect();
+            let types: Vec<&str> = i.types.iter().map(|t| t.as_str()).collect();
             vec![
                 esc(&i.name),
                 if i.organization.is_none() {
