@@ -454,6 +454,25 @@ impl Client {
         Ok(ndjson(resp.bytes_stream()))
     }
 
+    /// Streams a pipeline run's log lines (NDJSON objects: seq, time, source, text); with `follow`, until the
+    /// run ends.
+    pub async fn run_logs(
+        &self,
+        org: &str,
+        run: &str,
+        follow: bool,
+    ) -> Result<impl Stream<Item = Result<Value>>> {
+        let mut query = Vec::new();
+        if follow {
+            query.push(("follow", "true".to_string()));
+        }
+        let path = format!("/api/v1/orgs/{org}/pipelineruns/{run}/logs");
+        let resp = self
+            .send(self.request(Method::GET, &path).query(&query))
+            .await?;
+        Ok(ndjson(resp.bytes_stream()))
+    }
+
     pub async fn events(&self, kind: Kind, s: &Scoped<'_>, name: &str) -> Result<Vec<Value>> {
         let mut q = vec![
             ("kind", kind.as_str().to_string()),

@@ -1,6 +1,7 @@
-//! The provisioner job queue. A job is a ProvisionerJob object: the workspace controller writes its spec, and
-//! the queue's operations write its status, each as a conditional write on the resourceVersion read, so two
-//! provisioners racing for a job cannot both win it.
+//! The job queue. A job is a ProvisionerJob (a workspace build, written by the workspace controller) or a
+//! PipelineRun (written when a run starts); the queue's operations write its status, each as a conditional
+//! write on the resourceVersion read, so two workers racing for a job cannot both win it. Both kinds share
+//! every operation but the choice of job in [`claim`] (see [`claim_kind`]).
 //!
 //! - [`claim`] takes the oldest pending job a provisioner can run (its type offered, every tag of the job
 //!   carried), or a running one whose lease expired, and gives it a new `epoch`: only the holder of the
@@ -62,9 +63,28 @@ pub fn epoch(job: &Resource) -> u64 {
     job.status.get("epoch").and_then(Value::as_u64).unwrap_or(0)
 }
 
-/// The log stream of a job.
+/// The log stream of a provisioner job.
 pub fn log_stream(org: &str, job: &str) -> String {
     format!("job/{org}/{job}")
+}
+
+/// The log stream of a pipeline run.
+pub fn run_log_stream(org: &str, run: &str) -> String {
+    format!("run/{org}/{run}")
+}
+
+/// The log stream of any job.
+pub fn log_stream_of(key: &Key) -> String {
+    let org = key.organization.as_deref().unwrap_or_default();
+    match key.kind {
+        Kind::PipelineRun => run_log_stream(org, &key.name),
+        _ => log_stream(org, &key.name),
+    }
+}
+
+/// Whether a job's spec asks for it to stop.
+fn canceled(job: &Resource) -> bool {
+    job.spec.get("cancel").and_then(Value::as_bool) == Some(true)
 }
 
 /// A provisioner as the queue sees it.
@@ -212,9 +232,51 @@ pub async fn claim(
     who: &ProvisionerInfo,
     agent_token_hash: &str,
 ) -> Result<Option<Claimed>, StoreError> {
+    let claimed = claim_kind(
+        store,
+        Kind::ProvisionerJob,
+        who.organization.clone(),
+        "provisioner",
+        &who.name,
+        |org, job| {
+            let spec = model::typed_spec::<ProvisionerJobSpec>(job).ok()?;
+            if !who.can_take(org, &spec) {
+                return None;
+            }
+            let mut extra = serde_json::Map::new();
+            if spec.transition == Transition::Start {
+                extra.insert("agentTokenHash".into(), json!(agent_token_hash));
+            }
+            Some(extra)
+        },
+    )
+    .await?;
+    Ok(claimed.and_then(|(key, job, epoch)| {
+        let spec = model::typed_spec::<ProvisionerJobSpec>(&job).ok()?;
+        Some(Claimed {
+            key,
+            job,
+            spec,
+            epoch,
+        })
+    }))
+}
+
+/// Takes the oldest job of `kind` (in `organization`, or any) that `fits` accepts: a pending one, or a running
+/// one whose lease expired (re-queued with a line in its log saying so). `fits` answers the status fields to
+/// add to the claim, or `None` to pass the job by. `worker` says what kind of worker takes it (`provisioner`,
+/// `runner`) in the job's log, `holder` names it there and in `status.holder`. Answers the job's key, the job as written by the claim, and its new epoch.
+pub async fn claim_kind(
+    store: &Store,
+    kind: Kind,
+    organization: Option<String>,
+    worker: &str,
+    holder: &str,
+    fits: impl Fn(&str, &Resource) -> Option<serde_json::Map<String, Value>>,
+) -> Result<Option<(Key, Resource, u64)>, StoreError> {
     let query = ListQuery {
-        kind: Some(Kind::ProvisionerJob),
-        organization: who.organization.clone(),
+        kind: Some(kind),
+        organization,
         ..ListQuery::default()
     };
     let mut jobs = store.list(&query).await?.items;
@@ -227,56 +289,45 @@ pub async fn claim(
     for job in jobs {
         let Some(key) = Key::of(&job) else { continue };
         let org = key.organization.clone().unwrap_or_default();
-        let Ok(spec) = model::typed_spec::<ProvisionerJobSpec>(&job) else {
-            continue;
-        };
         let p = phase(&job);
         let expired = p == Phase::Running && lease_expired(&job, now);
-        if spec.cancel || !(p == Phase::Pending || expired) || !who.can_take(&org, &spec) {
+        if canceled(&job) || !(p == Phase::Pending || expired) {
             continue;
         }
         if job.metadata.deletion_timestamp.is_some() {
             continue;
         }
+        let Some(extra) = fits(&org, &job) else {
+            continue;
+        };
         let next_epoch = epoch(&job) + 1;
         let mut status = status_object(&job);
         status.insert("phase".into(), json!(Phase::Running));
         status.insert("epoch".into(), json!(next_epoch));
-        status.insert("holder".into(), json!(who.name));
+        status.insert("holder".into(), json!(holder));
         status.insert("leaseExpires".into(), json!(stamp(now + LEASE)));
         status.insert("startedAt".into(), json!(stamp(now)));
         status.remove("waiting");
-        if spec.transition == Transition::Start {
-            status.insert("agentTokenHash".into(), json!(agent_token_hash));
-        }
+        status.extend(extra);
         let rv = job.metadata.resource_version.as_deref();
         match store.update_status(&key, Value::Object(status), rv).await {
             Ok(written) => {
-                let stream = log_stream(&org, &key.name);
                 let line = if expired {
                     let was = job
                         .status
                         .get("holder")
                         .and_then(Value::as_str)
                         .unwrap_or("?");
-                    format!(
-                        "the lease of provisioner {was} expired; re-queued and taken by {}",
-                        who.name
-                    )
+                    format!("the lease of {worker} {was} expired; re-queued and taken by {holder}")
                 } else {
-                    format!("taken by provisioner {}", who.name)
+                    format!("taken by {worker} {holder}")
                 };
                 store
-                    .append_logs(&stream, vec![LogLine::now("queue", line)])
+                    .append_logs(&log_stream_of(&key), vec![LogLine::now("queue", line)])
                     .await?;
-                return Ok(Some(Claimed {
-                    key,
-                    job: written,
-                    spec,
-                    epoch: next_epoch,
-                }));
+                return Ok(Some((key, written, next_epoch)));
             }
-            // Another provisioner won it, or it changed: try the next.
+            // Another worker won it, or it changed: try the next.
             Err(StoreError::Conflict { .. } | StoreError::NotFound(_)) => continue,
             Err(e) => return Err(e),
         }
@@ -319,8 +370,7 @@ pub async fn append_job_logs(
     if lines.is_empty() {
         return Ok(());
     }
-    let org = key.organization.as_deref().unwrap_or_default();
-    let stream = log_stream(org, &key.name);
+    let stream = log_stream_of(key);
     let have = store.append_logs(&stream, vec![]).await?;
     if have >= MAX_JOB_LOG_LINES {
         return Ok(());
@@ -373,7 +423,7 @@ pub async fn renew(
 ) -> Result<Renewed, JobError> {
     loop {
         let job = held_running(store, key, epoch_given).await?;
-        let cancel = model::typed_spec::<ProvisionerJobSpec>(&job).is_ok_and(|s| s.cancel);
+        let cancel = canceled(&job);
         let mut status = status_object(&job);
         status.insert(
             "leaseExpires".into(),
@@ -391,6 +441,42 @@ pub async fn renew(
         }
     }
 }
+
+/// Sets status fields of a job held at `epoch` and still running (a pipeline run's steps as they progress);
+/// the queue's own fields (phase, epoch, holder, lease) cannot be set this way.
+pub async fn update_held(
+    store: &Store,
+    key: &Key,
+    epoch_given: u64,
+    fields: serde_json::Map<String, Value>,
+) -> Result<Resource, JobError> {
+    loop {
+        let job = held_running(store, key, epoch_given).await?;
+        let mut status = status_object(&job);
+        for (k, v) in &fields {
+            if !QUEUE_FIELDS.contains(&k.as_str()) {
+                status.insert(k.clone(), v.clone());
+            }
+        }
+        let rv = job.metadata.resource_version.as_deref();
+        match store.update_status(key, Value::Object(status), rv).await {
+            Ok(written) => return Ok(written),
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(StoreError::NotFound(_)) => return Err(JobError::NotFound(key.name.clone())),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// The status fields only the queue writes.
+const QUEUE_FIELDS: &[&str] = &[
+    "phase",
+    "epoch",
+    "holder",
+    "leaseExpires",
+    "startedAt",
+    "finishedAt",
+];
 
 /// How a job ended, as its provisioner reports it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

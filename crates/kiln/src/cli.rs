@@ -92,6 +92,17 @@ pub enum Command {
     /// Provisioners: run one on this host (`start`), list the live ones, manage provisioner keys.
     #[command(subcommand)]
     Provisioner(ProvisionerCommand),
+    /// CI pipelines: start a run, follow or cancel it (pipelines themselves are applied with `kiln apply`).
+    #[command(subcommand)]
+    Pipeline(PipelineCommand),
+    /// The runs of a pipeline (or of every pipeline), newest first, with each step's status.
+    Runs {
+        /// Only this pipeline's runs.
+        pipeline: Option<String>,
+        /// At most this many runs.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
     /// Forward local TCP ports to ports inside a workspace, through the server.
     PortForward(PortForwardArgs),
     /// A shell or a command in a workspace over SSH, through the server.
@@ -348,6 +359,33 @@ pub enum TemplateCommand {
         #[arg(long)]
         name: Option<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PipelineCommand {
+    /// Start a run now, on a branch (default: the pipeline's) or a commit, with parameters.
+    Run {
+        pipeline: String,
+        #[arg(long)]
+        branch: Option<String>,
+        #[arg(long)]
+        commit: Option<String>,
+        /// A parameter value, NAME=VALUE (repeatable).
+        #[arg(long = "param", value_name = "NAME=VALUE")]
+        params: Vec<String>,
+        /// Follow the run's log until it ends; exit non-zero unless it succeeded.
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
+    /// A run's log: `PIPELINE/NUMBER` or the run's name (`PIPELINE-NUMBER`).
+    Logs {
+        run: String,
+        /// Keep streaming new lines until the run ends.
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
+    /// Cancel a run: `PIPELINE/NUMBER` or the run's name.
+    Cancel { run: String },
 }
 
 #[derive(Debug, Subcommand)]

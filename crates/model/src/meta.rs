@@ -85,6 +85,8 @@ kinds! {
     TemplateVersion => "TemplateVersion", "templateversions", ["tplv"], Organization;
     Workspace => "Workspace", "workspaces", ["ws"], Organization;
     ProvisionerJob => "ProvisionerJob", "provisionerjobs", ["job", "jobs", "pj"], Organization;
+    Pipeline => "Pipeline", "pipelines", ["pl"], Organization;
+    PipelineRun => "PipelineRun", "pipelineruns", ["run", "runs", "pr"], Organization;
 }
 
 impl fmt::Display for Kind {

@@ -202,7 +202,7 @@ mod tests {
         assert_eq!(
             errors(resource("Deployment", json!({"anything": 1}))),
             ["kind: unknown kind \"Deployment\"; known kinds: Organization, DataPlane, Environment, \
-              DeploymentPipeline, Project, Secret, Role, RoleBinding, Component, Release, ReleaseBinding, Template, TemplateVersion, Workspace, ProvisionerJob"]
+              DeploymentPipeline, Project, Secret, Role, RoleBinding, Component, Release, ReleaseBinding, Template, TemplateVersion, Workspace, ProvisionerJob, Pipeline, PipelineRun"]
         );
     }
 

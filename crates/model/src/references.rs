@@ -2,9 +2,9 @@
 //! controllers can report the others as conditions.
 
 use crate::kinds::{
-    is_builtin_role, ComponentSpec, DeploymentPipelineSpec, EnvironmentSpec, ProjectSpec,
-    ProvisionerJobSpec, ReleaseBindingSpec, ReleaseSpec, RoleBindingSpec, TemplateVersionSpec,
-    WorkspaceSpec,
+    is_builtin_role, ComponentSpec, DeploymentPipelineSpec, EnvironmentSpec, PipelineRunSpec,
+    PipelineSpec, ProjectSpec, ProvisionerJobSpec, ReleaseBindingSpec, ReleaseSpec,
+    RoleBindingSpec, TemplateVersionSpec, WorkspaceSpec,
 };
 use crate::names::{field, index};
 use crate::{decode_spec, Kind, Resource};
@@ -145,6 +145,25 @@ pub fn references(res: &Resource) -> Vec<Reference> {
             if let Ok(s) = decode_spec::<ProvisionerJobSpec>(&res.spec) {
                 let path = "spec.workspace".to_string();
                 out.push(r(Kind::Workspace, &s.workspace, None, path, false));
+            }
+        }
+        Some(Kind::Pipeline) => {
+            if let Ok(s) = decode_spec::<PipelineSpec>(&res.spec) {
+                for (i, step) in s.steps.iter().enumerate() {
+                    for (j, sec) in step.secrets.iter().enumerate() {
+                        let path = field(
+                            &index(&field(&index("spec.steps", i), "secrets"), j),
+                            "secret",
+                        );
+                        out.push(r(Kind::Secret, &sec.secret, None, path, true));
+                    }
+                }
+            }
+        }
+        Some(Kind::PipelineRun) => {
+            if let Ok(s) = decode_spec::<PipelineRunSpec>(&res.spec) {
+                let path = "spec.pipeline".to_string();
+                out.push(r(Kind::Pipeline, &s.pipeline, None, path, false));
             }
         }
         Some(Kind::ReleaseBinding) => {

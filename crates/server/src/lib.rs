@@ -20,6 +20,7 @@ pub mod listen;
 mod logs;
 pub mod mesh;
 mod metrics;
+pub mod pipelines;
 mod quota;
 pub mod rbac;
 pub mod resources;
@@ -111,6 +112,8 @@ pub struct AppState {
     pub hub: Arc<workspaces::Hub>,
     /// Provisioners asking for workspace builds.
     pub provisioners: controllers::jobs::Provisioners,
+    /// Wakes the built-in runner when a pipeline run is queued.
+    pub runs: pipelines::RunQueue,
     /// The URL browsers and agents reach this server at, once it is listening (see [`access_url`]).
     bound_url: Arc<OnceLock<String>>,
 }
@@ -132,6 +135,7 @@ impl AppState {
             drivers: controllers::Drivers::default(),
             hub: Arc::default(),
             provisioners: Default::default(),
+            runs: Default::default(),
             bound_url: Arc::default(),
         }
     }
@@ -240,6 +244,7 @@ pub fn api() -> Api {
     let api = identity_api::register(api);
     let api = delivery::register(api);
     let api = workspaces::register(api);
+    let api = pipelines::register(api);
     logs::register(api)
 }
 
@@ -488,6 +493,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
         })
     };
+    let runner = AbortOnDrop(vec![pipelines::spawn_runner(
+        store.clone(),
+        state.runs.clone(),
+        std::path::absolute(&config.data_dir).unwrap_or(config.data_dir.clone()),
+        shutdown_rx.clone(),
+    )]);
     let gateway_table = gateway::spawn_gateway_table(state.clone(), shutdown_rx.clone());
     let access_watch = tokio::spawn(rbac::watch_access_changes(
         state.clone(),
@@ -555,6 +566,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         h.stop().await;
     }
     builtin.abort();
+    let mut runner = runner;
+    for r in &mut runner.0 {
+        let _ = r.await;
+    }
     let _ = flusher.await;
     let _ = access_watch.await;
     let _ = gateway_table.await;

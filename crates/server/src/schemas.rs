@@ -40,6 +40,7 @@ pub fn all() -> Value {
     add::<crate::delivery::ApproveRequest>(&mut gen, "ApproveRequest", &mut out);
     add::<crate::delivery::RollbackRequest>(&mut gen, "RollbackRequest", &mut out);
     add::<crate::delivery::DeliveryResult>(&mut gen, "DeliveryResult", &mut out);
+    add::<crate::pipelines::StartRunRequest>(&mut gen, "StartRunRequest", &mut out);
     for (name, def) in gen.definitions() {
         out.entry(name.clone())
             .or_insert_with(|| serde_json::to_value(def).unwrap_or(Value::Null));

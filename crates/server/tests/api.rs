@@ -108,6 +108,19 @@ fn manifest(kind: Kind, name: &str) -> Value {
             "snapshot": {}
         }),
         Kind::Workspace => json!({"template": "fixture"}),
+        Kind::Pipeline => json!({
+            "source": {"repository": "/srv/git/fixture.git"},
+            "steps": [{"name": "test", "commands": ["true"]}]
+        }),
+        Kind::PipelineRun => json!({
+            "pipeline": "fixture",
+            "number": 1,
+            "branch": "main",
+            "snapshot": {
+                "source": {"repository": "/srv/git/fixture.git"},
+                "steps": [{"name": "test", "commands": ["true"]}]
+            }
+        }),
         Kind::ProvisionerJob => json!({
             "workspace": "fixture",
             "build": 1,

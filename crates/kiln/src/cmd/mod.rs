@@ -2,6 +2,7 @@
 
 mod logs;
 mod manifests;
+mod pipeline;
 mod provisioner;
 mod resources;
 mod ssh;
@@ -107,6 +108,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Template(c) => workspace::template(&ctx(&cli)?, c).await,
         Command::Workspace(c) => workspace::workspace(&ctx(&cli)?, c).await,
         Command::Provisioner(c) => provisioner::run(&cli, c).await,
+        Command::Pipeline(c) => pipeline::pipeline(&ctx(&cli)?, c).await,
+        Command::Runs { pipeline, limit } => {
+            pipeline::runs(&ctx(&cli)?, pipeline.as_deref(), *limit).await
+        }
         Command::PortForward(args) => workspace::port_forward(&ctx(&cli)?, args).await,
         Command::Ssh(args) => ssh::ssh(&ctx(&cli)?, args).await,
         Command::ConfigSsh(args) => ssh::config_ssh(&ctx(&cli)?, args).await,

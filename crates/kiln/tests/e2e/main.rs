@@ -11,6 +11,7 @@ mod dependencies;
 mod docker;
 mod durability;
 mod logs;
+mod pipelines;
 mod provisioners;
 mod smoke;
 mod ssh;

@@ -8,6 +8,7 @@ mod component;
 mod dataplane;
 mod environment;
 mod organization;
+mod pipeline;
 mod project;
 mod rbac;
 mod release;
@@ -25,6 +26,10 @@ pub use dataplane::{
 pub use environment::{DeploymentPipelineSpec, EnvironmentSpec, PromotionPath, PromotionTarget};
 pub use organization::{
     Communication, Isolation, NetworkPolicies, OrganizationSpec, ResourceQuotas,
+};
+pub use pipeline::{
+    glob_match, Event, Failure, PipelineParam, PipelineRunSpec, PipelineSource, PipelineSpec,
+    Retry, SecretRef, StatusCondition, Step, When, MAX_ATTEMPTS, MAX_STEPS,
 };
 pub use project::{ProjectComponent, ProjectSpec, DEFAULT_PIPELINE};
 pub use rbac::{
@@ -151,6 +156,8 @@ macro_rules! with_spec_type {
             $crate::Kind::TemplateVersion => $f::<$crate::kinds::TemplateVersionSpec>($($arg),*),
             $crate::Kind::Workspace => $f::<$crate::kinds::WorkspaceSpec>($($arg),*),
             $crate::Kind::ProvisionerJob => $f::<$crate::kinds::ProvisionerJobSpec>($($arg),*),
+            $crate::Kind::Pipeline => $f::<$crate::kinds::PipelineSpec>($($arg),*),
+            $crate::Kind::PipelineRun => $f::<$crate::kinds::PipelineRunSpec>($($arg),*),
         }
     };
 }

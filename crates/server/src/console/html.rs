@@ -358,6 +358,85 @@ pub fn row(kind: Kind, org: &str, r: &Resource) -> Vec<String> {
                 conditions_cell(r),
             ]
         }
+        Kind::Pipeline => {
+            let steps: Vec<String> = r
+                .spec
+                .get("steps")
+                .and_then(|v| v.as_array())
+                .map(|a| {
+                    a.iter()
+                        .map(|st| esc(st.get("name").and_then(|n| n.as_str()).unwrap_or("?")))
+                        .collect()
+                })
+                .unwrap_or_default();
+            vec![
+                format!("<span id=\"pipeline-{name}\">{name}</span>"),
+                format!(
+                    "<code>{}</code>",
+                    esc(r
+                        .spec
+                        .pointer("/source/repository")
+                        .and_then(|v| v.as_str())
+                        .unwrap_or(""))
+                ),
+                esc(r
+                    .spec
+                    .pointer("/source/branch")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("")),
+                steps.join(", "),
+            ]
+        }
+        Kind::PipelineRun => {
+            let steps: Vec<String> = r
+                .status
+                .get("steps")
+                .and_then(|v| v.as_array())
+                .map(|a| {
+                    a.iter()
+                        .map(|st| {
+                            let phase = st
+                                .get("phase")
+                                .and_then(|p| p.as_str())
+                                .unwrap_or("Pending");
+                            format!(
+                                "<span class=\"step {}\" title=\"{}\">{}</span>",
+                                esc(&phase.to_lowercase()),
+                                esc(st.get("reason").and_then(|p| p.as_str()).unwrap_or(phase)),
+                                esc(st.get("name").and_then(|n| n.as_str()).unwrap_or("?"))
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let phase = r
+                .status
+                .get("phase")
+                .and_then(|p| p.as_str())
+                .unwrap_or("Pending");
+            let mut status = esc(phase);
+            if let Some(w) = r.status.get("waiting").and_then(|w| w.as_str()) {
+                status.push_str(&format!("<br><span class=\"muted\">{}</span>", esc(w)));
+            }
+            if let Some(e) = r.status.get("error").and_then(|w| w.as_str()) {
+                status.push_str(&format!("<br><span class=\"muted\">{}</span>", esc(e)));
+            }
+            let commit: String = r
+                .status
+                .get("commit")
+                .and_then(|c| c.as_str())
+                .unwrap_or("")
+                .chars()
+                .take(10)
+                .collect();
+            vec![
+                format!("<span id=\"pipelinerun-{name}\">{name}</span>"),
+                status,
+                esc(s(r, "branch")),
+                format!("<code>{}</code>", esc(&commit)),
+                steps.join(" "),
+            ]
+        }
         _ => vec![
             format!(
                 "<span id=\"{}-{name}\">{name}</span>",

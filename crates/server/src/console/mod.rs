@@ -222,7 +222,7 @@ async fn org_page(
         let mut body = html::crumbs(&[("/", "Organizations")], &org);
         body.push_str(&format!("<h1>Organization {}</h1>", esc(&org)));
         body.push_str(&html::org_tabs(&org, "overview"));
-        let sections: [(Kind, &str, &[&str]); 4] = [
+        let sections: [(Kind, &str, &[&str]); 6] = [
             (
                 Kind::Project,
                 "Projects",
@@ -248,6 +248,16 @@ async fn org_page(
                 Kind::DataPlane,
                 "Data planes",
                 &["Name", "Type", "Ready", "Other conditions"],
+            ),
+            (
+                Kind::Pipeline,
+                "Pipelines",
+                &["Name", "Repository", "Branch", "Steps"],
+            ),
+            (
+                Kind::PipelineRun,
+                "Pipeline runs",
+                &["Run", "Status", "Branch", "Commit", "Steps"],
             ),
         ];
         for (kind, title, headers) in sections {

@@ -1,0 +1,750 @@
+//! Runs one pipeline run: checks its source out with `git` into a fresh directory, then runs its steps as a
+//! graph, each step once every step it depends on has ended, as many at once as the runner's capacity.
+//!
+//! - A step runs `sh -e` on its commands (each echoed as `+ command` first) in the checked-out source, in a
+//!   process group of its own, with the run's variables (`CI`, `KILN_*`), the parameters, its environment and
+//!   its secrets. Its output goes to the log line by line, secret values masked.
+//! - `when` decides whether a ready step runs or is skipped: branch patterns, events, and the status of the
+//!   steps it depends on (by default all must have succeeded; a failure with `failure: ignore` counts as
+//!   success).
+//! - An attempt that exceeds the step's timeout is stopped and fails; a failed attempt is retried as the
+//!   step's retry policy says.
+//! - Cancellation stops every running step (SIGTERM to its group, SIGKILL 5 s later) and skips the rest.
+//!
+//! The caller (the server's built-in runner, or a `kiln runner`) holds the run under a lease and carries what
+//! this reports: log lines and step status to the queue.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use model::kinds::{glob_match, parse_duration, Failure, PipelineRunSpec, StatusCondition, Step};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::Command;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+/// How long a stopped step's processes get between SIGTERM and SIGKILL.
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
+/// What a secret's value is replaced with in the logs.
+pub const MASK: &str = "********";
+/// The longest log line kept; the rest of a longer one is cut.
+const MAX_LINE: usize = 16 * 1024;
+
+/// A run as a runner receives it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunJob {
+    pub organization: String,
+    /// The PipelineRun's name.
+    pub name: String,
+    pub epoch: u64,
+    pub spec: PipelineRunSpec,
+    /// Each step's secret values, as environment variable → value.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+/// A step's phase.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepPhase {
+    /// Waiting for the steps it depends on.
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    /// Not run: its `when` did not hold, or the run was canceled first.
+    Skipped,
+    /// Stopped by the run's cancellation.
+    Canceled,
+}
+
+impl StepPhase {
+    /// Whether the step is over.
+    pub fn is_final(self) -> bool {
+        !matches!(self, StepPhase::Pending | StepPhase::Running)
+    }
+}
+
+/// One step's status, as kept in the run's `status.steps`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StepStatus {
+    pub name: String,
+    pub phase: StepPhase,
+    /// The last attempt's exit code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Attempts started.
+    #[serde(default)]
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+    /// From the first attempt's start to the step's end, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// Why it failed, was skipped or canceled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// It failed, but with `failure: ignore`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ignored: bool,
+}
+
+impl StepStatus {
+    fn pending(name: &str) -> StepStatus {
+        StepStatus {
+            name: name.to_string(),
+            phase: StepPhase::Pending,
+            exit_code: None,
+            attempts: 0,
+            started_at: None,
+            finished_at: None,
+            duration_ms: None,
+            reason: None,
+            ignored: false,
+        }
+    }
+
+    /// Whether steps that depend on it see it as a success.
+    fn counts_as_success(&self) -> bool {
+        match self.phase {
+            StepPhase::Succeeded => true,
+            StepPhase::Failed => self.ignored,
+            _ => false,
+        }
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunEnd {
+    /// The phase: `Succeeded`, `Failed` or `Canceled`.
+    pub outcome: Outcome,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// The commit checked out, once known.
+    pub commit: Option<String>,
+    pub steps: Vec<StepStatus>,
+}
+
+/// A run's outcome.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Succeeded,
+    Failed,
+    Canceled,
+}
+
+/// Where a run's progress goes.
+pub trait Report: Send + Sync {
+    /// One log line (already masked) written by `source` (`checkout`, a step's name, `runner`).
+    fn line(&self, source: &str, text: String);
+    /// The steps' status changed (and the commit, once checked out).
+    fn steps(&self, steps: &[StepStatus], commit: Option<&str>) -> impl Future<Output = ()> + Send;
+}
+
+/// Runs `job` in `dir` (created; it should not exist), at most `capacity` steps at once, until it ends or
+/// `cancel` turns true.
+pub async fn execute<R: Report>(
+    job: &RunJob,
+    dir: &Path,
+    capacity: usize,
+    report: &R,
+    mut cancel: watch::Receiver<bool>,
+) -> RunEnd {
+    let spec = &job.spec;
+    let steps = &spec.snapshot.steps;
+    let mut status: Vec<StepStatus> = steps.iter().map(|s| StepStatus::pending(&s.name)).collect();
+    let masker = Masker::new(job.secrets.values().flat_map(|m| m.values().cloned()));
+    let src = dir.join("src");
+    let checkout = tokio::select! {
+        r = checkout(spec, &src, report, &masker) => r,
+        () = cancellation(&mut cancel) => Err("canceled before the checkout ended".to_string()),
+    };
+    let commit = match checkout {
+        Ok(c) => c,
+        Err(e) => {
+            let canceled = *cancel.borrow();
+            for s in &mut status {
+                s.phase = StepPhase::Skipped;
+                s.reason = Some(
+                    if canceled {
+                        "the run was canceled"
+                    } else {
+                        "the checkout failed"
+                    }
+                    .into(),
+                );
+            }
+            report.steps(&status, None).await;
+            return RunEnd {
+                outcome: if canceled {
+                    Outcome::Canceled
+                } else {
+                    Outcome::Failed
+                },
+                error: Some(e),
+                commit: None,
+                steps: status,
+            };
+        }
+    };
+    report.steps(&status, Some(&commit)).await;
+
+    let base_env = base_env(job, &commit);
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(usize, StepStatus)>();
+    let (line_tx, mut line_rx) = mpsc::unbounded_channel::<(String, String)>();
+    let mut running = JoinSet::new();
+    let mut active = 0usize;
+    let mut canceled = false;
+    loop {
+        // Start what is ready, skip what will not run.
+        let mut changed = false;
+        if !canceled {
+            for i in 0..steps.len() {
+                if status[i].phase != StepPhase::Pending || active >= capacity.max(1) {
+                    continue;
+                }
+                let step = &steps[i];
+                let deps: Vec<&StepStatus> = step
+                    .depends_on
+                    .iter()
+                    .filter_map(|d| status.iter().find(|s| &s.name == d))
+                    .collect();
+                if deps.iter().any(|d| !d.phase.is_final()) {
+                    continue;
+                }
+                if let Some(why) = skip_reason(step, spec, &deps) {
+                    status[i].phase = StepPhase::Skipped;
+                    status[i].reason = Some(why);
+                    changed = true;
+                    continue;
+                }
+                status[i].phase = StepPhase::Running;
+                status[i].started_at = Some(jiff::Timestamp::now().to_string());
+                changed = true;
+                active += 1;
+                let mut env = base_env.clone();
+                env.push(("KILN_STEP".into(), step.name.clone()));
+                env.extend(step.environment.iter().map(|(k, v)| (k.clone(), v.clone())));
+                if let Some(sec) = job.secrets.get(&step.name) {
+                    env.extend(sec.iter().map(|(k, v)| (k.clone(), v.clone())));
+                }
+                let ctx = StepCtx {
+                    step: step.clone(),
+                    env,
+                    dir: src.clone(),
+                    masker: masker.clone(),
+                    cancel: cancel.clone(),
+                    status: status[i].clone(),
+                    lines: line_tx.clone(),
+                };
+                let tx = done_tx.clone();
+                running.spawn(async move {
+                    let out = run_step(ctx).await;
+                    let _ = tx.send((i, out));
+                });
+            }
+        }
+        if changed {
+            report.steps(&status, Some(&commit)).await;
+        }
+        if active == 0 {
+            break;
+        }
+        tokio::select! {
+            biased;
+            Some((source, text)) = line_rx.recv() => report.line(&source, text),
+            Some((i, st)) = done_rx.recv() => {
+                // The step's last lines were sent before its end.
+                while let Ok((source, text)) = line_rx.try_recv() {
+                    report.line(&source, text);
+                }
+                active -= 1;
+                status[i] = st;
+                report.steps(&status, Some(&commit)).await;
+            }
+            () = cancellation(&mut cancel), if !canceled => {
+                canceled = true;
+                report.line("runner", "the run was canceled; stopping its steps".into());
+            }
+        }
+    }
+    while running.join_next().await.is_some() {}
+    if canceled || *cancel.borrow() {
+        for s in status.iter_mut().filter(|s| s.phase == StepPhase::Pending) {
+            s.phase = StepPhase::Skipped;
+            s.reason = Some("the run was canceled".into());
+        }
+        report.steps(&status, Some(&commit)).await;
+        return RunEnd {
+            outcome: Outcome::Canceled,
+            error: None,
+            commit: Some(commit),
+            steps: status,
+        };
+    }
+    let failed: Vec<&StepStatus> = status
+        .iter()
+        .filter(|s| s.phase == StepPhase::Failed && !s.ignored)
+        .collect();
+    let error = failed.first().map(|s| {
+        format!(
+            "step {} failed: {}",
+            s.name,
+            s.reason.as_deref().unwrap_or("it failed")
+        )
+    });
+    RunEnd {
+        outcome: if failed.is_empty() {
+            Outcome::Succeeded
+        } else {
+            Outcome::Failed
+        },
+        error,
+        commit: Some(commit),
+        steps: status,
+    }
+}
+
+/// Waits until `cancel` turns true (or its sender is gone).
+async fn cancellation(cancel: &mut watch::Receiver<bool>) {
+    let _ = cancel.wait_for(|c| *c).await;
+}
+
+/// The run-wide environment of every step.
+fn base_env(job: &RunJob, commit: &str) -> Vec<(String, String)> {
+    let spec = &job.spec;
+    let mut env = vec![
+        ("CI".to_string(), "true".to_string()),
+        ("KILN".into(), "true".into()),
+        ("KILN_PIPELINE".into(), spec.pipeline.clone()),
+        ("KILN_RUN".into(), spec.number.to_string()),
+        ("KILN_BRANCH".into(), spec.branch.clone()),
+        ("KILN_COMMIT".into(), commit.to_string()),
+        ("KILN_EVENT".into(), spec.event.as_str().to_string()),
+        (
+            "KILN_REPOSITORY".into(),
+            spec.snapshot.source.repository.clone(),
+        ),
+    ];
+    env.extend(spec.params.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env
+}
+
+/// Why a ready step does not run, if it does not.
+fn skip_reason(step: &Step, spec: &PipelineRunSpec, deps: &[&StepStatus]) -> Option<String> {
+    let when = step.when.clone().unwrap_or_default();
+    if !when.branch.is_empty() && !when.branch.iter().any(|b| glob_match(b, &spec.branch)) {
+        return Some(format!(
+            "when.branch ({}) does not match branch {}",
+            when.branch.join(", "),
+            spec.branch
+        ));
+    }
+    if !when.event.is_empty() && !when.event.contains(&spec.event) {
+        let events: Vec<&str> = when.event.iter().map(|e| e.as_str()).collect();
+        return Some(format!(
+            "when.event ({}) does not include {}",
+            events.join(", "),
+            spec.event.as_str()
+        ));
+    }
+    let all_ok = deps.iter().all(|d| d.counts_as_success());
+    let want = if when.status.is_empty() {
+        vec![StatusCondition::Success]
+    } else {
+        when.status.clone()
+    };
+    let ok = (all_ok && want.contains(&StatusCondition::Success))
+        || (!all_ok && want.contains(&StatusCondition::Failure));
+    if ok {
+        return None;
+    }
+    Some(if all_ok {
+        "when.status is failure, and every step it depends on succeeded".to_string()
+    } else {
+        let bad: Vec<&str> = deps
+            .iter()
+            .filter(|d| !d.counts_as_success())
+            .map(|d| d.name.as_str())
+            .collect();
+        format!("{} did not succeed", bad.join(", "))
+    })
+}
+
+/// Clones the source and checks out the run's commit (or its branch's head); answers the commit.
+async fn checkout<R: Report>(
+    spec: &PipelineRunSpec,
+    src: &Path,
+    report: &R,
+    masker: &Masker,
+) -> Result<String, String> {
+    let repo = &spec.snapshot.source.repository;
+    if let Some(parent) = src.parent() {
+        tokio::fs::create_dir_all(parent)
+            .await
+            .map_err(|e| format!("creating {}: {e}", parent.display()))?;
+    }
+    let target = spec
+        .commit
+        .clone()
+        .unwrap_or_else(|| format!("origin/{}", spec.branch));
+    report.line("checkout", format!("+ git clone {repo}"));
+    git(
+        &[
+            "clone",
+            "--quiet",
+            "--no-checkout",
+            repo,
+            &src.to_string_lossy(),
+        ],
+        None,
+        report,
+        masker,
+    )
+    .await?;
+    report.line("checkout", format!("+ git checkout {target}"));
+    git(
+        &["checkout", "--quiet", "--detach", &target],
+        Some(src),
+        report,
+        masker,
+    )
+    .await?;
+    let out = Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .current_dir(src)
+        .output()
+        .await
+        .map_err(|e| format!("running git: {e}"))?;
+    let commit = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if !out.status.success() || commit.is_empty() {
+        return Err("git rev-parse HEAD found no commit".into());
+    }
+    report.line("checkout", format!("at commit {commit}"));
+    Ok(commit)
+}
+
+async fn git<R: Report>(
+    args: &[&str],
+    dir: Option<&Path>,
+    report: &R,
+    masker: &Masker,
+) -> Result<(), String> {
+    let mut cmd = Command::new("git");
+    cmd.args(args)
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    if let Some(d) = dir {
+        cmd.current_dir(d);
+    }
+    let out = cmd
+        .output()
+        .await
+        .map_err(|e| format!("running git: {e} (is git installed on the runner's host?)"))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for l in stderr.lines().filter(|l| !l.trim().is_empty()) {
+        report.line("checkout", masker.mask(l));
+    }
+    if out.status.success() {
+        Ok(())
+    } else {
+        let last = stderr
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("");
+        Err(format!(
+            "git {} failed: {}",
+            args[0],
+            masker.mask(last.trim())
+        ))
+    }
+}
+
+/// What a step task needs.
+struct StepCtx {
+    step: Step,
+    env: Vec<(String, String)>,
+    dir: PathBuf,
+    masker: Masker,
+    cancel: watch::Receiver<bool>,
+    status: StepStatus,
+    lines: mpsc::UnboundedSender<(String, String)>,
+}
+
+/// Runs a step's attempts; answers its final status.
+async fn run_step(mut ctx: StepCtx) -> StepStatus {
+    let started = Instant::now();
+    let attempts = ctx.step.retry.as_ref().map_or(1, |r| r.attempts.max(1));
+    let timeout = Duration::from_secs(parse_duration(&ctx.step.timeout).unwrap_or(3600));
+    let name = ctx.step.name.clone();
+    let say = |text: String| {
+        let _ = ctx.lines.send((name.clone(), text));
+    };
+    let mut st = ctx.status.clone();
+    loop {
+        st.attempts += 1;
+        let attempt = attempt(&ctx, timeout).await;
+        st.exit_code = attempt.code;
+        match attempt.end {
+            AttemptEnd::Succeeded => {
+                st.phase = StepPhase::Succeeded;
+                st.reason = None;
+                break;
+            }
+            AttemptEnd::Canceled => {
+                st.phase = StepPhase::Canceled;
+                st.reason = Some("the run was canceled".into());
+                break;
+            }
+            AttemptEnd::Failed(why) => {
+                st.reason = Some(why.clone());
+                if st.attempts >= attempts {
+                    st.phase = StepPhase::Failed;
+                    st.ignored = ctx.step.failure == Failure::Ignore;
+                    if st.ignored {
+                        say(format!("{why}; the failure is ignored (failure: ignore)"));
+                    }
+                    break;
+                }
+                let wait = ctx
+                    .step
+                    .retry
+                    .as_ref()
+                    .map_or(1.0, |r| r.delay_before(st.attempts + 1));
+                say(format!(
+                    "attempt {} of {attempts} failed ({why}); retrying in {wait:.1} s",
+                    st.attempts
+                ));
+                let canceled = tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs_f64(wait)) => false,
+                    () = cancellation(&mut ctx.cancel) => true,
+                };
+                if canceled {
+                    st.phase = StepPhase::Canceled;
+                    st.reason = Some("the run was canceled".into());
+                    break;
+                }
+            }
+        }
+    }
+    st.finished_at = Some(jiff::Timestamp::now().to_string());
+    st.duration_ms = Some(started.elapsed().as_millis() as u64);
+    st
+}
+
+enum AttemptEnd {
+    Succeeded,
+    Failed(String),
+    Canceled,
+}
+
+struct Attempt {
+    end: AttemptEnd,
+    code: Option<i32>,
+}
+
+/// The shell script of a step: each command echoed, then run; `sh -e` stops at the first failure.
+fn script(commands: &[String]) -> String {
+    let mut out = String::new();
+    for c in commands {
+        out.push_str("printf '+ %s\\n' '");
+        out.push_str(&c.replace('\'', "'\\''"));
+        out.push_str("'\n");
+        out.push_str(c);
+        out.push('\n');
+    }
+    out
+}
+
+async fn attempt(ctx: &StepCtx, timeout: Duration) -> Attempt {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-e")
+        .arg("-c")
+        .arg(script(&ctx.step.commands))
+        .current_dir(&ctx.dir)
+        .envs(ctx.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            return Attempt {
+                end: AttemptEnd::Failed(format!("starting sh: {e}")),
+                code: None,
+            }
+        }
+    };
+    let pgid = child.id().map(|p| p as i32);
+    let name = ctx.step.name.clone();
+    let mut readers = JoinSet::new();
+    if let Some(out) = child.stdout.take() {
+        readers.spawn(forward(
+            out,
+            name.clone(),
+            ctx.masker.clone(),
+            ctx.lines.clone(),
+        ));
+    }
+    if let Some(err) = child.stderr.take() {
+        readers.spawn(forward(
+            err,
+            name.clone(),
+            ctx.masker.clone(),
+            ctx.lines.clone(),
+        ));
+    }
+    let mut cancel = ctx.cancel.clone();
+    enum Stop {
+        Exited(std::io::Result<std::process::ExitStatus>),
+        Timeout,
+        Cancel,
+    }
+    let stop = tokio::select! {
+        r = child.wait() => Stop::Exited(r),
+        () = tokio::time::sleep(timeout) => Stop::Timeout,
+        () = cancellation(&mut cancel) => Stop::Cancel,
+    };
+    let end = match stop {
+        Stop::Exited(Ok(st)) if st.success() => Attempt {
+            end: AttemptEnd::Succeeded,
+            code: Some(0),
+        },
+        Stop::Exited(Ok(st)) => Attempt {
+            end: AttemptEnd::Failed(match st.code() {
+                Some(c) => format!("exit code {c}"),
+                None => "killed by a signal".to_string(),
+            }),
+            code: st.code(),
+        },
+        Stop::Exited(Err(e)) => Attempt {
+            end: AttemptEnd::Failed(format!("waiting for the step: {e}")),
+            code: None,
+        },
+        Stop::Timeout | Stop::Cancel => {
+            stop_group(pgid, &mut child).await;
+            let timed_out = matches!(stop, Stop::Timeout);
+            Attempt {
+                end: if timed_out {
+                    AttemptEnd::Failed(format!("timed out after {}", ctx.step.timeout))
+                } else {
+                    AttemptEnd::Canceled
+                },
+                code: None,
+            }
+        }
+    };
+    // The group may have left processes holding the pipes: stop it before waiting for the output's end.
+    if let Some(p) = pgid {
+        signal("KILL", p);
+    }
+    while readers.join_next().await.is_some() {}
+    end
+}
+
+/// SIGTERM to the step's process group, SIGKILL after [`STOP_GRACE`].
+async fn stop_group(pgid: Option<i32>, child: &mut tokio::process::Child) {
+    let Some(p) = pgid else {
+        let _ = child.kill().await;
+        return;
+    };
+    signal("TERM", p);
+    if tokio::time::timeout(STOP_GRACE, child.wait())
+        .await
+        .is_err()
+    {
+        signal("KILL", p);
+        let _ = child.wait().await;
+    }
+}
+
+fn signal(signal: &str, pgid: i32) {
+    // Never a signal for "every process" (-1) or this process's own group (0).
+    if pgid <= 1 {
+        return;
+    }
+    let _ = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg("--")
+        .arg(format!("-{pgid}"))
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Sends each line of `from` (masked, cut at [`MAX_LINE`]) as a log line of `source`.
+async fn forward(
+    from: impl AsyncRead + Unpin,
+    source: String,
+    masker: Masker,
+    to: mpsc::UnboundedSender<(String, String)>,
+) {
+    let mut reader = BufReader::new(from);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match reader.read_until(b'\n', &mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        while buf.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+            buf.pop();
+        }
+        buf.truncate(MAX_LINE);
+        let line = masker.mask(&String::from_utf8_lossy(&buf));
+        if to.send((source.clone(), line)).is_err() {
+            return;
+        }
+    }
+}
+
+/// Replaces secret values in log lines.
+#[derive(Clone, Default)]
+pub struct Masker {
+    /// Longest first, so a value that contains another is masked whole.
+    values: std::sync::Arc<Vec<String>>,
+}
+
+impl Masker {
+    /// A masker for these values (empty ones are ignored).
+    pub fn new(values: impl IntoIterator<Item = String>) -> Masker {
+        let mut v: Vec<String> = values.into_iter().filter(|v| !v.is_empty()).collect();
+        // A multi-line value is masked line by line, since logs are cut into lines.
+        let lines: Vec<String> = v
+            .iter()
+            .flat_map(|s| s.lines().map(str::to_string).collect::<Vec<_>>())
+            .filter(|l| !l.trim().is_empty())
+            .collect();
+        v.extend(lines);
+        v.sort_by(|a, b| b.len().cmp(&a.len()).then(a.cmp(b)));
+        v.dedup();
+        Masker {
+            values: std::sync::Arc::new(v),
+        }
+    }
+
+    /// `line` with every secret value replaced by [`MASK`].
+    pub fn mask(&self, line: &str) -> String {
+        let mut out = line.to_string();
+        for v in self.values.iter() {
+            if out.contains(v.as_str()) {
+                out = out.replace(v.as_str(), MASK);
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,194 @@
+//! `kiln pipeline run|logs|cancel` and `kiln runs`.
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Context as _};
+use client::Scoped;
+use futures_util::StreamExt;
+use model::Kind;
+use serde_json::{json, Value};
+
+use super::Ctx;
+use crate::cli::PipelineCommand;
+use crate::output::print_table;
+
+pub async fn pipeline(ctx: &Ctx, cmd: &PipelineCommand) -> anyhow::Result<()> {
+    match cmd {
+        PipelineCommand::Run {
+            pipeline,
+            branch,
+            commit,
+            params,
+            follow,
+        } => {
+            let mut values = BTreeMap::new();
+            for p in params {
+                let Some((k, v)) = p.split_once('=') else {
+                    bail!("--param {p:?}: expected NAME=VALUE");
+                };
+                values.insert(k.to_string(), v.to_string());
+            }
+            let body = json!({"branch": branch, "commit": commit, "params": values});
+            let path = format!("/api/v1/orgs/{}/pipelines/{pipeline}/runs", ctx.org);
+            let run = ctx
+                .client
+                .post_json(&path, &body)
+                .await
+                .map_err(|e| anyhow::anyhow!("pipeline {pipeline}: {e}"))?;
+            let name = run["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            println!("pipelinerun/{name} started");
+            if let Some(w) = run["status"]["waiting"].as_str() {
+                println!("waiting: {w}");
+            }
+            if *follow {
+                follow_logs(ctx, &name, true).await?;
+                return finished(ctx, &name).await;
+            }
+            Ok(())
+        }
+        PipelineCommand::Logs { run, follow } => follow_logs(ctx, &run_name(run), *follow).await,
+        PipelineCommand::Cancel { run } => {
+            let name = run_name(run);
+            let path = format!("/api/v1/orgs/{}/pipelineruns/{name}/cancel", ctx.org);
+            let r = ctx
+                .client
+                .post_json(&path, &json!({}))
+                .await
+                .map_err(|e| anyhow::anyhow!("run {name}: {e}"))?;
+            let phase = r["status"]["phase"].as_str().unwrap_or("Pending");
+            println!("pipelinerun/{name}: cancel requested ({phase})");
+            Ok(())
+        }
+    }
+}
+
+/// `shop-ci/42` → `shop-ci-42`; a run's name as it is.
+fn run_name(run: &str) -> String {
+    match run.rsplit_once('/') {
+        Some((p, n)) if n.parse::<u64>().is_ok() => format!("{p}-{n}"),
+        _ => run.to_string(),
+    }
+}
+
+async fn follow_logs(ctx: &Ctx, run: &str, follow: bool) -> anyhow::Result<()> {
+    let mut lines = Box::pin(
+        ctx.client
+            .run_logs(&ctx.org, run, follow)
+            .await
+            .map_err(|e| anyhow::anyhow!("run {run}: {e}"))?,
+    );
+    while let Some(l) = lines.next().await {
+        let l = l?;
+        let source = l.get("source").and_then(Value::as_str).unwrap_or("");
+        let text = l.get("text").and_then(Value::as_str).unwrap_or("");
+        println!("[{source}] {text}");
+    }
+    Ok(())
+}
+
+/// Fails unless the run succeeded, saying how it ended.
+async fn finished(ctx: &Ctx, run: &str) -> anyhow::Result<()> {
+    let scope = Scoped {
+        org: &ctx.org,
+        project: None,
+    };
+    let r = ctx
+        .client
+        .get(Kind::PipelineRun, &scope, run)
+        .await
+        .with_context(|| format!("run {run}"))?;
+    let phase = r.status["phase"].as_str().unwrap_or("Pending");
+    if phase == "Succeeded" {
+        println!("pipelinerun/{run}: Succeeded");
+        return Ok(());
+    }
+    let error = r.status["error"].as_str().unwrap_or("");
+    bail!("pipelinerun/{run}: {phase} {error}")
+}
+
+pub async fn runs(ctx: &Ctx, pipeline: Option<&str>, limit: usize) -> anyhow::Result<()> {
+    let scope = Scoped {
+        org: &ctx.org,
+        project: None,
+    };
+    let selector = pipeline.map(|p| format!("kiln.dev/pipeline={p}"));
+    let mut items = ctx
+        .client
+        .list_all(Kind::PipelineRun, &scope, selector.as_deref())
+        .await?;
+    // Newest first (creation times tie within a second; numbers do not, within a pipeline).
+    let number = |r: &model::Resource| r.spec["number"].as_u64().unwrap_or(0);
+    items.sort_by(|a, b| {
+        (&b.metadata.creation_timestamp, number(b))
+            .cmp(&(&a.metadata.creation_timestamp, number(a)))
+    });
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .take(limit)
+        .map(|r| {
+            let spec = &r.spec;
+            let status = &r.status;
+            let steps = status["steps"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|s| {
+                            format!(
+                                "{}:{}",
+                                s["name"].as_str().unwrap_or("?"),
+                                step_mark(s["phase"].as_str().unwrap_or(""))
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .unwrap_or_default();
+            let commit: String = status["commit"]
+                .as_str()
+                .unwrap_or("-")
+                .chars()
+                .take(10)
+                .collect();
+            vec![
+                format!(
+                    "{}/{}",
+                    spec["pipeline"].as_str().unwrap_or("?"),
+                    spec["number"]
+                ),
+                status["phase"].as_str().unwrap_or("Pending").to_string(),
+                spec["event"].as_str().unwrap_or("manual").to_string(),
+                spec["branch"].as_str().unwrap_or("").to_string(),
+                commit,
+                if steps.is_empty() {
+                    status["waiting"].as_str().unwrap_or("-").to_string()
+                } else {
+                    steps
+                },
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        println!("no runs");
+        return Ok(());
+    }
+    print_table(
+        &["RUN", "STATUS", "EVENT", "BRANCH", "COMMIT", "STEPS"],
+        &rows,
+    );
+    Ok(())
+}
+
+/// A step's phase in a few characters.
+fn step_mark(phase: &str) -> &'static str {
+    match phase {
+        "Succeeded" => "ok",
+        "Failed" => "FAILED",
+        "Running" => "running",
+        "Skipped" => "skipped",
+        "Canceled" => "canceled",
+        _ => "pending",
+    }
+}

@@ -1,0 +1,543 @@
+//! Pipeline (CI steps run on a source repository) and PipelineRun (one execution of a pipeline, which is also
+//! the runner queue's job).
+
+use std::collections::{BTreeMap, HashMap};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::{check_name, check_not_blank, check_unique_names, parse_duration, KindSpec};
+use crate::names::{field, index, key};
+use crate::{FieldError, Kind, ObjectMeta};
+
+/// The most steps a pipeline has.
+pub const MAX_STEPS: usize = 200;
+/// The most attempts a step's retry policy allows.
+pub const MAX_ATTEMPTS: u32 = 10;
+
+/// The spec of a Pipeline.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PipelineSpec {
+    /// The repository each run checks out.
+    pub source: PipelineSource,
+    /// Parameters a run may set (`kiln pipeline run --param NAME=VALUE`), given to every step as environment
+    /// variables.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub params: Vec<PipelineParam>,
+    /// Labels a runner must carry to take this pipeline's runs.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub runner_labels: BTreeMap<String, String>,
+    /// The steps, run as a graph: a step starts when every step it depends on has ended.
+    pub steps: Vec<Step>,
+}
+
+/// Where a pipeline's source lives.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PipelineSource {
+    /// What `git clone` takes: a URL or a path on the runner's host.
+    pub repository: String,
+    /// The branch a run without one checks out. Default `main`.
+    #[serde(default = "default_branch")]
+    pub branch: String,
+}
+
+fn default_branch() -> String {
+    "main".into()
+}
+
+/// A parameter of a pipeline.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PipelineParam {
+    /// An environment variable name.
+    pub name: String,
+    /// The value when a run does not set it.
+    #[serde(default)]
+    pub default: String,
+}
+
+/// One step of a pipeline.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Step {
+    /// Unique within the pipeline; a DNS-1123 label.
+    pub name: String,
+    /// Run in a container of this image; without one the step runs as a process on the runner's host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Shell commands, run in order with `sh -e` in the run's working directory (the checked-out source).
+    pub commands: Vec<String>,
+    /// Environment variables.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub environment: BTreeMap<String, String>,
+    /// Values from Secrets, given as environment variables and masked in the logs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<SecretRef>,
+    /// Steps that must end before this one starts.
+    #[serde(default, alias = "depends_on", skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<String>,
+    /// When the step runs; without it, when every step it depends on succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<When>,
+    /// How long one attempt may take, e.g. `10m`. Default `1h`.
+    #[serde(default = "default_timeout")]
+    pub timeout: String,
+    /// How a failed attempt is retried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<Retry>,
+    /// What the step's failure does to the run: `fail` (default) or `ignore`.
+    #[serde(default)]
+    pub failure: Failure,
+}
+
+fn default_timeout() -> String {
+    "1h".into()
+}
+
+/// A Secret's value given to a step.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretRef {
+    /// The Secret (same organization).
+    pub secret: String,
+    /// The key within it.
+    pub key: String,
+    /// The environment variable that receives the value.
+    pub env: String,
+}
+
+/// Conditions for a step to run; each given one must hold.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct When {
+    /// Branches the run is on (`*` matches any characters).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub branch: Vec<String>,
+    /// Events that started the run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub event: Vec<Event>,
+    /// What the steps it depends on must have ended as: `success` (default) or `failure` (at least one
+    /// failed), or both to run either way.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub status: Vec<StatusCondition>,
+}
+
+/// What started a run.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Event {
+    /// `kiln pipeline run` or the API.
+    #[default]
+    Manual,
+    /// A push to a branch.
+    Push,
+    /// A tag pushed.
+    Tag,
+    /// A pull or merge request opened or updated.
+    PullRequest,
+    /// A cron trigger.
+    Cron,
+    /// An image pushed to a registry.
+    Image,
+}
+
+impl Event {
+    /// The name used in manifests and in `KILN_EVENT`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Event::Manual => "manual",
+            Event::Push => "push",
+            Event::Tag => "tag",
+            Event::PullRequest => "pull_request",
+            Event::Cron => "cron",
+            Event::Image => "image",
+        }
+    }
+}
+
+/// A step's `when.status` value.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum StatusCondition {
+    /// Every step depended on succeeded.
+    Success,
+    /// A step depended on failed.
+    Failure,
+}
+
+/// A step's retry policy.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Retry {
+    /// Attempts in all, the first included (1-10).
+    pub attempts: u32,
+    /// Wait before the second attempt, e.g. `5s`. Default `1s`.
+    #[serde(default = "default_delay")]
+    pub delay: String,
+    /// Each later wait is the previous one times this (1-10). Default 2.
+    #[serde(default = "default_backoff")]
+    pub backoff: f64,
+}
+
+fn default_delay() -> String {
+    "1s".into()
+}
+
+fn default_backoff() -> f64 {
+    2.0
+}
+
+impl Retry {
+    /// The wait before attempt `next` (2 for the first retry), in seconds.
+    pub fn delay_before(&self, next: u32) -> f64 {
+        let base = parse_duration(&self.delay).unwrap_or(1) as f64;
+        base * self.backoff.powi(next.saturating_sub(2) as i32)
+    }
+}
+
+/// What a step's failure does to its run.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Failure {
+    /// The run fails (steps that do not depend on it still run).
+    #[default]
+    Fail,
+    /// The run goes on as if the step had succeeded.
+    Ignore,
+}
+
+impl KindSpec for PipelineSpec {
+    const KIND: Kind = Kind::Pipeline;
+
+    fn validate(&self, _meta: &ObjectMeta, errors: &mut Vec<FieldError>) {
+        check_not_blank(errors, "spec.source.repository", &self.source.repository);
+        check_not_blank(errors, "spec.source.branch", &self.source.branch);
+        for (i, p) in self.params.iter().enumerate() {
+            check_env_name(errors, &field(&index("spec.params", i), "name"), &p.name);
+        }
+        if self.steps.is_empty() {
+            errors.push(FieldError::new(
+                "spec.steps",
+                "a pipeline needs at least one step",
+            ));
+        }
+        if self.steps.len() > MAX_STEPS {
+            errors.push(FieldError::new(
+                "spec.steps",
+                format!("{} steps; at most {MAX_STEPS}", self.steps.len()),
+            ));
+        }
+        check_unique_names(
+            errors,
+            "spec.steps",
+            self.steps.iter().map(|s| s.name.as_str()),
+        );
+        let names: HashMap<&str, usize> = self
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.as_str(), i))
+            .collect();
+        for (i, step) in self.steps.iter().enumerate() {
+            let at = index("spec.steps", i);
+            if step.commands.is_empty() {
+                errors.push(FieldError::new(
+                    field(&at, "commands"),
+                    "a step needs at least one command",
+                ));
+            }
+            if let Some(image) = &step.image {
+                check_not_blank(errors, &field(&at, "image"), image);
+            }
+            for k in step.environment.keys() {
+                check_env_name(errors, &key(&field(&at, "environment"), k), k);
+            }
+            for (j, s) in step.secrets.iter().enumerate() {
+                let p = index(&field(&at, "secrets"), j);
+                check_name(errors, &field(&p, "secret"), &s.secret);
+                check_not_blank(errors, &field(&p, "key"), &s.key);
+                check_env_name(errors, &field(&p, "env"), &s.env);
+            }
+            for (j, dep) in step.depends_on.iter().enumerate() {
+                let p = index(&field(&at, "dependsOn"), j);
+                if dep == &step.name {
+                    errors.push(FieldError::new(p, "a step cannot depend on itself"));
+                } else if !names.contains_key(dep.as_str()) {
+                    let known: Vec<&str> = self.steps.iter().map(|s| s.name.as_str()).collect();
+                    errors.push(FieldError::new(
+                        p,
+                        format!("unknown step {dep:?}; the steps are {}", known.join(", ")),
+                    ));
+                }
+            }
+            if let Err(e) = parse_duration(&step.timeout) {
+                errors.push(FieldError::new(field(&at, "timeout"), e));
+            }
+            if let Some(r) = &step.retry {
+                let p = field(&at, "retry");
+                if !(1..=MAX_ATTEMPTS).contains(&r.attempts) {
+                    errors.push(FieldError::new(
+                        field(&p, "attempts"),
+                        format!("must be 1 to {MAX_ATTEMPTS}, got {}", r.attempts),
+                    ));
+                }
+                if let Err(e) = parse_duration(&r.delay) {
+                    errors.push(FieldError::new(field(&p, "delay"), e));
+                }
+                if !(1.0..=10.0).contains(&r.backoff) {
+                    errors.push(FieldError::new(
+                        field(&p, "backoff"),
+                        format!("must be 1 to 10, got {}", r.backoff),
+                    ));
+                }
+            }
+        }
+        if let Some(cycle) = find_cycle(&self.steps, &names) {
+            let first = names[cycle[0].as_str()];
+            errors.push(FieldError::new(
+                field(&index("spec.steps", first), "dependsOn"),
+                format!(
+                    "the steps depend on each other in a cycle: {}",
+                    cycle.join(" → ")
+                ),
+            ));
+        }
+    }
+}
+
+/// A cycle of `dependsOn` among the steps, as step names from the first back to itself.
+fn find_cycle(steps: &[Step], names: &HashMap<&str, usize>) -> Option<Vec<String>> {
+    // 0: not seen, 1: on the current path, 2: done.
+    let mut mark = vec![0u8; steps.len()];
+    let mut path: Vec<usize> = Vec::new();
+    fn visit(
+        i: usize,
+        steps: &[Step],
+        names: &HashMap<&str, usize>,
+        mark: &mut [u8],
+        path: &mut Vec<usize>,
+    ) -> Option<Vec<String>> {
+        mark[i] = 1;
+        path.push(i);
+        for dep in &steps[i].depends_on {
+            let Some(&j) = names.get(dep.as_str()) else {
+                continue;
+            };
+            if j == i {
+                continue;
+            }
+            if mark[j] == 1 {
+                let from = path.iter().position(|&p| p == j).unwrap_or(0);
+                let mut cycle: Vec<String> = path[from..]
+                    .iter()
+                    .map(|&p| steps[p].name.clone())
+                    .collect();
+                cycle.push(steps[j].name.clone());
+                return Some(cycle);
+            }
+            if mark[j] == 0 {
+                if let Some(c) = visit(j, steps, names, mark, path) {
+                    return Some(c);
+                }
+            }
+        }
+        path.pop();
+        mark[i] = 2;
+        None
+    }
+    (0..steps.len()).find_map(|i| {
+        if mark[i] == 0 {
+            visit(i, steps, names, &mut mark, &mut path)
+        } else {
+            None
+        }
+    })
+}
+
+fn check_env_name(errors: &mut Vec<FieldError>, path: &str, name: &str) {
+    let ok = !name.is_empty()
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !ok {
+        errors.push(FieldError::new(
+            path,
+            format!("{name:?} is not an environment variable name (letters, digits and '_', not starting with a digit)"),
+        ));
+    }
+}
+
+/// Whether `pattern` (with `*` for any run of characters) matches `value`.
+pub fn glob_match(pattern: &str, value: &str) -> bool {
+    let (p, v) = (pattern.as_bytes(), value.as_bytes());
+    let (mut pi, mut vi) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while vi < v.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some(pi);
+            mark = vi;
+            pi += 1;
+        } else if pi < p.len() && p[pi] == v[vi] {
+            pi += 1;
+            vi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            vi = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == b'*')
+}
+
+/// The spec of a PipelineRun: what to run. Written by the server when a run is started; only `cancel` changes
+/// afterwards. Its status is the runner queue's record (phase, lease, epoch) and each step's outcome.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PipelineRunSpec {
+    /// The pipeline (same organization).
+    pub pipeline: String,
+    /// The run's number, counting from 1 per pipeline.
+    pub number: u64,
+    /// What started it.
+    #[serde(default)]
+    pub event: Event,
+    /// The branch checked out.
+    pub branch: String,
+    /// The commit checked out; without one, the branch's head when the run starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+    /// Parameter values (the pipeline's defaults filled in).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub params: BTreeMap<String, String>,
+    /// The pipeline's spec when the run started (a later change of the pipeline does not change the run).
+    pub snapshot: PipelineSpec,
+    /// Who or what started it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub started_by: String,
+    /// Set to stop the run: a queued run is canceled at once, a running one's steps are stopped.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancel: bool,
+}
+
+impl KindSpec for PipelineRunSpec {
+    const KIND: Kind = Kind::PipelineRun;
+
+    fn validate(&self, meta: &ObjectMeta, errors: &mut Vec<FieldError>) {
+        check_name(errors, "spec.pipeline", &self.pipeline);
+        if self.number == 0 {
+            errors.push(FieldError::new("spec.number", "must be at least 1"));
+        }
+        check_not_blank(errors, "spec.branch", &self.branch);
+        let mut inner = Vec::new();
+        self.snapshot.validate(meta, &mut inner);
+        errors.extend(
+            inner
+                .into_iter()
+                .map(|e| FieldError::new(e.path.replacen("spec.", "spec.snapshot.", 1), e.message)),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn errors(spec: serde_json::Value) -> Vec<String> {
+        let spec: PipelineSpec = serde_json::from_value(spec).expect("decodes");
+        let mut errors = Vec::new();
+        spec.validate(&ObjectMeta::default(), &mut errors);
+        errors.iter().map(|e| e.to_string()).collect()
+    }
+
+    fn step(name: &str, deps: &[&str]) -> serde_json::Value {
+        json!({"name": name, "commands": ["true"], "dependsOn": deps})
+    }
+
+    #[test]
+    fn a_cycle_is_named_with_its_steps() {
+        let e = errors(json!({
+            "source": {"repository": "/r.git"},
+            "steps": [step("a", &["c"]), step("b", &["a"]), step("c", &["b"]), step("d", &[])],
+        }));
+        assert_eq!(
+            e,
+            ["spec.steps[0].dependsOn: the steps depend on each other in a cycle: a → c → b → a"]
+        );
+    }
+
+    #[test]
+    fn unknown_and_self_dependencies_name_the_field() {
+        let e = errors(json!({
+            "source": {"repository": "/r.git"},
+            "steps": [step("a", &["a"]), step("b", &["a", "zz"])],
+        }));
+        assert_eq!(
+            e,
+            [
+                "spec.steps[0].dependsOn[0]: a step cannot depend on itself",
+                "spec.steps[1].dependsOn[1]: unknown step \"zz\"; the steps are a, b",
+            ]
+        );
+    }
+
+    #[test]
+    fn depends_on_is_also_accepted_in_snake_case() {
+        let spec: PipelineSpec = serde_json::from_value(json!({
+            "source": {"repository": "/r.git"},
+            "steps": [{"name": "a", "commands": ["true"]}, {"name": "b", "commands": ["true"], "depends_on": ["a"]}],
+        }))
+        .expect("decodes");
+        assert_eq!(spec.steps[1].depends_on, ["a"]);
+    }
+
+    #[test]
+    fn bad_fields_are_each_reported() {
+        let e = errors(json!({
+            "source": {"repository": " "},
+            "params": [{"name": "1X"}],
+            "steps": [{
+                "name": "a", "commands": [], "timeout": "soon",
+                "environment": {"A-B": "x"},
+                "secrets": [{"secret": "Bad_Name", "key": "", "env": "OK"}],
+                "retry": {"attempts": 0, "delay": "x", "backoff": 0.5},
+            }],
+        }));
+        assert_eq!(e.len(), 10, "{e:#?}");
+        assert!(e
+            .iter()
+            .any(|m| m.starts_with("spec.steps[0].retry.attempts: must be 1 to 10")));
+        assert!(
+            e.iter()
+                .any(|m| m.starts_with("spec.steps[0].environment[\"A-B\"]")
+                    || m.starts_with("spec.steps[0].environment.A-B")),
+            "{e:#?}"
+        );
+    }
+
+    #[test]
+    fn globs_match_branches() {
+        assert!(glob_match("main", "main"));
+        assert!(glob_match("release/*", "release/1.2"));
+        assert!(glob_match("*", ""));
+        assert!(!glob_match("release/*", "main"));
+        assert!(glob_match("a*b*c", "aXXbYc"));
+        assert!(!glob_match("a*b*c", "aXXbY"));
+    }
+
+    #[test]
+    fn retry_delays_grow_by_the_backoff() {
+        let r = Retry {
+            attempts: 4,
+            delay: "2s".into(),
+            backoff: 3.0,
+        };
+        assert_eq!(
+            [r.delay_before(2), r.delay_before(3), r.delay_before(4)],
+            [2.0, 6.0, 18.0]
+        );
+    }
+}

@@ -1,0 +1,669 @@
+//! Pipeline runs: starting one (`POST …/pipelines/{name}/runs`), canceling one, following its log, and the
+//! built-in runner, which takes runs from the job queue (`controllers::jobs`, kind PipelineRun) and runs
+//! them with [`ci::execute`] in `<data dir>/runs/<org>/<run>`.
+//!
+//! A run is named `<pipeline>-<number>` and labelled `kiln.dev/pipeline`; its spec holds a snapshot of the
+//! pipeline, so changing the pipeline later does not change a run. The built-in runner takes runs whose
+//! pipeline asks for no runner labels and whose steps are all host processes; a run it cannot take says why
+//! in `status.waiting`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine as _;
+use controllers::jobs::{self, JobError, Outcome, Phase};
+use model::kinds::{Event, PipelineRunSpec, PipelineSpec, SecretSpec};
+use model::{Kind, ObjectMeta, Resource};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use store::{Key, ListQuery, LogLine, Store, StoreError};
+use tokio::sync::{watch, Notify};
+
+use crate::auth::Principal;
+use crate::error::{ApiError, ApiResult};
+use crate::rbac::{self, Verb};
+use crate::routes::{Api, Op};
+use crate::AppState;
+
+/// Label on a run naming its pipeline.
+pub const PIPELINE_LABEL: &str = "kiln.dev/pipeline";
+/// Runs the built-in runner holds at once.
+pub const RUNS: usize = 2;
+/// Steps one run of the built-in runner runs at once.
+pub const CAPACITY: usize = 4;
+/// How often a held run's lease is renewed (and its cancellation looked for).
+const RENEW_EVERY: Duration = Duration::from_secs(2);
+/// How often a run's log lines are written in a batch.
+const LOG_FLUSH: Duration = Duration::from_millis(200);
+
+/// Wakes the built-in runner when a run is queued.
+#[derive(Clone, Default)]
+pub struct RunQueue(Arc<Notify>);
+
+impl RunQueue {
+    fn queued(&self) {
+        self.0.notify_waiters();
+    }
+}
+
+fn org_key(kind: Kind, org: &str, name: &str) -> Key {
+    Key {
+        kind,
+        organization: Some(org.to_string()),
+        project: None,
+        name: name.to_string(),
+    }
+}
+
+pub fn register(api: Api) -> Api {
+    api.op(
+        Op::new(
+            Method::POST,
+            "/api/v1/orgs/{org}/pipelines/{name}/runs",
+            "startPipelineRun",
+            "pipelines",
+            "Start a run of a pipeline (body: {branch, commit, params}, each optional); answers the PipelineRun",
+        )
+        .body("StartRunRequest")
+        .returns(201, Some("Resource")),
+        start_run,
+    )
+    .op(
+        Op::new(
+            Method::POST,
+            "/api/v1/orgs/{org}/pipelineruns/{name}/cancel",
+            "cancelPipelineRun",
+            "pipelines",
+            "Cancel a run: a queued one ends at once, a running one's steps are stopped",
+        )
+        .returns(200, Some("Resource")),
+        cancel_run,
+    )
+    .op(
+        Op::new(
+            Method::GET,
+            "/api/v1/orgs/{org}/pipelineruns/{name}/logs",
+            "pipelineRunLogs",
+            "pipelines",
+            "A run's log (NDJSON: one line per log line, with its number, time, source and text)",
+        )
+        .query("after", "Only lines numbered after this one")
+        .query("follow", "true: keep streaming new lines until the run ends")
+        .returns_type(200, "application/x-ndjson"),
+        run_logs,
+    )
+}
+
+/// What `POST …/pipelines/{name}/runs` takes.
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StartRunRequest {
+    /// The branch to check out (default: the pipeline's `source.branch`).
+    #[serde(default)]
+    pub branch: Option<String>,
+    /// The commit to check out (default: the branch's head when the run starts).
+    #[serde(default)]
+    pub commit: Option<String>,
+    /// Parameter values; each must be one of the pipeline's `params`.
+    #[serde(default)]
+    pub params: BTreeMap<String, String>,
+}
+
+async fn start_run(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path((org, name)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
+    let access = rbac::org_access(&state, &principal, &org).await?;
+    access.check(
+        Verb::Create,
+        Kind::PipelineRun,
+        None,
+        &format!("a run of pipeline {name}"),
+    )?;
+    let req: StartRunRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        StartRunRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("request body: {e}")))?
+    };
+    let pipeline = state
+        .store
+        .get(&org_key(Kind::Pipeline, &org, &name))
+        .await?;
+    let spec: PipelineSpec = model::typed_spec(&pipeline)
+        .map_err(|e| ApiError::internal(format!("pipeline {name}: {e}")))?;
+    let run = new_run(
+        &state.store,
+        &org,
+        &name,
+        spec,
+        Event::Manual,
+        req,
+        &principal.user.name,
+    )
+    .await?;
+    state.runs.queued();
+    Ok((StatusCode::CREATED, Json(run)).into_response())
+}
+
+/// Creates the next run of a pipeline; the number is one more than the highest so far.
+pub async fn new_run(
+    store: &Store,
+    org: &str,
+    pipeline: &str,
+    spec: PipelineSpec,
+    event: Event,
+    req: StartRunRequest,
+    started_by: &str,
+) -> ApiResult<Resource> {
+    let declared: HashMap<&str, &str> = spec
+        .params
+        .iter()
+        .map(|p| (p.name.as_str(), p.default.as_str()))
+        .collect();
+    if let Some(unknown) = req
+        .params
+        .keys()
+        .find(|k| !declared.contains_key(k.as_str()))
+    {
+        let known: Vec<&str> = spec.params.iter().map(|p| p.name.as_str()).collect();
+        return Err(ApiError::bad_request(format!(
+            "params.{unknown}: pipeline {pipeline} has no parameter {unknown:?} (its parameters: {})",
+            if known.is_empty() { "none".to_string() } else { known.join(", ") }
+        )));
+    }
+    let mut params: BTreeMap<String, String> = declared
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    params.extend(req.params);
+    let branch = req.branch.unwrap_or_else(|| spec.source.branch.clone());
+    let waiting = why_waiting(&spec);
+    let mut number = last_number(store, org, pipeline).await? + 1;
+    loop {
+        let run_spec = PipelineRunSpec {
+            pipeline: pipeline.to_string(),
+            number,
+            event,
+            branch: branch.clone(),
+            commit: req.commit.clone(),
+            params: params.clone(),
+            snapshot: spec.clone(),
+            started_by: started_by.to_string(),
+            cancel: false,
+        };
+        let mut metadata = ObjectMeta {
+            name: format!("{pipeline}-{number}"),
+            organization: Some(org.to_string()),
+            ..Default::default()
+        };
+        metadata
+            .labels
+            .insert(PIPELINE_LABEL.into(), pipeline.to_string());
+        let run = Resource {
+            api_version: model::API_VERSION.into(),
+            kind: Kind::PipelineRun.as_str().into(),
+            metadata,
+            spec: serde_json::to_value(run_spec).map_err(ApiError::internal)?,
+            status: Value::Null,
+        };
+        let run = model::normalize(run).map_err(|e| ApiError::invalid("", e))?;
+        match store.create(run).await {
+            Ok(created) => {
+                let key = Key::of(&created).ok_or_else(|| ApiError::internal("run key"))?;
+                let mut status = Map::new();
+                status.insert("phase".into(), json!(Phase::Pending));
+                if let Some(w) = &waiting {
+                    status.insert("waiting".into(), json!(w));
+                }
+                let line =
+                    format!("run #{number} of {pipeline} on {branch} queued by {started_by}");
+                store
+                    .append_logs(
+                        &jobs::log_stream_of(&key),
+                        vec![LogLine::now("queue", line)],
+                    )
+                    .await?;
+                return Ok(store
+                    .update_status(&key, Value::Object(status), None)
+                    .await?);
+            }
+            // Another start took this number.
+            Err(StoreError::AlreadyExists(_)) => number += 1,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+async fn last_number(store: &Store, org: &str, pipeline: &str) -> ApiResult<u64> {
+    let runs = runs_of(store, org, pipeline).await?;
+    Ok(runs
+        .iter()
+        .filter_map(|r| r.spec.get("number").and_then(Value::as_u64))
+        .max()
+        .unwrap_or(0))
+}
+
+/// The runs of a pipeline.
+pub async fn runs_of(
+    store: &Store,
+    org: &str,
+    pipeline: &str,
+) -> Result<Vec<Resource>, StoreError> {
+    let query = ListQuery {
+        kind: Some(Kind::PipelineRun),
+        organization: Some(org.to_string()),
+        selector: Some(format!("{PIPELINE_LABEL}={pipeline}")),
+        ..ListQuery::default()
+    };
+    Ok(store.list(&query).await?.items)
+}
+
+/// Why no runner of this server can take runs of `spec`.
+fn why_waiting(spec: &PipelineSpec) -> Option<String> {
+    if !spec.runner_labels.is_empty() {
+        let labels: Vec<String> = spec
+            .runner_labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        return Some(format!(
+            "no connected runner has the labels {}; the built-in runner has none",
+            labels.join(",")
+        ));
+    }
+    if let Some(step) = spec.steps.iter().find(|s| s.image.is_some()) {
+        return Some(format!(
+            "step {} runs in a container image; no connected runner runs container steps",
+            step.name
+        ));
+    }
+    None
+}
+
+async fn cancel_run(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path((org, name)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let access = rbac::org_access(&state, &principal, &org).await?;
+    access.check(
+        Verb::Update,
+        Kind::PipelineRun,
+        None,
+        &format!("run {name}"),
+    )?;
+    let key = org_key(Kind::PipelineRun, &org, &name);
+    loop {
+        let mut run = state.store.get(&key).await?;
+        let phase = jobs::phase(&run);
+        if phase.is_final() {
+            return Ok(Json(run).into_response());
+        }
+        if run.spec.get("cancel").and_then(Value::as_bool) != Some(true) {
+            run.spec["cancel"] = json!(true);
+            match state.store.update(run).await {
+                Ok(_) => {}
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+            run = state.store.get(&key).await?;
+        }
+        let line = format!("canceled by {}", principal.user.name);
+        state
+            .store
+            .append_logs(
+                &jobs::log_stream_of(&key),
+                vec![LogLine::now("queue", line)],
+            )
+            .await?;
+        if phase == Phase::Pending {
+            // Nobody holds it: it ends here.
+            let mut status = run.status.as_object().cloned().unwrap_or_default();
+            status.insert("phase".into(), json!(Phase::Canceled));
+            status.insert(
+                "finishedAt".into(),
+                json!(jiff::Timestamp::now().to_string()),
+            );
+            status.remove("waiting");
+            let rv = run.metadata.resource_version.clone();
+            match state
+                .store
+                .update_status(&key, Value::Object(status), rv.as_deref())
+                .await
+            {
+                Ok(r) => return Ok(Json(r).into_response()),
+                // A runner claimed it meanwhile: it sees the cancel at its next renewal.
+                Err(StoreError::Conflict { .. }) => run = state.store.get(&key).await?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        return Ok(Json(run).into_response());
+    }
+}
+
+async fn run_logs(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path((org, name)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Response> {
+    let access = rbac::org_access(&state, &principal, &org).await?;
+    access.check(Verb::Get, Kind::PipelineRun, None, &format!("run {name}"))?;
+    let key = org_key(Kind::PipelineRun, &org, &name);
+    state.store.get(&key).await?;
+    let follow = crate::logs::parse_bool(&q, "follow")?;
+    let mut after: u64 = match q.get("after") {
+        None => 0,
+        Some(a) => a
+            .parse()
+            .map_err(|_| ApiError::bad_request(format!("after={a:?}: expected a line number")))?,
+    };
+    let store = state.store.clone();
+    let mut shutdown = state.shutdown.clone();
+    let stream = jobs::log_stream_of(&key);
+    let (tx, rx) =
+        tokio::sync::mpsc::channel::<Result<axum::body::Bytes, std::convert::Infallible>>(16);
+    tokio::spawn(async move {
+        let mut appends = store.log_appends();
+        loop {
+            // Whether the run had ended before this read: then the read saw its last line.
+            let ended = match store.get(&key).await {
+                Ok(r) => jobs::phase(&r).is_final(),
+                Err(_) => true,
+            };
+            loop {
+                let Ok(batch) = store.read_logs(&stream, after, 1000).await else {
+                    return;
+                };
+                if batch.is_empty() {
+                    break;
+                }
+                let mut out = Vec::new();
+                for l in batch {
+                    after = l.seq;
+                    let line =
+                        json!({"seq": l.seq, "time": l.time, "source": l.source, "text": l.text});
+                    out.extend_from_slice(line.to_string().as_bytes());
+                    out.push(b'\n');
+                }
+                if tx.send(Ok(out.into())).await.is_err() {
+                    return;
+                }
+            }
+            if !follow || ended {
+                return;
+            }
+            tokio::select! {
+                _ = appends.recv() => {}
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+        }
+    });
+    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(body)
+        .map_err(ApiError::internal)
+}
+
+/// Starts the built-in runner; it stops taking runs when `shutdown` flips, and ends once the runs under way
+/// are canceled (their steps stopped), or after 15 s.
+pub fn spawn_runner(
+    store: Store,
+    queue: RunQueue,
+    data_dir: PathBuf,
+    shutdown: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let slots = Arc::new(tokio::sync::Semaphore::new(RUNS));
+        let mut stop = shutdown.clone();
+        let drained = |slots: Arc<tokio::sync::Semaphore>| async move {
+            let all = slots.acquire_many(RUNS as u32);
+            let _ = tokio::time::timeout(Duration::from_secs(15), all).await;
+        };
+        loop {
+            if *stop.borrow() {
+                return drained(slots).await;
+            }
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let fits = |_: &str, run: &Resource| {
+                let spec: PipelineRunSpec = model::typed_spec(run).ok()?;
+                why_waiting(&spec.snapshot).is_none().then(Map::new)
+            };
+            let claimed =
+                jobs::claim_kind(&store, Kind::PipelineRun, None, "runner", "built-in", fits).await;
+            match claimed {
+                Ok(Some((key, run, epoch))) => {
+                    let (store, dir, shutdown) =
+                        (store.clone(), data_dir.clone(), shutdown.clone());
+                    tokio::spawn(async move {
+                        hold(&store, key, run, epoch, &dir, shutdown).await;
+                        drop(permit);
+                    });
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "the built-in runner cannot read the queue"),
+            }
+            drop(permit);
+            tokio::select! {
+                () = queue.0.notified() => {}
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop.changed() => {}
+            }
+        }
+    })
+}
+
+/// Runs a claimed run to its end: renews the lease, carries its logs and step status, completes it.
+async fn hold(
+    store: &Store,
+    key: Key,
+    run: Resource,
+    epoch: u64,
+    data_dir: &std::path::Path,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let org = key.organization.clone().unwrap_or_default();
+    let spec: PipelineRunSpec = match model::typed_spec(&run) {
+        Ok(s) => s,
+        Err(e) => {
+            finish(store, &key, epoch, failed(format!("the run's spec: {e}"))).await;
+            return;
+        }
+    };
+    let secrets = match resolve_secrets(store, &org, &spec.snapshot).await {
+        Ok(s) => s,
+        Err(e) => {
+            finish(store, &key, epoch, failed(e)).await;
+            return;
+        }
+    };
+    let job = ci::RunJob {
+        organization: org.clone(),
+        name: key.name.clone(),
+        epoch,
+        spec,
+        secrets,
+    };
+    let dir = data_dir.join("runs").join(&org).join(&key.name);
+    let _ = tokio::fs::remove_dir_all(&dir).await;
+    let (cancel_tx, cancel_rx) = watch::channel(false);
+    let report = StoreReport {
+        store: store.clone(),
+        key: key.clone(),
+        epoch,
+        lines: Mutex::new(Vec::new()),
+    };
+    let renewals = async {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(RENEW_EVERY) => {}
+                () = async { let _ = shutdown.wait_for(|s| *s).await; } => {
+                    ci::Report::line(&report, "runner", "the server is stopping; the run is canceled".into());
+                    cancel_tx.send_replace(true);
+                    return;
+                }
+            }
+            match jobs::renew(store, &key, epoch, report.take()).await {
+                Ok(r) if r.cancel => {
+                    cancel_tx.send_replace(true);
+                }
+                Ok(_) => {}
+                Err(JobError::Store(e)) => {
+                    tracing::warn!(error = %e, run = %key.name, "renewing a run")
+                }
+                Err(e) => {
+                    // Lost: the lease went to another runner, or the run is gone.
+                    tracing::warn!(error = %e, run = %key.name, "the built-in runner lost a run");
+                    cancel_tx.send_replace(true);
+                    return;
+                }
+            }
+        }
+    };
+    let flusher = async {
+        loop {
+            tokio::time::sleep(LOG_FLUSH).await;
+            report.flush().await;
+        }
+    };
+    let end = tokio::select! {
+        end = ci::execute(&job, &dir, CAPACITY, &report, cancel_rx) => end,
+        () = async { tokio::join!(renewals, flusher); } => unreachable!("the renewal and flush loops do not end both"),
+    };
+    let _ = tokio::fs::remove_dir_all(&dir).await;
+    report.flush().await;
+    let mut fields = Map::new();
+    fields.insert("steps".into(), json!(end.steps));
+    if let Some(c) = &end.commit {
+        fields.insert("commit".into(), json!(c));
+    }
+    let _ = jobs::update_held(store, &key, epoch, fields).await;
+    let outcome = Outcome {
+        phase: match end.outcome {
+            ci::Outcome::Succeeded => Phase::Succeeded,
+            ci::Outcome::Failed => Phase::Failed,
+            ci::Outcome::Canceled => Phase::Canceled,
+        },
+        error: end.error,
+        outputs: Value::Null,
+    };
+    finish(store, &key, epoch, outcome).await;
+}
+
+async fn finish(store: &Store, key: &Key, epoch: u64, outcome: Outcome) {
+    let line = match (&outcome.phase, &outcome.error) {
+        (Phase::Succeeded, _) => "the run succeeded".to_string(),
+        (p, Some(e)) => format!("the run ended as {p:?}: {e}"),
+        (p, None) => format!("the run ended as {p:?}"),
+    };
+    let logs = vec![LogLine::now("runner", line)];
+    if let Err(e) = jobs::complete(store, key, epoch, outcome, logs).await {
+        tracing::warn!(error = %e, run = %key.name, "completing a run");
+    }
+}
+
+/// Each step's secret values (environment variable → value), read from the organization's Secrets.
+async fn resolve_secrets(
+    store: &Store,
+    org: &str,
+    spec: &PipelineSpec,
+) -> Result<BTreeMap<String, BTreeMap<String, String>>, String> {
+    let mut out: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    for step in &spec.steps {
+        for r in &step.secrets {
+            let secret = store
+                .get(&org_key(Kind::Secret, org, &r.secret))
+                .await
+                .map_err(|e| format!("step {}: secret {}: {e}", step.name, r.secret))?;
+            let s: SecretSpec = model::typed_spec(&secret)
+                .map_err(|e| format!("step {}: secret {}: {e}", step.name, r.secret))?;
+            let value = match (s.string_data.get(&r.key), s.data.get(&r.key)) {
+                (Some(v), _) => v.clone(),
+                (None, Some(b)) => {
+                    let bytes = base64::engine::general_purpose::STANDARD
+                        .decode(b)
+                        .map_err(|e| format!("secret {} key {}: {e}", r.secret, r.key))?;
+                    String::from_utf8_lossy(&bytes).into_owned()
+                }
+                (None, None) => {
+                    return Err(format!(
+                        "step {}: secret {} has no key {:?}",
+                        step.name, r.secret, r.key
+                    ))
+                }
+            };
+            out.entry(step.name.clone())
+                .or_default()
+                .insert(r.env.clone(), value);
+        }
+    }
+    Ok(out)
+}
+
+fn failed(error: String) -> Outcome {
+    Outcome {
+        phase: Phase::Failed,
+        error: Some(error),
+        outputs: Value::Null,
+    }
+}
+
+/// Carries a run's progress to the store: log lines in batches, step status as it changes.
+struct StoreReport {
+    store: Store,
+    key: Key,
+    epoch: u64,
+    lines: Mutex<Vec<LogLine>>,
+}
+
+impl StoreReport {
+    fn take(&self) -> Vec<LogLine> {
+        std::mem::take(&mut *self.lines.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    async fn flush(&self) {
+        let lines = self.take();
+        if !lines.is_empty() {
+            if let Err(e) = jobs::append_job_logs(&self.store, &self.key, lines).await {
+                tracing::warn!(error = %e, run = %self.key.name, "writing a run's log");
+            }
+        }
+    }
+}
+
+impl ci::Report for StoreReport {
+    fn line(&self, source: &str, text: String) {
+        self.lines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(LogLine::now(source, text));
+    }
+
+    async fn steps(&self, steps: &[ci::StepStatus], commit: Option<&str>) {
+        // Lines written before a step's change come first in the log.
+        self.flush().await;
+        let mut fields = Map::new();
+        fields.insert("steps".into(), json!(steps));
+        if let Some(c) = commit {
+            fields.insert("commit".into(), json!(c));
+        }
+        if let Err(e) = jobs::update_held(&self.store, &self.key, self.epoch, fields).await {
+            tracing::debug!(error = %e, run = %self.key.name, "recording a run's steps");
+        }
+    }
+}
