@@ -405,12 +405,62 @@ async fn held_running(store: &Store, key: &Key, epoch_given: u64) -> Result<Reso
     let job = held(store, key, epoch_given).await?;
     let p = phase(&job);
     if p.is_final() {
-        return Err(JobError::AlreadyEnded {
-            job: key.name.clone(),
-            phase: p,
-        });
+        return Err(ended(key, p));
     }
     Ok(job)
+}
+
+fn ended(key: &Key, phase: Phase) -> JobError {
+    JobError::AlreadyEnded {
+        job: key.name.clone(),
+        phase,
+    }
+}
+
+/// What an [`edit_held`] does with the job it read.
+enum Edit {
+    /// Write this status.
+    Write(serde_json::Map<String, Value>),
+    /// Leave the job as it is.
+    Keep,
+    /// Refuse: the job already ended as this.
+    Ended(Phase),
+}
+
+/// Writes the job's status as `f` changes it, unless the job already ended.
+fn unless_ended(job: &Resource, f: impl FnOnce(&mut serde_json::Map<String, Value>)) -> Edit {
+    let p = phase(job);
+    if p.is_final() {
+        return Edit::Ended(p);
+    }
+    let mut status = status_object(job);
+    f(&mut status);
+    Edit::Write(status)
+}
+
+/// Writes the status `edit` makes of the job held at `epoch` (read again after a conflicting write);
+/// answers the job as written (or as read, for [`Edit::Keep`]).
+async fn edit_held(
+    store: &Store,
+    key: &Key,
+    epoch_given: u64,
+    edit: impl Fn(&Resource) -> Edit,
+) -> Result<Resource, JobError> {
+    loop {
+        let job = held(store, key, epoch_given).await?;
+        let status = match edit(&job) {
+            Edit::Write(s) => s,
+            Edit::Keep => return Ok(job),
+            Edit::Ended(p) => return Err(ended(key, p)),
+        };
+        let rv = job.metadata.resource_version.as_deref();
+        match store.update_status(key, Value::Object(status), rv).await {
+            Ok(written) => return Ok(written),
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(StoreError::NotFound(_)) => return Err(JobError::NotFound(key.name.clone())),
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// Extends the lease of a job held at `epoch`, after appending its new log lines; answers whether it was
@@ -421,25 +471,19 @@ pub async fn renew(
     epoch_given: u64,
     logs: Vec<LogLine>,
 ) -> Result<Renewed, JobError> {
-    loop {
-        let job = held_running(store, key, epoch_given).await?;
-        let cancel = canceled(&job);
-        let mut status = status_object(&job);
-        status.insert(
-            "leaseExpires".into(),
-            json!(stamp(Timestamp::now() + LEASE)),
-        );
-        let rv = job.metadata.resource_version.as_deref();
-        match store.update_status(key, Value::Object(status), rv).await {
-            Ok(_) => {
-                append_job_logs(store, key, logs).await?;
-                return Ok(Renewed { cancel });
-            }
-            Err(StoreError::Conflict { .. }) => continue,
-            Err(StoreError::NotFound(_)) => return Err(JobError::NotFound(key.name.clone())),
-            Err(e) => return Err(e.into()),
-        }
-    }
+    let written = edit_held(store, key, epoch_given, |job| {
+        unless_ended(job, |status| {
+            status.insert(
+                "leaseExpires".into(),
+                json!(stamp(Timestamp::now() + LEASE)),
+            );
+        })
+    })
+    .await?;
+    append_job_logs(store, key, logs).await?;
+    Ok(Renewed {
+        cancel: canceled(&written),
+    })
 }
 
 /// Sets status fields of a job held at `epoch` and still running (a pipeline run's steps as they progress);
@@ -450,22 +494,16 @@ pub async fn update_held(
     epoch_given: u64,
     fields: serde_json::Map<String, Value>,
 ) -> Result<Resource, JobError> {
-    loop {
-        let job = held_running(store, key, epoch_given).await?;
-        let mut status = status_object(&job);
-        for (k, v) in &fields {
-            if !QUEUE_FIELDS.contains(&k.as_str()) {
-                status.insert(k.clone(), v.clone());
+    edit_held(store, key, epoch_given, |job| {
+        unless_ended(job, |status| {
+            for (k, v) in &fields {
+                if !QUEUE_FIELDS.contains(&k.as_str()) {
+                    status.insert(k.clone(), v.clone());
+                }
             }
-        }
-        let rv = job.metadata.resource_version.as_deref();
-        match store.update_status(key, Value::Object(status), rv).await {
-            Ok(written) => return Ok(written),
-            Err(StoreError::Conflict { .. }) => continue,
-            Err(StoreError::NotFound(_)) => return Err(JobError::NotFound(key.name.clone())),
-            Err(e) => return Err(e.into()),
-        }
-    }
+        })
+    })
+    .await
 }
 
 /// The status fields only the queue writes.
@@ -505,37 +543,25 @@ pub async fn complete(
         return Err(JobError::NotAnEnd(outcome.phase));
     }
     append_job_logs(store, key, logs).await?;
-    loop {
-        let job = held(store, key, epoch_given).await?;
-        let p = phase(&job);
+    edit_held(store, key, epoch_given, |job| {
+        let p = phase(job);
         if p.is_final() {
             let same = p == outcome.phase
                 && job.status.get("error").and_then(Value::as_str) == outcome.error.as_deref();
-            if same {
-                return Ok(job);
+            return if same { Edit::Keep } else { Edit::Ended(p) };
+        }
+        unless_ended(job, |status| {
+            status.insert("phase".into(), json!(outcome.phase));
+            status.insert("finishedAt".into(), json!(stamp(Timestamp::now())));
+            status.remove("leaseExpires");
+            match &outcome.error {
+                Some(e) => status.insert("error".into(), json!(e)),
+                None => status.remove("error"),
+            };
+            if !outcome.outputs.is_null() {
+                status.insert("outputs".into(), outcome.outputs.clone());
             }
-            return Err(JobError::AlreadyEnded {
-                job: key.name.clone(),
-                phase: p,
-            });
-        }
-        let mut status = status_object(&job);
-        status.insert("phase".into(), json!(outcome.phase));
-        status.insert("finishedAt".into(), json!(stamp(Timestamp::now())));
-        status.remove("leaseExpires");
-        match &outcome.error {
-            Some(e) => status.insert("error".into(), json!(e)),
-            None => status.remove("error"),
-        };
-        if !outcome.outputs.is_null() {
-            status.insert("outputs".into(), outcome.outputs.clone());
-        }
-        let rv = job.metadata.resource_version.as_deref();
-        match store.update_status(key, Value::Object(status), rv).await {
-            Ok(written) => return Ok(written),
-            Err(StoreError::Conflict { .. }) => continue,
-            Err(StoreError::NotFound(_)) => return Err(JobError::NotFound(key.name.clone())),
-            Err(e) => return Err(e.into()),
-        }
-    }
+        })
+    })
+    .await
 }

@@ -12,7 +12,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -30,6 +29,7 @@ use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult};
 use crate::rbac::{self, Verb};
 use crate::routes::{Api, Op};
+use crate::workspaces::{async_stream, org_key};
 use crate::AppState;
 
 /// Label on a run naming its pipeline.
@@ -50,15 +50,6 @@ pub struct RunQueue(Arc<Notify>);
 impl RunQueue {
     fn queued(&self) {
         self.0.notify_waiters();
-    }
-}
-
-fn org_key(kind: Kind, org: &str, name: &str) -> Key {
-    Key {
-        kind,
-        organization: Some(org.to_string()),
-        project: None,
-        name: name.to_string(),
     }
 }
 
@@ -371,9 +362,7 @@ async fn run_logs(
     let store = state.store.clone();
     let mut shutdown = state.shutdown.clone();
     let stream = jobs::log_stream_of(&key);
-    let (tx, rx) =
-        tokio::sync::mpsc::channel::<Result<axum::body::Bytes, std::convert::Infallible>>(16);
-    tokio::spawn(async move {
+    let body = async_stream(move |tx| async move {
         let mut appends = store.log_appends();
         loop {
             // Whether the run had ended before this read: then the read saw its last line.
@@ -396,7 +385,7 @@ async fn run_logs(
                     out.extend_from_slice(line.to_string().as_bytes());
                     out.push(b'\n');
                 }
-                if tx.send(Ok(out.into())).await.is_err() {
+                if tx.send(out.into()).await.is_err() {
                     return;
                 }
             }
@@ -410,7 +399,6 @@ async fn run_logs(
             }
         }
     });
-    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
     Response::builder()
         .header(header::CONTENT_TYPE, "application/x-ndjson")
         .body(body)

@@ -188,7 +188,7 @@ async fn logs(
 }
 
 /// A streaming body fed by a task through a channel.
-fn async_stream<F, Fut>(f: F) -> Body
+pub(crate) fn async_stream<F, Fut>(f: F) -> Body
 where
     F: FnOnce(tokio::sync::mpsc::Sender<Bytes>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
