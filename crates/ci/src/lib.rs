@@ -14,6 +14,8 @@
 //! The caller (the server's built-in runner, or a `kiln runner`) holds the run under a lease and carries what
 //! this reports: log lines and step status to the queue.
 
+pub mod hooks;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -196,6 +198,14 @@ pub async fn execute<R: Report>(
         }
     };
     report.steps(&status, Some(&commit)).await;
+    let changed_files = if steps
+        .iter()
+        .any(|s| s.when.as_ref().is_some_and(|w| !w.paths.is_empty()))
+    {
+        changed_paths(spec, &src, &commit).await
+    } else {
+        None
+    };
 
     let base_env = base_env(job, &commit);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(usize, StepStatus)>();
@@ -220,7 +230,7 @@ pub async fn execute<R: Report>(
                 if deps.iter().any(|d| !d.phase.is_final()) {
                     continue;
                 }
-                if let Some(why) = skip_reason(step, spec, &deps) {
+                if let Some(why) = skip_reason(step, spec, &deps, changed_files.as_deref()) {
                     status[i].phase = StepPhase::Skipped;
                     status[i].reason = Some(why);
                     changed = true;
@@ -334,13 +344,69 @@ fn base_env(job: &RunJob, commit: &str) -> Vec<(String, String)> {
             spec.snapshot.source.repository.clone(),
         ),
     ];
+    if let Some(t) = &spec.trigger {
+        env.push(("KILN_TRIGGER".into(), t.name.clone()));
+        let optional = [
+            ("KILN_TAG", t.tag.clone()),
+            ("KILN_PULL_REQUEST", t.pull_request.map(|n| n.to_string())),
+            ("KILN_TARGET_BRANCH", t.target_branch.clone()),
+            ("KILN_IMAGE", t.image.clone()),
+            ("KILN_PREVIOUS_COMMIT", t.before.clone()),
+        ];
+        for (k, v) in optional {
+            if let Some(v) = v {
+                env.push((k.into(), v));
+            }
+        }
+    }
     env.extend(spec.params.iter().map(|(k, v)| (k.clone(), v.clone())));
     env
 }
 
+/// The files changed between the commit before the push and `commit`, when the run knows that commit and the
+/// checkout has it; `None` means unknown (a manual or scheduled run, a new branch), which `when.paths` lets
+/// through.
+async fn changed_paths(spec: &PipelineRunSpec, src: &Path, commit: &str) -> Option<Vec<String>> {
+    let before = spec.trigger.as_ref()?.before.as_deref()?;
+    if before.is_empty() || before.bytes().all(|b| b == b'0') {
+        return None;
+    }
+    let out = Command::new("git")
+        .args(["diff", "--name-only", "--no-renames", before, commit, "--"])
+        .current_dir(src)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .ok()?;
+    out.status.success().then(|| {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect()
+    })
+}
+
 /// Why a ready step does not run, if it does not.
-fn skip_reason(step: &Step, spec: &PipelineRunSpec, deps: &[&StepStatus]) -> Option<String> {
+fn skip_reason(
+    step: &Step,
+    spec: &PipelineRunSpec,
+    deps: &[&StepStatus],
+    changed: Option<&[String]>,
+) -> Option<String> {
     let when = step.when.clone().unwrap_or_default();
+    if let (false, Some(changed)) = (when.paths.is_empty(), changed) {
+        let hit = changed
+            .iter()
+            .any(|f| when.paths.iter().any(|g| glob_match(g, f)));
+        if !hit {
+            return Some(format!(
+                "when.paths ({}) matches none of the {} changed files",
+                when.paths.join(", "),
+                changed.len()
+            ));
+        }
+    }
     if !when.branch.is_empty() && !when.branch.iter().any(|b| glob_match(b, &spec.branch)) {
         return Some(format!(
             "when.branch ({}) does not match branch {}",
@@ -402,6 +468,7 @@ async fn checkout<R: Report>(
             "clone",
             "--quiet",
             "--no-checkout",
+            "--",
             repo,
             &src.to_string_lossy(),
         ],
@@ -410,6 +477,30 @@ async fn checkout<R: Report>(
         masker,
     )
     .await?;
+    if let (Some(commit), Some(git_ref)) = (
+        &spec.commit,
+        spec.trigger.as_ref().and_then(|t| t.git_ref.as_deref()),
+    ) {
+        // A commit on no branch (a pull request from a fork): fetch the ref that has it.
+        let has = Command::new("git")
+            .args(["cat-file", "-e", &format!("{commit}^{{commit}}")])
+            .current_dir(src)
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await
+            .is_ok_and(|s| s.success());
+        if !has && !git_ref.starts_with('-') {
+            report.line("checkout", format!("+ git fetch origin {git_ref}"));
+            git(
+                &["fetch", "--quiet", "origin", git_ref],
+                Some(src),
+                report,
+                masker,
+            )
+            .await?;
+        }
+    }
     report.line("checkout", format!("+ git checkout {target}"));
     git(
         &["checkout", "--quiet", "--detach", &target],

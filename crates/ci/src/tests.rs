@@ -87,6 +87,7 @@ fn job(repo: &str, steps: serde_json::Value) -> RunJob {
             snapshot,
             started_by: "test".into(),
             cancel: false,
+            trigger: None,
         },
         secrets: BTreeMap::new(),
     }
@@ -172,6 +173,44 @@ async fn steps_run_as_a_graph_on_the_checked_out_source() {
     assert!(updates
         .iter()
         .any(|u| u.iter().any(|s| s.phase == StepPhase::Running)));
+}
+
+#[tokio::test]
+async fn when_paths_looks_at_the_files_the_push_changed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (repo, first) = repo(tmp.path());
+    let steps = json!([
+        {"name": "on-version", "when": {"paths": ["vers*"]}, "commands": ["echo \"$KILN_TRIGGER $KILN_PREVIOUS_COMMIT\""]},
+        {"name": "on-docs", "when": {"paths": ["docs/*", "*.md"]}, "commands": ["echo no"]},
+    ]);
+    let mut pushed = job(&repo, steps.clone());
+    pushed.spec.event = model::kinds::Event::Push;
+    pushed.spec.trigger = Some(model::kinds::RunTrigger {
+        name: "hook".into(),
+        before: Some(first.clone()),
+        ..Default::default()
+    });
+    let report = Collect::default();
+    let (_tx, rx) = watch::channel(false);
+    let end = execute(&pushed, &tmp.path().join("run"), 4, &report, rx).await;
+    assert_eq!(end.outcome, Outcome::Succeeded, "{:?}", end.steps);
+    assert_eq!(phase_of(&end, "on-version"), StepPhase::Succeeded);
+    assert_eq!(report.text_of("on-version")[1], format!("hook {first}"));
+    let docs = end.steps.iter().find(|s| s.name == "on-docs").unwrap();
+    assert_eq!(
+        (docs.phase, docs.reason.as_deref()),
+        (
+            StepPhase::Skipped,
+            Some("when.paths (docs/*, *.md) matches none of the 1 changed files")
+        )
+    );
+
+    // Without a previous commit (a manual run, a new branch) the paths are not checked.
+    let manual = job(&repo, steps);
+    let report = Collect::default();
+    let (_tx, rx) = watch::channel(false);
+    let end = execute(&manual, &tmp.path().join("run2"), 4, &report, rx).await;
+    assert_eq!(phase_of(&end, "on-docs"), StepPhase::Succeeded);
 }
 
 #[tokio::test]

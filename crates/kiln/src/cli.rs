@@ -386,6 +386,9 @@ pub enum PipelineCommand {
     },
     /// Cancel a run: `PIPELINE/NUMBER` or the run's name.
     Cancel { run: String },
+    /// A pipeline's triggers: webhook URLs to give the Git host or registry, cron schedules with their next
+    /// time, poll state, and the last run each started.
+    Triggers { pipeline: String },
 }
 
 #[derive(Debug, Subcommand)]

@@ -158,6 +158,18 @@ pub fn references(res: &Resource) -> Vec<Reference> {
                         out.push(r(Kind::Secret, &sec.secret, None, path, true));
                     }
                 }
+                for (i, t) in s.triggers.iter().enumerate() {
+                    let at = index("spec.triggers", i);
+                    let secret = match (&t.webhook, &t.image) {
+                        (Some(w), _) => Some((&w.secret, field(&at, "webhook"))),
+                        (None, Some(im)) => Some((&im.secret, field(&at, "image"))),
+                        (None, None) => None,
+                    };
+                    if let Some((sec, p)) = secret {
+                        let path = field(&field(&p, "secret"), "secret");
+                        out.push(r(Kind::Secret, &sec.secret, None, path, true));
+                    }
+                }
             }
         }
         Some(Kind::PipelineRun) => {

@@ -17,6 +17,17 @@ pub struct ApiError {
     pub errors: Vec<model::FieldError>,
 }
 
+impl std::fmt::Display for ApiError {
+    /// The detail and each field problem, as a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.detail)?;
+        for e in &self.errors {
+            write!(f, "; {e}")?;
+        }
+        Ok(())
+    }
+}
+
 impl ApiError {
     pub fn new(status: StatusCode, slug: &'static str, detail: impl Into<String>) -> Self {
         Self {

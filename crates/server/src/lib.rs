@@ -26,6 +26,8 @@ pub mod rbac;
 pub mod resources;
 pub mod routes;
 mod schemas;
+mod secrets;
+pub mod triggers;
 pub mod workspaces;
 
 use std::collections::HashMap;
@@ -245,6 +247,7 @@ pub fn api() -> Api {
     let api = delivery::register(api);
     let api = workspaces::register(api);
     let api = pipelines::register(api);
+    let api = triggers::register(api);
     logs::register(api)
 }
 
@@ -499,6 +502,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         std::path::absolute(&config.data_dir).unwrap_or(config.data_dir.clone()),
         shutdown_rx.clone(),
     )]);
+    let trigger_loop = AbortOnDrop(vec![triggers::spawn(
+        store.clone(),
+        state.runs.clone(),
+        shutdown_rx.clone(),
+    )]);
     let gateway_table = gateway::spawn_gateway_table(state.clone(), shutdown_rx.clone());
     let access_watch = tokio::spawn(rbac::watch_access_changes(
         state.clone(),
@@ -570,6 +578,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     for r in &mut runner.0 {
         let _ = r.await;
     }
+    drop(trigger_loop);
     let _ = flusher.await;
     let _ = access_watch.await;
     let _ = gateway_table.await;

@@ -16,9 +16,8 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use base64::Engine as _;
 use controllers::jobs::{self, JobError, Outcome, Phase};
-use model::kinds::{Event, PipelineRunSpec, PipelineSpec, SecretSpec};
+use model::kinds::{Event, PipelineRunSpec, PipelineSpec, RunTrigger};
 use model::{Kind, ObjectMeta, Resource};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -48,7 +47,7 @@ const LOG_FLUSH: Duration = Duration::from_millis(200);
 pub struct RunQueue(Arc<Notify>);
 
 impl RunQueue {
-    fn queued(&self) {
+    pub(crate) fn queued(&self) {
         self.0.notify_waiters();
     }
 }
@@ -132,30 +131,41 @@ async fn start_run(
         .await?;
     let spec: PipelineSpec = model::typed_spec(&pipeline)
         .map_err(|e| ApiError::internal(format!("pipeline {name}: {e}")))?;
-    let run = new_run(
-        &state.store,
-        &org,
-        &name,
-        spec,
-        Event::Manual,
-        req,
-        &principal.user.name,
-    )
-    .await?;
+    let start = Start {
+        event: Event::Manual,
+        request: req,
+        started_by: principal.user.name.clone(),
+        trigger: None,
+    };
+    let run = new_run(&state.store, &org, &name, spec, start).await?;
     state.runs.queued();
     Ok((StatusCode::CREATED, Json(run)).into_response())
 }
 
-/// Creates the next run of a pipeline; the number is one more than the highest so far.
+/// What starts a run: who or what, and what it asks for.
+pub struct Start {
+    pub event: Event,
+    pub request: StartRunRequest,
+    /// A user's name, or the trigger's description.
+    pub started_by: String,
+    pub trigger: Option<RunTrigger>,
+}
+
+/// Creates the next run of a pipeline; the number is one more than the highest so far. The caller wakes the
+/// runners ([`RunQueue`]).
 pub async fn new_run(
     store: &Store,
     org: &str,
     pipeline: &str,
     spec: PipelineSpec,
-    event: Event,
-    req: StartRunRequest,
-    started_by: &str,
+    start: Start,
 ) -> ApiResult<Resource> {
+    let Start {
+        event,
+        request: req,
+        started_by,
+        trigger,
+    } = start;
     let declared: HashMap<&str, &str> = spec
         .params
         .iter()
@@ -189,8 +199,9 @@ pub async fn new_run(
             commit: req.commit.clone(),
             params: params.clone(),
             snapshot: spec.clone(),
-            started_by: started_by.to_string(),
+            started_by: started_by.clone(),
             cancel: false,
+            trigger: trigger.clone(),
         };
         let mut metadata = ObjectMeta {
             name: format!("{pipeline}-{number}"),
@@ -574,30 +585,12 @@ async fn resolve_secrets(
     let mut out: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
     for step in &spec.steps {
         for r in &step.secrets {
-            let secret = store
-                .get(&org_key(Kind::Secret, org, &r.secret))
+            let value = crate::secrets::value(store, org, &r.secret, &r.key)
                 .await
-                .map_err(|e| format!("step {}: secret {}: {e}", step.name, r.secret))?;
-            let s: SecretSpec = model::typed_spec(&secret)
-                .map_err(|e| format!("step {}: secret {}: {e}", step.name, r.secret))?;
-            let value = match (s.string_data.get(&r.key), s.data.get(&r.key)) {
-                (Some(v), _) => v.clone(),
-                (None, Some(b)) => {
-                    let bytes = base64::engine::general_purpose::STANDARD
-                        .decode(b)
-                        .map_err(|e| format!("secret {} key {}: {e}", r.secret, r.key))?;
-                    String::from_utf8_lossy(&bytes).into_owned()
-                }
-                (None, None) => {
-                    return Err(format!(
-                        "step {}: secret {} has no key {:?}",
-                        step.name, r.secret, r.key
-                    ))
-                }
-            };
+                .map_err(|e| format!("step {}: {e}", step.name))?;
             out.entry(step.name.clone())
                 .or_default()
-                .insert(r.env.clone(), value);
+                .insert(r.env.clone(), String::from_utf8_lossy(&value).into_owned());
         }
     }
     Ok(out)

@@ -531,11 +531,48 @@ async fn check_references(state: &AppState, obj: &Resource) -> ApiResult<()> {
             Err(e) => return Err(e.into()),
         }
     }
+    for (path, tz) in time_zones(obj) {
+        if let Err(e) = jiff::tz::TimeZone::get(&tz) {
+            errors.push(model::FieldError::new(
+                path,
+                format!("unknown time zone {tz:?}: {e}"),
+            ));
+        }
+    }
     if errors.is_empty() {
         Ok(())
     } else {
         Err(ApiError::invalid("", model::Invalid { errors }))
     }
+}
+
+/// The time zones an object names, with their field paths (checked against the time-zone database here; the
+/// model checks only their syntax).
+fn time_zones(obj: &Resource) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    if obj.kind == Kind::Component.as_str() {
+        if let Some(tz) = obj.spec.get("timezone").and_then(Value::as_str) {
+            out.push(("spec.timezone".to_string(), tz.to_string()));
+        }
+    }
+    if obj.kind == Kind::Workspace.as_str() {
+        if let Some(tz) = obj
+            .spec
+            .pointer("/autostart/timezone")
+            .and_then(Value::as_str)
+        {
+            out.push(("spec.autostart.timezone".to_string(), tz.to_string()));
+        }
+    }
+    if obj.kind == Kind::Pipeline.as_str() {
+        let triggers = obj.spec.get("triggers").and_then(Value::as_array);
+        for (i, t) in triggers.into_iter().flatten().enumerate() {
+            if let Some(tz) = t.pointer("/cron/timezone").and_then(Value::as_str) {
+                out.push((format!("spec.triggers[{i}].cron.timezone"), tz.to_string()));
+            }
+        }
+    }
+    out
 }
 
 fn is_builtin(r: &Resource) -> bool {

@@ -409,6 +409,12 @@ impl Store {
         dispatch!(self, b => b.put_blob(name, data).await)
     }
 
+    /// Stores a blob only if none is stored under `name`; whether it did. Two racing callers: exactly one gets
+    /// `true` (a claim, e.g. of a webhook delivery's id).
+    pub async fn create_blob(&self, name: &str, data: Vec<u8>) -> Result<bool> {
+        dispatch!(self, b => b.create_blob(name, data).await)
+    }
+
     /// The blob stored under `name`, if any.
     pub async fn get_blob(&self, name: &str) -> Result<Option<Vec<u8>>> {
         dispatch!(self, b => b.get_blob(name).await)

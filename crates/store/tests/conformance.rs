@@ -1718,4 +1718,18 @@ async fn blobs(b: Backend) {
     assert!(!s.delete_blob("tf/a").await.unwrap());
     assert_eq!(s.get_blob("tf/a").await.unwrap(), None);
     assert_eq!(s.blob_names("tf/").await.unwrap(), ["tf/b"]);
+    // A claim: of racing creators of one name, exactly one wins, and the stored value is the winner's.
+    let claims = (0..8u8).map(|i| {
+        let s = s.clone();
+        async move { (i, s.create_blob("hook/x", vec![i]).await.unwrap()) }
+    });
+    let results = futures_util::future::join_all(claims).await;
+    let winners: Vec<u8> = results
+        .iter()
+        .filter(|(_, won)| *won)
+        .map(|(i, _)| *i)
+        .collect();
+    assert_eq!(winners.len(), 1, "{results:?}");
+    assert_eq!(s.get_blob("hook/x").await.unwrap(), Some(vec![winners[0]]));
+    assert!(!s.create_blob("hook/x", vec![9]).await.unwrap());
 }

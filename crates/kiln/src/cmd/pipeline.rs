@@ -62,7 +62,60 @@ pub async fn pipeline(ctx: &Ctx, cmd: &PipelineCommand) -> anyhow::Result<()> {
             println!("pipelinerun/{name}: cancel requested ({phase})");
             Ok(())
         }
+        PipelineCommand::Triggers { pipeline } => triggers(ctx, pipeline).await,
     }
+}
+
+async fn triggers(ctx: &Ctx, pipeline: &str) -> anyhow::Result<()> {
+    let path = format!("/api/v1/orgs/{}/pipelines/{pipeline}/triggers", ctx.org);
+    let out = ctx
+        .client
+        .get_json(&path)
+        .await
+        .map_err(|e| anyhow::anyhow!("pipeline {pipeline}: {e}"))?;
+    let items = out["triggers"].as_array().cloned().unwrap_or_default();
+    if items.is_empty() {
+        println!(
+            "pipeline {pipeline} has no triggers; start runs with kiln pipeline run {pipeline}"
+        );
+        return Ok(());
+    }
+    let s = |v: &Value| v.as_str().unwrap_or("").to_string();
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|t| {
+            let detail = match t["type"].as_str() {
+                Some("webhook") => format!("{} {}", s(&t["provider"]), s(&t["url"])),
+                Some("image") => format!("{} {}", s(&t["repository"]), s(&t["url"])),
+                Some("cron") => format!(
+                    "{} ({}) next {}",
+                    s(&t["schedule"]),
+                    s(&t["timezone"]),
+                    t["next"].as_str().unwrap_or("-")
+                ),
+                Some("poll") => match (t["error"].as_str(), t["polledAt"].as_str()) {
+                    (Some(e), _) => format!("every {}: {e}", s(&t["interval"])),
+                    (None, Some(at)) => format!(
+                        "every {}, {} refs read at {at}",
+                        s(&t["interval"]),
+                        t["refs"]
+                    ),
+                    (None, None) => format!("every {}, not read yet", s(&t["interval"])),
+                },
+                _ => String::new(),
+            };
+            let last = match t["lastRun"]["name"].as_str() {
+                Some(n) => format!(
+                    "{n} ({})",
+                    t["lastRun"]["phase"].as_str().unwrap_or("Pending")
+                ),
+                None => "-".into(),
+            };
+            vec![s(&t["name"]), s(&t["type"]), detail, last]
+        })
+        .collect();
+    print_table(&["TRIGGER", "TYPE", "DETAIL", "LAST RUN"], &rows);
+    Ok(())
 }
 
 /// `shop-ci/42` → `shop-ci-42`; a run's name as it is.

@@ -16,4 +16,5 @@ mod provisioners;
 mod smoke;
 mod ssh;
 mod tasks;
+mod triggers;
 mod workspaces;

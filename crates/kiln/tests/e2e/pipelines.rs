@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::harness::*;
 
-fn git(dir: &Path, args: &[&str]) -> String {
+pub fn git(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("git")
         .args(args)
         .current_dir(dir)

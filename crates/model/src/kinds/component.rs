@@ -272,20 +272,7 @@ impl KindSpec for ComponentSpec {
             }
         }
         if let Some(tz) = &self.timezone {
-            // The zone's existence is checked where the time-zone database is (at admission).
-            let ok = !tz.is_empty()
-                && tz.len() <= 64
-                && tz
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"/_+-".contains(&b))
-                && !tz.starts_with('/')
-                && !tz.split('/').any(|p| p.is_empty() || p == "." || p == "..");
-            if !ok {
-                errors.push(FieldError::new(
-                    "spec.timezone",
-                    format!("{tz:?} is not an IANA time zone name (such as \"Europe/Paris\" or \"UTC\")"),
-                ));
-            }
+            super::check_timezone(errors, "spec.timezone", tz);
         }
         if let Some(n) = self.run_history_limit {
             if n == 0 || n > MAX_RUN_HISTORY {

@@ -28,8 +28,9 @@ pub use organization::{
     Communication, Isolation, NetworkPolicies, OrganizationSpec, ResourceQuotas,
 };
 pub use pipeline::{
-    glob_match, Event, Failure, PipelineParam, PipelineRunSpec, PipelineSource, PipelineSpec,
-    Retry, SecretRef, StatusCondition, Step, When, MAX_ATTEMPTS, MAX_STEPS,
+    glob_match, CronTrigger, Event, Failure, GitProvider, ImageTrigger, PipelineParam,
+    PipelineRunSpec, PipelineSource, PipelineSpec, PollTrigger, Retry, RunTrigger, SecretKeyRef,
+    SecretRef, StatusCondition, Step, Trigger, WebhookTrigger, When, MAX_ATTEMPTS, MAX_STEPS,
 };
 pub use project::{ProjectComponent, ProjectSpec, DEFAULT_PIPELINE};
 pub use rbac::{
@@ -131,6 +132,24 @@ impl<'a, T: ?Sized + Eq + Hash> FirstSeen<'a, T> {
 }
 
 /// Rejects an empty or whitespace-only string that must carry a value.
+/// Checks that `tz` looks like an IANA time zone name. Whether the zone exists is checked where the time-zone
+/// database is (at admission).
+pub(crate) fn check_timezone(errors: &mut Vec<FieldError>, path: &str, tz: &str) {
+    let ok = !tz.is_empty()
+        && tz.len() <= 64
+        && tz
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/_+-".contains(&b))
+        && !tz.starts_with('/')
+        && !tz.split('/').any(|p| p.is_empty() || p == "." || p == "..");
+    if !ok {
+        errors.push(FieldError::new(
+            path,
+            format!("{tz:?} is not an IANA time zone name (such as \"Europe/Paris\" or \"UTC\")"),
+        ));
+    }
+}
+
 pub(crate) fn check_not_blank(errors: &mut Vec<FieldError>, path: &str, value: &str) {
     if value.trim().is_empty() {
         errors.push(FieldError::new(path, "must not be empty"));

@@ -30,6 +30,148 @@ pub struct PipelineSpec {
     pub runner_labels: BTreeMap<String, String>,
     /// The steps, run as a graph: a step starts when every step it depends on has ended.
     pub steps: Vec<Step>,
+    /// What starts runs besides `kiln pipeline run`: webhooks, cron schedules, repository polling, image pushes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub triggers: Vec<Trigger>,
+}
+
+/// Something that starts runs of a pipeline. Exactly one of `webhook`, `cron`, `poll` and `image` is set.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Trigger {
+    /// Unique within the pipeline; a DNS-1123 label. A webhook's URL ends with it.
+    pub name: String,
+    /// Branches (globs, `*` for any characters) whose pushes start runs; for pull requests, the branch they
+    /// target. Empty: any branch. Tags, cron and image triggers ignore it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub branches: Vec<String>,
+    /// Started by a Git host's webhook, at `POST /api/v1/hooks/<org>/<pipeline>/<trigger>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<WebhookTrigger>,
+    /// Started on a cron schedule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cron: Option<CronTrigger>,
+    /// Started when polling the source repository finds a branch (or tag) moved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poll: Option<PollTrigger>,
+    /// Started by a registry's push notification (Docker Registry v2 notification format) at the webhook URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageTrigger>,
+}
+
+impl Trigger {
+    /// The trigger's type, as manifests name it.
+    pub fn type_name(&self) -> &'static str {
+        match (&self.webhook, &self.cron, &self.poll, &self.image) {
+            (Some(_), ..) => "webhook",
+            (_, Some(_), ..) => "cron",
+            (_, _, Some(_), _) => "poll",
+            (.., Some(_)) => "image",
+            _ => "none",
+        }
+    }
+
+    /// Whether a push to (or a pull request into) `branch` passes the trigger's branch filter.
+    pub fn accepts_branch(&self, branch: &str) -> bool {
+        self.branches.is_empty() || self.branches.iter().any(|g| glob_match(g, branch))
+    }
+}
+
+/// The Git hosts whose webhooks Kiln reads.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum GitProvider {
+    /// GitHub: signed with `X-Hub-Signature-256`, event in `X-GitHub-Event`.
+    Github,
+    /// GitLab: the secret token in `X-Gitlab-Token`, event in `X-Gitlab-Event`.
+    Gitlab,
+    /// Gitea (and Forgejo): signed with `X-Gitea-Signature`, event in `X-Gitea-Event`.
+    Gitea,
+}
+
+impl GitProvider {
+    /// The name used in manifests.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GitProvider::Github => "github",
+            GitProvider::Gitlab => "gitlab",
+            GitProvider::Gitea => "gitea",
+        }
+    }
+}
+
+/// A key of a Secret (same organization).
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretKeyRef {
+    /// The Secret.
+    pub secret: String,
+    /// The key within it.
+    pub key: String,
+}
+
+/// A webhook trigger.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WebhookTrigger {
+    /// Which host sends it, which decides how it is signed and what its payloads look like.
+    pub provider: GitProvider,
+    /// The webhook's secret (GitHub, Gitea: the HMAC key; GitLab: the token).
+    pub secret: SecretKeyRef,
+    /// The events that start runs: `push`, `tag`, `pull_request`. Default: all three.
+    #[serde(default = "default_hook_events")]
+    pub events: Vec<Event>,
+}
+
+fn default_hook_events() -> Vec<Event> {
+    vec![Event::Push, Event::Tag, Event::PullRequest]
+}
+
+/// A cron trigger.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CronTrigger {
+    /// A five-field cron expression or a macro such as `@daily`.
+    pub schedule: String,
+    /// The IANA time zone the schedule is read in. Default `UTC`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    /// The branch a scheduled run checks out. Default: the source's branch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+}
+
+/// A repository polling trigger, for repositories that cannot send webhooks.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PollTrigger {
+    /// How often the repository's refs are read (`git ls-remote`), e.g. `1m`. Default `1m`.
+    #[serde(default = "default_poll_interval")]
+    pub interval: String,
+    /// `push` (a branch moved) and, with `tag`, a tag created or moved. Default: `push`.
+    #[serde(default = "default_poll_events")]
+    pub events: Vec<Event>,
+}
+
+fn default_poll_interval() -> String {
+    "1m".into()
+}
+
+fn default_poll_events() -> Vec<Event> {
+    vec![Event::Push]
+}
+
+/// An image-push trigger.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ImageTrigger {
+    /// Repositories (globs, e.g. `shop/*`) whose pushes start runs.
+    pub repository: String,
+    /// Tags (globs) that start runs. Empty: any tag.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// The bearer token the registry sends (its notification endpoint's `Authorization: Bearer` header).
+    pub secret: SecretKeyRef,
 }
 
 /// Where a pipeline's source lives.
@@ -122,6 +264,11 @@ pub struct When {
     /// failed), or both to run either way.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub status: Vec<StatusCondition>,
+    /// Paths (globs, `*` for any characters, `/` included) of which at least one must have changed between the
+    /// commit before the push and the run's commit. Runs without a previous commit (manual, cron, a new
+    /// branch) do not check it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
 }
 
 /// What started a run.
@@ -213,7 +360,13 @@ impl KindSpec for PipelineSpec {
 
     fn validate(&self, _meta: &ObjectMeta, errors: &mut Vec<FieldError>) {
         check_not_blank(errors, "spec.source.repository", &self.source.repository);
-        check_not_blank(errors, "spec.source.branch", &self.source.branch);
+        if self.source.repository.starts_with('-') {
+            errors.push(FieldError::new(
+                "spec.source.repository",
+                "must not start with '-' (it would be read as an option of git)",
+            ));
+        }
+        check_ref_name(errors, "spec.source.branch", &self.source.branch);
         for (i, p) in self.params.iter().enumerate() {
             check_env_name(errors, &field(&index("spec.params", i), "name"), &p.name);
         }
@@ -294,6 +447,14 @@ impl KindSpec for PipelineSpec {
                 }
             }
         }
+        check_unique_names(
+            errors,
+            "spec.triggers",
+            self.triggers.iter().map(|t| t.name.as_str()),
+        );
+        for (i, t) in self.triggers.iter().enumerate() {
+            check_trigger(errors, &index("spec.triggers", i), t);
+        }
         if let Some(cycle) = find_cycle(&self.steps, &names) {
             let first = names[cycle[0].as_str()];
             errors.push(FieldError::new(
@@ -304,6 +465,92 @@ impl KindSpec for PipelineSpec {
                 ),
             ));
         }
+    }
+}
+
+fn check_trigger(errors: &mut Vec<FieldError>, at: &str, t: &Trigger) {
+    check_name(errors, &field(at, "name"), &t.name);
+    for (j, b) in t.branches.iter().enumerate() {
+        check_not_blank(errors, &index(&field(at, "branches"), j), b);
+    }
+    let set = [
+        t.webhook.is_some(),
+        t.cron.is_some(),
+        t.poll.is_some(),
+        t.image.is_some(),
+    ];
+    if set.iter().filter(|s| **s).count() != 1 {
+        errors.push(FieldError::new(
+            at,
+            "set exactly one of webhook, cron, poll and image",
+        ));
+    }
+    let check_secret = |errors: &mut Vec<FieldError>, p: &str, s: &SecretKeyRef| {
+        check_name(errors, &field(p, "secret"), &s.secret);
+        check_not_blank(errors, &field(p, "key"), &s.key);
+    };
+    let check_events =
+        |errors: &mut Vec<FieldError>, p: &str, events: &[Event], allowed: &[Event]| {
+            if events.is_empty() {
+                errors.push(FieldError::new(p, "name at least one event"));
+            }
+            for (j, e) in events.iter().enumerate() {
+                if !allowed.contains(e) {
+                    let names: Vec<&str> = allowed.iter().map(|a| a.as_str()).collect();
+                    errors.push(FieldError::new(
+                        index(p, j),
+                        format!(
+                            "{} is not an event of this trigger (its events: {})",
+                            e.as_str(),
+                            names.join(", ")
+                        ),
+                    ));
+                }
+            }
+        };
+    if let Some(w) = &t.webhook {
+        let p = field(at, "webhook");
+        check_secret(errors, &field(&p, "secret"), &w.secret);
+        check_events(
+            errors,
+            &field(&p, "events"),
+            &w.events,
+            &[Event::Push, Event::Tag, Event::PullRequest],
+        );
+    }
+    if let Some(c) = &t.cron {
+        let p = field(at, "cron");
+        if let Err(e) = crate::cron::check(&c.schedule) {
+            errors.push(FieldError::new(field(&p, "schedule"), e));
+        }
+        if let Some(tz) = &c.timezone {
+            super::check_timezone(errors, &field(&p, "timezone"), tz);
+        }
+        if let Some(b) = &c.branch {
+            check_ref_name(errors, &field(&p, "branch"), b);
+        }
+    }
+    if let Some(poll) = &t.poll {
+        let p = field(at, "poll");
+        match parse_duration(&poll.interval) {
+            Ok(0) => errors.push(FieldError::new(
+                field(&p, "interval"),
+                "must be at least 1s",
+            )),
+            Ok(_) => {}
+            Err(e) => errors.push(FieldError::new(field(&p, "interval"), e)),
+        }
+        check_events(
+            errors,
+            &field(&p, "events"),
+            &poll.events,
+            &[Event::Push, Event::Tag],
+        );
+    }
+    if let Some(image) = &t.image {
+        let p = field(at, "image");
+        check_not_blank(errors, &field(&p, "repository"), &image.repository);
+        check_secret(errors, &field(&p, "secret"), &image.secret);
     }
 }
 
@@ -368,6 +615,40 @@ fn check_env_name(errors: &mut Vec<FieldError>, path: &str, name: &str) {
     }
 }
 
+/// Checks a branch or ref name the way `git check-ref-format` would, so that it can be handed to `git` as an
+/// argument.
+pub fn check_ref_name(errors: &mut Vec<FieldError>, path: &str, name: &str) {
+    let bad = name.is_empty()
+        || name.len() > 255
+        || name.starts_with('-')
+        || name.starts_with('/')
+        || name.ends_with('/')
+        || name.ends_with('.')
+        || name.ends_with(".lock")
+        || name.contains("..")
+        || name.contains("@{")
+        || name.contains("//")
+        || name
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace() || "~^:?*[\\".contains(c));
+    if bad {
+        errors.push(FieldError::new(
+            path,
+            format!("{name:?} is not a valid Git branch or ref name"),
+        ));
+    }
+}
+
+/// Checks a commit id: 4 to 64 hexadecimal digits.
+pub fn check_commit(errors: &mut Vec<FieldError>, path: &str, commit: &str) {
+    if !(4..=64).contains(&commit.len()) || !commit.bytes().all(|b| b.is_ascii_hexdigit()) {
+        errors.push(FieldError::new(
+            path,
+            format!("{commit:?} is not a commit id (4 to 64 hexadecimal digits)"),
+        ));
+    }
+}
+
 /// Whether `pattern` (with `*` for any run of characters) matches `value`.
 pub fn glob_match(pattern: &str, value: &str) -> bool {
     let (p, v) = (pattern.as_bytes(), value.as_bytes());
@@ -420,6 +701,40 @@ pub struct PipelineRunSpec {
     /// Set to stop the run: a queued run is canceled at once, a running one's steps are stopped.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cancel: bool,
+    /// The trigger that started it, and what it reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<RunTrigger>,
+}
+
+/// What a trigger reported when it started a run.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RunTrigger {
+    /// The pipeline's trigger.
+    pub name: String,
+    /// The delivery's id (webhooks), the due time (cron) or the ref's move (polling): a second delivery with
+    /// the same id starts no second run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<String>,
+    /// The Git ref pushed or proposed, e.g. `refs/heads/main`, `refs/tags/v1`, `refs/pull/7/head`; the runner
+    /// fetches it when the commit is not on a branch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git_ref: Option<String>,
+    /// The commit the ref pointed at before the push, for `when.paths`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<String>,
+    /// The tag pushed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// The pull (merge) request's number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_request: Option<u64>,
+    /// The branch a pull request targets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_branch: Option<String>,
+    /// The image pushed, as `host/repository:tag@digest`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 impl KindSpec for PipelineRunSpec {
@@ -430,7 +745,22 @@ impl KindSpec for PipelineRunSpec {
         if self.number == 0 {
             errors.push(FieldError::new("spec.number", "must be at least 1"));
         }
-        check_not_blank(errors, "spec.branch", &self.branch);
+        check_ref_name(errors, "spec.branch", &self.branch);
+        if let Some(c) = &self.commit {
+            check_commit(errors, "spec.commit", c);
+        }
+        if let Some(t) = &self.trigger {
+            check_name(errors, "spec.trigger.name", &t.name);
+            if let Some(r) = &t.git_ref {
+                check_ref_name(errors, "spec.trigger.gitRef", r);
+            }
+            if let Some(b) = &t.before {
+                check_commit(errors, "spec.trigger.before", b);
+            }
+            if let Some(b) = &t.target_branch {
+                check_ref_name(errors, "spec.trigger.targetBranch", b);
+            }
+        }
         let mut inner = Vec::new();
         self.snapshot.validate(meta, &mut inner);
         errors.extend(

@@ -385,6 +385,7 @@ pub fn row(kind: Kind, org: &str, r: &Resource) -> Vec<String> {
                     .and_then(|v| v.as_str())
                     .unwrap_or("")),
                 steps.join(", "),
+                pipeline_triggers(org, &r.metadata.name, r),
             ]
         }
         Kind::PipelineRun => {
@@ -432,6 +433,11 @@ pub fn row(kind: Kind, org: &str, r: &Resource) -> Vec<String> {
             vec![
                 format!("<span id=\"pipelinerun-{name}\">{name}</span>"),
                 status,
+                format!(
+                    "{}<br><span class=\"muted\">{}</span>",
+                    esc(s(r, "event")),
+                    esc(s(r, "startedBy"))
+                ),
                 esc(s(r, "branch")),
                 format!("<code>{}</code>", esc(&commit)),
                 steps.join(" "),
@@ -750,6 +756,43 @@ pub fn logs(
     out.push_str("</pre>");
     out.push_str(LOGS_SCRIPT);
     out
+}
+
+/// A pipeline's triggers: name and type, and for those that take deliveries the path to give the Git host or
+/// registry (on this server's URL).
+fn pipeline_triggers(org: &str, pipeline: &str, r: &Resource) -> String {
+    let Some(triggers) = r.spec.get("triggers").and_then(|t| t.as_array()) else {
+        return String::new();
+    };
+    let mut out = Vec::new();
+    for t in triggers {
+        let name = t.get("name").and_then(|n| n.as_str()).unwrap_or("?");
+        let (kind, detail) = if let Some(w) = t.get("webhook") {
+            let provider = w.get("provider").and_then(|p| p.as_str()).unwrap_or("");
+            (format!("{provider} webhook"), true)
+        } else if t.get("image").is_some() {
+            ("image push".to_string(), true)
+        } else if let Some(c) = t.get("cron") {
+            let sched = c.get("schedule").and_then(|p| p.as_str()).unwrap_or("");
+            (format!("cron {sched}"), false)
+        } else if let Some(p) = t.get("poll") {
+            let every = p.get("interval").and_then(|p| p.as_str()).unwrap_or("1m");
+            (format!("poll every {every}"), false)
+        } else {
+            (String::new(), false)
+        };
+        let mut cell = format!("{}: {}", esc(name), esc(&kind));
+        if detail {
+            cell.push_str(&format!(
+                " <code>/api/v1/hooks/{}/{}/{}</code>",
+                esc(org),
+                esc(pipeline),
+                esc(name)
+            ));
+        }
+        out.push(cell);
+    }
+    out.join("<br>")
 }
 
 #[cfg(test)]

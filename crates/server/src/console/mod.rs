@@ -252,12 +252,12 @@ async fn org_page(
             (
                 Kind::Pipeline,
                 "Pipelines",
-                &["Name", "Repository", "Branch", "Steps"],
+                &["Name", "Repository", "Branch", "Steps", "Triggers"],
             ),
             (
                 Kind::PipelineRun,
                 "Pipeline runs",
-                &["Run", "Status", "Branch", "Commit", "Steps"],
+                &["Run", "Status", "Started by", "Branch", "Commit", "Steps"],
             ),
         ];
         for (kind, title, headers) in sections {

@@ -487,6 +487,19 @@ impl Postgres {
         Ok(())
     }
 
+    pub async fn create_blob(&self, name: &str, data: Vec<u8>) -> Result<bool> {
+        let c = self.pool.get().await?;
+        let n = c
+            .execute(
+                "INSERT INTO kiln_blobs (name, data, updated) VALUES ($1, $2, $3) \
+                 ON CONFLICT (name) DO NOTHING",
+                &[&name, &data, &to_micros(now())],
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(n > 0)
+    }
+
     pub async fn get_blob(&self, name: &str) -> Result<Option<Vec<u8>>> {
         let c = self.pool.get().await?;
         let row = c

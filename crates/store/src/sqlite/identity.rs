@@ -580,6 +580,19 @@ impl Sqlite {
         .await
     }
 
+    pub async fn create_blob(&self, name: &str, data: Vec<u8>) -> Result<bool> {
+        let name = name.to_string();
+        self.write(move |ctx| {
+            let n = ctx.conn.execute(
+                "INSERT INTO kiln_blobs (name, data, updated) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (name) DO NOTHING",
+                rusqlite::params![name, data, to_micros(now())],
+            )?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
     pub async fn get_blob(&self, name: &str) -> Result<Option<Vec<u8>>> {
         let name = name.to_string();
         self.read(move |conn| {
