@@ -48,6 +48,10 @@ pub struct RunJob {
     /// Each step's secret values, as environment variable → value.
     #[serde(default)]
     pub secrets: BTreeMap<String, BTreeMap<String, String>>,
+    /// Each step's secret files, as environment variable → value: the value is written to a file (mode 0600)
+    /// under the run's directory, outside the checkout, and the variable holds its path.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secret_files: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 /// A step's phase.
@@ -163,7 +167,12 @@ pub async fn execute<R: Report>(
     let spec = &job.spec;
     let steps = &spec.snapshot.steps;
     let mut status: Vec<StepStatus> = steps.iter().map(|s| StepStatus::pending(&s.name)).collect();
-    let masker = Masker::new(job.secrets.values().flat_map(|m| m.values().cloned()));
+    let masker = Masker::new(
+        job.secrets
+            .values()
+            .chain(job.secret_files.values())
+            .flat_map(|m| m.values().cloned()),
+    );
     let src = dir.join("src");
     let checkout = tokio::select! {
         r = checkout(spec, &src, report, &masker) => r,
@@ -246,6 +255,10 @@ pub async fn execute<R: Report>(
                 if let Some(sec) = job.secrets.get(&step.name) {
                     env.extend(sec.iter().map(|(k, v)| (k.clone(), v.clone())));
                 }
+                let files = job
+                    .secret_files
+                    .get(&step.name)
+                    .map(|f| (dir.join("secrets").join(&step.name), f.clone()));
                 let ctx = StepCtx {
                     step: step.clone(),
                     env,
@@ -254,6 +267,7 @@ pub async fn execute<R: Report>(
                     cancel: cancel.clone(),
                     status: status[i].clone(),
                     lines: line_tx.clone(),
+                    files,
                 };
                 let tx = done_tx.clone();
                 running.spawn(async move {
@@ -321,6 +335,36 @@ pub async fn execute<R: Report>(
         commit: Some(commit),
         steps: status,
     }
+}
+
+/// Writes a step's secret files (mode 0600, in a directory only the runner's user can enter); answers the
+/// variables that name them.
+fn write_secret_files(
+    dir: &Path,
+    files: &BTreeMap<String, String>,
+) -> Result<Vec<(String, String)>, String> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let mut out = Vec::new();
+    for (env, value) in files {
+        let path = dir.join(env);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| f.write_all(value.as_bytes()).map(|()| f))
+            .map_err(|e| format!("writing the secret file for {env}: {e}"))?;
+        let _ = f.flush();
+        out.push((env.clone(), path.to_string_lossy().into_owned()));
+    }
+    Ok(out)
 }
 
 /// Waits until `cancel` turns true (or its sender is gone).
@@ -570,6 +614,8 @@ struct StepCtx {
     cancel: watch::Receiver<bool>,
     status: StepStatus,
     lines: mpsc::UnboundedSender<(String, String)>,
+    /// Secret files to write before the first attempt: their directory, and variable → value.
+    files: Option<(PathBuf, BTreeMap<String, String>)>,
 }
 
 /// Runs a step's attempts; answers its final status.
@@ -582,6 +628,18 @@ async fn run_step(mut ctx: StepCtx) -> StepStatus {
         let _ = ctx.lines.send((name.clone(), text));
     };
     let mut st = ctx.status.clone();
+    if let Some((dir, files)) = ctx.files.take() {
+        match write_secret_files(&dir, &files) {
+            Ok(paths) => ctx.env.extend(paths),
+            Err(e) => {
+                st.phase = StepPhase::Failed;
+                st.ignored = ctx.step.failure == Failure::Ignore;
+                st.reason = Some(e);
+                st.finished_at = Some(jiff::Timestamp::now().to_string());
+                return st;
+            }
+        }
+    }
     loop {
         st.attempts += 1;
         let attempt = attempt(&ctx, timeout).await;

@@ -90,6 +90,7 @@ fn job(repo: &str, steps: serde_json::Value) -> RunJob {
             trigger: None,
         },
         secrets: BTreeMap::new(),
+        secret_files: BTreeMap::new(),
     }
 }
 
@@ -358,6 +359,39 @@ async fn secret_values_are_given_to_their_step_and_masked_everywhere() {
     );
     // Only the step that names the secret gets it.
     assert_eq!(report.text_of("other"), ["+ echo \"[$API_TOKEN]\"", "[]"]);
+}
+
+#[tokio::test]
+async fn secret_files_are_private_outside_the_checkout_and_masked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (repo, _) = repo(tmp.path());
+    let mut j = job(
+        &repo,
+        json!([
+            {"name": "deploy", "commands": [
+                "stat -c %a \"$KUBECONFIG\"",
+                "case \"$KUBECONFIG\" in \"$PWD\"/*) echo inside;; *) echo outside;; esac",
+                "cat \"$KUBECONFIG\"",
+            ]},
+        ]),
+    );
+    j.secret_files.insert(
+        "deploy".into(),
+        [(
+            "KUBECONFIG".to_string(),
+            "apiVersion: v1\ntoken: abc123\n".to_string(),
+        )]
+        .into(),
+    );
+    let report = Collect::default();
+    let (_tx, rx) = watch::channel(false);
+    let end = execute(&j, &tmp.path().join("run"), 2, &report, rx).await;
+    assert_eq!(end.outcome, Outcome::Succeeded, "{:?}", end.steps);
+    let out = report.text_of("deploy");
+    assert_eq!(out[1], "600");
+    assert_eq!(out[3], "outside");
+    // Each line of the value is masked.
+    assert_eq!(&out[5..], ["********", "********"]);
 }
 
 #[test]

@@ -26,7 +26,7 @@ pub mod rbac;
 pub mod resources;
 pub mod routes;
 mod schemas;
-mod secrets;
+pub mod secrets;
 pub mod triggers;
 pub mod workspaces;
 
@@ -116,6 +116,8 @@ pub struct AppState {
     pub provisioners: controllers::jobs::Provisioners,
     /// Wakes the built-in runner when a pipeline run is queued.
     pub runs: pipelines::RunQueue,
+    /// Seals and opens Secret values (see [`secrets`]).
+    pub sealer: Arc<secrets::Sealer>,
     /// The URL browsers and agents reach this server at, once it is listening (see [`access_url`]).
     bound_url: Arc<OnceLock<String>>,
 }
@@ -139,6 +141,7 @@ impl AppState {
             provisioners: Default::default(),
             runs: Default::default(),
             bound_url: Arc::default(),
+            sealer: Arc::new(secrets::Sealer::ephemeral()),
         }
     }
 
@@ -148,6 +151,13 @@ impl AppState {
             Some(u) => u.clone(),
             None => access_url(&self.config, self.config.listen),
         }
+    }
+
+    /// The same state, with the configured key for Secret values ([`secrets::Sealer::load`]); until then a
+    /// key of this process only seals them.
+    pub fn with_sealer(mut self, sealer: secrets::Sealer) -> Self {
+        self.sealer = Arc::new(sealer);
+        self
     }
 
     /// The same state, with the data plane drivers that component logs are read from.
@@ -456,8 +466,18 @@ async fn data_plane_drivers(config: &Config) -> anyhow::Result<controllers::Driv
 pub async fn run(config: Config) -> anyhow::Result<()> {
     create_data_dir(&config.data_dir)?;
     let store = open_store(&config).await?;
+    let sealer =
+        secrets::Sealer::load(&config.data_dir).context("the key that seals Secret values")?;
+    let sealed = secrets::seal_stored(&store, &sealer).await?;
+    if sealed > 0 {
+        tracing::info!(
+            secrets = sealed,
+            "sealed the values of Secrets stored in plain text"
+        );
+    }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let state = AppState::new(store.clone(), config.clone(), shutdown_rx.clone());
+    let state =
+        AppState::new(store.clone(), config.clone(), shutdown_rx.clone()).with_sealer(sealer);
     let first = bootstrap::first_start(&state, &config.data_dir).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -498,6 +518,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     let runner = AbortOnDrop(vec![pipelines::spawn_runner(
         store.clone(),
+        state.sealer.clone(),
         state.runs.clone(),
         std::path::absolute(&config.data_dir).unwrap_or(config.data_dir.clone()),
         shutdown_rx.clone(),

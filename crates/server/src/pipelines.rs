@@ -420,6 +420,7 @@ async fn run_logs(
 /// are canceled (their steps stopped), or after 15 s.
 pub fn spawn_runner(
     store: Store,
+    sealer: Arc<crate::secrets::Sealer>,
     queue: RunQueue,
     data_dir: PathBuf,
     shutdown: watch::Receiver<bool>,
@@ -446,10 +447,14 @@ pub fn spawn_runner(
                 jobs::claim_kind(&store, Kind::PipelineRun, None, "runner", "built-in", fits).await;
             match claimed {
                 Ok(Some((key, run, epoch))) => {
-                    let (store, dir, shutdown) =
-                        (store.clone(), data_dir.clone(), shutdown.clone());
+                    let (store, sealer, dir, shutdown) = (
+                        store.clone(),
+                        sealer.clone(),
+                        data_dir.clone(),
+                        shutdown.clone(),
+                    );
                     tokio::spawn(async move {
-                        hold(&store, key, run, epoch, &dir, shutdown).await;
+                        hold(&store, &sealer, key, run, epoch, &dir, shutdown).await;
                         drop(permit);
                     });
                     continue;
@@ -470,6 +475,7 @@ pub fn spawn_runner(
 /// Runs a claimed run to its end: renews the lease, carries its logs and step status, completes it.
 async fn hold(
     store: &Store,
+    sealer: &crate::secrets::Sealer,
     key: Key,
     run: Resource,
     epoch: u64,
@@ -484,7 +490,7 @@ async fn hold(
             return;
         }
     };
-    let secrets = match resolve_secrets(store, &org, &spec.snapshot).await {
+    let (secrets, secret_files) = match resolve_secrets(store, sealer, &org, &spec.snapshot).await {
         Ok(s) => s,
         Err(e) => {
             finish(store, &key, epoch, failed(e)).await;
@@ -497,6 +503,7 @@ async fn hold(
         epoch,
         spec,
         secrets,
+        secret_files,
     };
     let dir = data_dir.join("runs").join(&org).join(&key.name);
     let _ = tokio::fs::remove_dir_all(&dir).await;
@@ -576,24 +583,30 @@ async fn finish(store: &Store, key: &Key, epoch: u64, outcome: Outcome) {
     }
 }
 
-/// Each step's secret values (environment variable → value), read from the organization's Secrets.
+/// Step → environment variable → value.
+type StepSecrets = BTreeMap<String, BTreeMap<String, String>>;
+
+/// Each step's secrets given as variables and as files (step → variable → value), read from the organization's
+/// Secrets.
 async fn resolve_secrets(
     store: &Store,
+    sealer: &crate::secrets::Sealer,
     org: &str,
     spec: &PipelineSpec,
-) -> Result<BTreeMap<String, BTreeMap<String, String>>, String> {
-    let mut out: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+) -> Result<(StepSecrets, StepSecrets), String> {
+    let (mut vars, mut files) = (StepSecrets::new(), StepSecrets::new());
     for step in &spec.steps {
         for r in &step.secrets {
-            let value = crate::secrets::value(store, org, &r.secret, &r.key)
+            let value = crate::secrets::value(store, sealer, org, &r.secret, &r.key)
                 .await
                 .map_err(|e| format!("step {}: {e}", step.name))?;
+            let out = if r.file { &mut files } else { &mut vars };
             out.entry(step.name.clone())
                 .or_default()
                 .insert(r.env.clone(), String::from_utf8_lossy(&value).into_owned());
         }
     }
-    Ok(out)
+    Ok((vars, files))
 }
 
 fn failed(error: String) -> Outcome {

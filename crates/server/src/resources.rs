@@ -154,7 +154,7 @@ pub struct ListParams {
 /// Removes what `get` must never return (secret values).
 pub fn present(mut r: Resource) -> Resource {
     if r.kind == Kind::Secret.as_str() {
-        for field in ["data", "stringData"] {
+        for field in ["data", "stringData", "sealed"] {
             if let Some(Value::Object(map)) = r.spec.get_mut(field) {
                 for v in map.values_mut() {
                     *v = Value::String(String::new());
@@ -727,6 +727,7 @@ async fn create(
     let acc = authorize_write(&state, &principal, &t, Verb::Create).await?;
     let obj = prepare(&t, obj)?;
     let obj = crate::workspaces::admit::admit(&state, &principal, acc.as_ref(), None, obj).await?;
+    let obj = crate::secrets::seal_object(&state.sealer, None, obj)?;
     refuse_builtin(&t, None, Some(&obj))?;
     check_references(&state, &obj).await?;
     refuse_escalation(&state, acc.as_ref(), &obj).await?;
@@ -769,6 +770,7 @@ async fn apply(
     let obj =
         crate::workspaces::admit::admit(&state, &principal, acc.as_ref(), existing.as_ref(), obj)
             .await?;
+    let obj = crate::secrets::seal_object(&state.sealer, existing.as_ref(), obj)?;
     refuse_builtin(&t, existing.as_ref(), Some(&obj))?;
     check_references(&state, &obj).await?;
     refuse_escalation(&state, acc.as_ref(), &obj).await?;
@@ -867,6 +869,7 @@ async fn patch(
         let next =
             crate::workspaces::admit::admit(&state, &principal, acc.as_ref(), Some(&current), next)
                 .await?;
+        let next = crate::secrets::seal_object(&state.sealer, Some(&current), next)?;
         refuse_release_change(&current, &next).map_err(|e| ApiError::invalid("", e))?;
         refuse_builtin(&t, None, Some(&next))?;
         check_references(&state, &next).await?;

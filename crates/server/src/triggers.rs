@@ -263,8 +263,9 @@ async fn deliver(
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let secret_of = |r: &model::kinds::SecretKeyRef| {
         let (store, org, r, name) = (state.store.clone(), org.clone(), r.clone(), t.name.clone());
+        let sealer = state.sealer.clone();
         async move {
-            crate::secrets::value(&store, &org, &r.secret, &r.key)
+            crate::secrets::value(&store, &sealer, &org, &r.secret, &r.key)
                 .await
                 .map_err(|e| ApiError::internal(format!("trigger {name}: {e}")))
         }

@@ -258,3 +258,112 @@ spec:
         "{list}"
     );
 }
+
+/// Secret values are sealed before they reach the store: the database files never hold them, `get` shows only
+/// the keys, applying the same manifest again changes nothing, and after a restart (the key kept in the data
+/// directory) a step still receives the value, as a variable or as a file.
+#[test]
+fn secret_values_are_sealed_at_rest_and_never_read_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut s = Server::start_in(&data, None);
+    let (repo, _) = repository(tmp.path());
+    let manifest = format!(
+        r#"apiVersion: kiln.dev/v1
+kind: Secret
+metadata: {{name: deploy}}
+spec:
+  stringData: {{token: plain-TOKEN-4c1d, kubeconfig: "kind: Config"}}
+  data: {{binary: c2VhbGVkLUJJTkFSWS05ZjJh}}
+---
+apiVersion: kiln.dev/v1
+kind: Pipeline
+metadata: {{name: deployer}}
+spec:
+  source: {{repository: "{repo}"}}
+  steps:
+    - name: use
+      secrets:
+        - {{secret: deploy, key: token, env: TOKEN}}
+        - {{secret: deploy, key: binary, env: BINARY}}
+        - {{secret: deploy, key: kubeconfig, env: KUBECONFIG, file: true}}
+      commands:
+        # Compared in upper case, so that the pipeline itself does not hold the values.
+        - test "$(echo $TOKEN | tr a-z A-Z)" = PLAIN-TOKEN-4C1D && test "$(echo $BINARY | tr a-z A-Z)" = SEALED-BINARY-9F2A && echo values ok
+        - 'test "$(cat "$KUBECONFIG")" = "kind: Config" && echo file ok'
+"#
+    );
+    let file = tmp.path().join("deploy.yaml");
+    std::fs::write(&file, &manifest).unwrap();
+    ok(s.kiln(&["apply", "-f", file.to_str().unwrap()]));
+    let again = ok(s.kiln(&["apply", "-f", file.to_str().unwrap()]));
+    assert!(again.contains("secret/deploy unchanged"), "{again}");
+
+    let shown = ok(s.kiln(&["get", "secret", "deploy", "-o", "json"]));
+    let v: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    let keys: Vec<&str> = v["spec"]["sealed"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(keys, ["binary", "kubeconfig", "token"], "{shown}");
+    assert!(
+        v["spec"]["sealed"]
+            .as_object()
+            .unwrap()
+            .values()
+            .all(|x| x == ""),
+        "{shown}"
+    );
+    // What get shows applies back without losing a value.
+    let shown_file = tmp.path().join("shown.json");
+    std::fs::write(&shown_file, &shown).unwrap();
+    let reapplied = ok(s.kiln(&["apply", "-f", shown_file.to_str().unwrap()]));
+    assert!(reapplied.contains("secret/deploy unchanged"), "{reapplied}");
+
+    let out = ok(s.kiln(&["pipeline", "run", "deployer", "-f"]));
+    assert!(
+        out.contains("[use] values ok") && out.contains("[use] file ok"),
+        "{out}"
+    );
+    s.terminate();
+
+    // Nothing in the database files holds a value.
+    for entry in std::fs::read_dir(&data).unwrap() {
+        let path = entry.unwrap().path();
+        if !path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("kiln.db")
+        {
+            continue;
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        for value in [
+            "plain-TOKEN-4c1d",
+            "sealed-BINARY-9f2a",
+            "c2VhbGVkLUJJTkFSWS05ZjJh",
+        ] {
+            assert!(
+                !bytes.windows(value.len()).any(|w| w == value.as_bytes()),
+                "{} holds {value}",
+                path.display()
+            );
+        }
+    }
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(data.join("secret.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let s = Server::start_in(&data, None);
+    let out = ok(s.kiln(&["pipeline", "run", "deployer", "-f"]));
+    assert!(
+        out.contains("[use] values ok") && out.contains("[use] file ok"),
+        "{out}"
+    );
+}

@@ -246,8 +246,12 @@ pub struct SecretRef {
     pub secret: String,
     /// The key within it.
     pub key: String,
-    /// The environment variable that receives the value.
+    /// The environment variable that receives the value (or, with `file`, the file's path).
     pub env: String,
+    /// Write the value to a file readable only by the step's user, outside the checkout, and give the step its
+    /// path in `env` (for keys, certificates, kubeconfigs).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub file: bool,
 }
 
 /// Conditions for a step to run; each given one must hold.

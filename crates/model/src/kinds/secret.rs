@@ -1,4 +1,5 @@
-//! Secret: named values given to components (encrypted at rest by the store).
+//! Secret: named values given to pipeline steps and webhooks. The server seals every value (`sealed`) before it
+//! is stored, so the store and its event log hold only ciphertext.
 
 use std::collections::BTreeMap;
 
@@ -13,7 +14,8 @@ fn default_type() -> String {
     "Opaque".into()
 }
 
-/// The spec of a Secret. Keys appear in either `data` (base64 values) or `stringData` (plain values), not both.
+/// The spec of a Secret. Keys appear in either `data` (base64 values) or `stringData` (plain values), not both;
+/// the server moves each into `sealed`, encrypted, before storing it.
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SecretSpec {
@@ -26,6 +28,23 @@ pub struct SecretSpec {
     /// Values as plain text.
     #[serde(default)]
     pub string_data: BTreeMap<String, String>,
+    /// Values as the server stored them, encrypted with its key (never shown: reads give each key with an
+    /// empty value). On a write, an empty value keeps the key's stored value, so what `get` shows can be
+    /// applied back.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sealed: BTreeMap<String, String>,
+}
+
+impl SecretSpec {
+    /// Every key, from `data`, `stringData` and `sealed`.
+    pub fn keys(&self) -> std::collections::BTreeSet<&str> {
+        self.data
+            .keys()
+            .chain(self.string_data.keys())
+            .chain(self.sealed.keys())
+            .map(String::as_str)
+            .collect()
+    }
 }
 
 impl KindSpec for SecretSpec {
@@ -50,6 +69,16 @@ impl KindSpec for SecretSpec {
                 errors.push(FieldError::new(
                     p,
                     "also set in spec.data; set each key once",
+                ));
+            }
+        }
+        for k in self.sealed.keys() {
+            let p = key("spec.sealed", k);
+            check_key(errors, &p, k);
+            if self.data.contains_key(k) || self.string_data.contains_key(k) {
+                errors.push(FieldError::new(
+                    p,
+                    "also set in spec.data or spec.stringData; set each key once",
                 ));
             }
         }
