@@ -456,13 +456,16 @@ impl Client {
 
     /// Streams a pipeline run's log lines (NDJSON objects: seq, time, source, text); with `follow`, until the
     /// run ends.
+    /// A pipeline run's log after line `after` (NDJSON objects: lines with `seq`, then with `follow` an
+    /// object with `end`, or `cutoff` when the server asks the viewer to resume).
     pub async fn run_logs(
         &self,
         org: &str,
         run: &str,
         follow: bool,
+        after: u64,
     ) -> Result<impl Stream<Item = Result<Value>>> {
-        let mut query = Vec::new();
+        let mut query = vec![("after", after.to_string())];
         if follow {
             query.push(("follow", "true".to_string()));
         }

@@ -322,10 +322,13 @@ pub enum TaskCommand {
 
 #[derive(Debug, Args)]
 pub struct LogsArgs {
+    /// The component; or `run`, followed by a pipeline run (`kiln logs run shop-ci/42 -f`).
     pub component: String,
-    /// The environment.
+    /// With `run`: the run, `PIPELINE/NUMBER` or its name.
+    pub run_name: Option<String>,
+    /// The environment (a component's logs).
     #[arg(long = "env")]
-    pub environment: String,
+    pub environment: Option<String>,
     /// Keep streaming new lines until interrupted.
     #[arg(long, short = 'f')]
     pub follow: bool,

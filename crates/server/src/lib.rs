@@ -17,6 +17,7 @@ pub mod error;
 pub mod gateway;
 mod identity_api;
 pub mod listen;
+mod logfollow;
 mod logs;
 pub mod mesh;
 mod metrics;

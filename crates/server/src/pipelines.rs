@@ -12,8 +12,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Path, Query, State};
-use axum::http::{header, Method, StatusCode};
+use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use controllers::jobs::{self, JobError, Outcome, Phase};
@@ -26,6 +28,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult};
+use crate::logfollow;
 use crate::rbac::{self, Verb};
 use crate::routes::{Api, Op};
 use crate::workspaces::{async_stream, org_key};
@@ -82,12 +85,29 @@ pub fn register(api: Api) -> Api {
             "/api/v1/orgs/{org}/pipelineruns/{name}/logs",
             "pipelineRunLogs",
             "pipelines",
-            "A run's log (NDJSON: one line per log line, with its number, time, source and text)",
+            "A run's log: NDJSON (one object per line, with its number, time, source and text), or Server-Sent \
+             Events with Accept: text/event-stream (each line's id is its number; Last-Event-ID resumes). \
+             Following ends with an end object or event; a viewer that falls behind gets a cutoff with the \
+             line to resume after",
         )
         .query("after", "Only lines numbered after this one")
         .query("follow", "true: keep streaming new lines until the run ends")
         .returns_type(200, "application/x-ndjson"),
         run_logs,
+    )
+    .op(
+        Op::new(
+            Method::GET,
+            "/api/v1/orgs/{org}/pipelineruns/{name}/logs/ws",
+            "pipelineRunLogsWebSocket",
+            "pipelines",
+            "A run's log over a WebSocket: a JSON text message per line (type line, with seq), then one of \
+             type end; resume with ?after=N",
+        )
+        .query("after", "Only lines numbered after this one")
+        .query("follow", "false: only what is stored now (default: follow until the run ends)")
+        .returns(101, None),
+        run_logs_ws,
     )
 }
 
@@ -353,67 +373,183 @@ async fn cancel_run(
     }
 }
 
+/// Where a viewer resumes: `Last-Event-ID` (an SSE reconnection) or `?after=`.
+fn resume_point(headers: &HeaderMap, q: &HashMap<String, String>) -> ApiResult<u64> {
+    let from_header = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| ("Last-Event-ID", v.trim().to_string()));
+    let from_query = q.get("after").map(|v| ("after", v.clone()));
+    match from_header.or(from_query) {
+        None => Ok(0),
+        Some((what, v)) => v
+            .parse()
+            .map_err(|_| ApiError::bad_request(format!("{what}={v:?}: expected a line number"))),
+    }
+}
+
+/// Checks access to a run's log and that the run exists; answers its key.
+async fn run_log_key(
+    state: &AppState,
+    principal: &Principal,
+    org: &str,
+    name: &str,
+) -> ApiResult<Key> {
+    let access = rbac::org_access(state, principal, org).await?;
+    access.check(Verb::Get, Kind::PipelineRun, None, &format!("run {name}"))?;
+    let key = org_key(Kind::PipelineRun, org, name);
+    state.store.get(&key).await?;
+    Ok(key)
+}
+
 async fn run_logs(
     State(state): State<AppState>,
     principal: Principal,
     Path((org, name)): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let access = rbac::org_access(&state, &principal, &org).await?;
-    access.check(Verb::Get, Kind::PipelineRun, None, &format!("run {name}"))?;
-    let key = org_key(Kind::PipelineRun, &org, &name);
-    state.store.get(&key).await?;
+    let key = run_log_key(&state, &principal, &org, &name).await?;
     let follow = crate::logs::parse_bool(&q, "follow")?;
-    let mut after: u64 = match q.get("after") {
-        None => 0,
-        Some(a) => a
-            .parse()
-            .map_err(|_| ApiError::bad_request(format!("after={a:?}: expected a line number")))?,
-    };
-    let store = state.store.clone();
-    let mut shutdown = state.shutdown.clone();
-    let stream = jobs::log_stream_of(&key);
+    let after = resume_point(&headers, &q)?;
+    let sse = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/event-stream"));
+    let mut frames = logfollow::follow(
+        state.store.clone(),
+        key,
+        after,
+        follow,
+        state.shutdown.clone(),
+    );
     let body = async_stream(move |tx| async move {
-        let mut appends = store.log_appends();
-        loop {
-            // Whether the run had ended before this read: then the read saw its last line.
-            let ended = match store.get(&key).await {
-                Ok(r) => jobs::phase(&r).is_final(),
-                Err(_) => true,
+        while let Some(frame) = frames.recv().await {
+            let out = if sse {
+                sse_frame(&frame)
+            } else {
+                ndjson_frame(&frame)
             };
-            loop {
-                let Ok(batch) = store.read_logs(&stream, after, 1000).await else {
-                    return;
-                };
-                if batch.is_empty() {
-                    break;
-                }
-                let mut out = Vec::new();
-                for l in batch {
-                    after = l.seq;
-                    let line =
-                        json!({"seq": l.seq, "time": l.time, "source": l.source, "text": l.text});
-                    out.extend_from_slice(line.to_string().as_bytes());
-                    out.push(b'\n');
-                }
-                if tx.send(out.into()).await.is_err() {
-                    return;
-                }
-            }
-            if !follow || ended {
+            if !out.is_empty() && tx.send(out.into()).await.is_err() {
                 return;
-            }
-            tokio::select! {
-                _ = appends.recv() => {}
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = shutdown.wait_for(|s| *s) => return,
             }
         }
     });
+    let content_type = if sse {
+        "text/event-stream"
+    } else {
+        "application/x-ndjson"
+    };
     Response::builder()
-        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .header(header::CONTENT_TYPE, content_type)
+        .header(header::CACHE_CONTROL, "no-cache")
         .body(body)
         .map_err(ApiError::internal)
+}
+
+/// A frame as NDJSON: one object per line; the end and a cutoff as objects with `end` or `cutoff` set.
+fn ndjson_frame(frame: &logfollow::Frame) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut push = |v: Value| {
+        out.extend_from_slice(v.to_string().as_bytes());
+        out.push(b'\n');
+    };
+    match frame {
+        logfollow::Frame::Lines(lines) => lines.iter().for_each(|l| push(logfollow::line_json(l))),
+        logfollow::Frame::End(end) => push(json!({"end": end})),
+        logfollow::Frame::Cutoff { after, reason } => {
+            push(json!({"cutoff": {"after": after, "reason": reason}}))
+        }
+        logfollow::Frame::Keepalive => {}
+    }
+    out
+}
+
+/// A frame as Server-Sent Events: each line an event whose id is its number (what `Last-Event-ID` resumes
+/// from), `end` and `cutoff` as named events.
+fn sse_frame(frame: &logfollow::Frame) -> Vec<u8> {
+    let mut out = String::new();
+    match frame {
+        logfollow::Frame::Lines(lines) => {
+            for l in lines {
+                out.push_str(&format!(
+                    "id: {}\ndata: {}\n\n",
+                    l.seq,
+                    logfollow::line_json(l)
+                ));
+            }
+        }
+        logfollow::Frame::End(end) => out.push_str(&format!("event: end\ndata: {end}\n\n")),
+        logfollow::Frame::Cutoff { after, reason } => out.push_str(&format!(
+            "event: cutoff\ndata: {}\n\n",
+            json!({"after": after, "reason": reason})
+        )),
+        logfollow::Frame::Keepalive => out.push_str(": keepalive\n\n"),
+    }
+    out.into_bytes()
+}
+
+/// `GET …/pipelineruns/{name}/logs/ws`: the same frames over a WebSocket, one JSON text message each
+/// (`{"type": "line", …}`, `{"type": "end", …}`, `{"type": "cutoff", "after": N}`).
+async fn run_logs_ws(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path((org, name)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> ApiResult<Response> {
+    let key = run_log_key(&state, &principal, &org, &name).await?;
+    let after = resume_point(&headers, &q)?;
+    let follow = !matches!(q.get("follow").map(String::as_str), Some("false"));
+    let upgrade = upgrade.map_err(|e| {
+        ApiError::bad_request(format!("this endpoint takes a WebSocket upgrade: {e}"))
+    })?;
+    let mut frames = logfollow::follow(
+        state.store.clone(),
+        key,
+        after,
+        follow,
+        state.shutdown.clone(),
+    );
+    Ok(upgrade.on_upgrade(move |mut socket| async move {
+        use axum::extract::ws::Message;
+        async fn send(socket: &mut axum::extract::ws::WebSocket, m: Message) -> bool {
+            matches!(
+                tokio::time::timeout(logfollow::STALL, socket.send(m)).await,
+                Ok(Ok(()))
+            )
+        }
+        while let Some(frame) = frames.recv().await {
+            let messages: Vec<Message> = match &frame {
+                logfollow::Frame::Lines(lines) => lines
+                    .iter()
+                    .map(|l| {
+                        let mut v = logfollow::line_json(l);
+                        v["type"] = json!("line");
+                        Message::Text(v.to_string().into())
+                    })
+                    .collect(),
+                logfollow::Frame::End(end) => {
+                    let mut v = end.clone();
+                    v["type"] = json!("end");
+                    vec![Message::Text(v.to_string().into())]
+                }
+                logfollow::Frame::Cutoff { after, reason } => vec![Message::Text(
+                    json!({"type": "cutoff", "after": after, "reason": reason})
+                        .to_string()
+                        .into(),
+                )],
+                logfollow::Frame::Keepalive => vec![Message::Ping(Vec::new().into())],
+            };
+            for m in messages {
+                if !send(&mut socket, m).await {
+                    return;
+                }
+            }
+        }
+        let _ = send(&mut socket, Message::Close(None)).await;
+    }))
 }
 
 /// Starts the built-in runner; it stops taking runs when `shutdown` flips, and ends once the runs under way

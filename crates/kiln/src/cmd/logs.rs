@@ -39,6 +39,16 @@ pub async fn run_task(
 }
 
 pub async fn logs(ctx: &Ctx, args: &LogsArgs) -> anyhow::Result<()> {
+    if let (true, Some(run)) = (args.component == "run", &args.run_name) {
+        let run = super::pipeline::run_name(run);
+        return super::pipeline::follow_logs(ctx, &run, args.follow).await;
+    }
+    if let Some(extra) = &args.run_name {
+        bail!("unexpected argument {extra:?}: kiln logs COMPONENT --env ENV, or kiln logs run PIPELINE/NUMBER");
+    }
+    let Some(environment) = args.environment.clone() else {
+        bail!("--env is required: a component's logs are those of one environment (kiln logs {} --env dev)", args.component);
+    };
     let project = locate_project(
         ctx,
         Kind::Component,
@@ -51,7 +61,7 @@ pub async fn logs(ctx: &Ctx, args: &LogsArgs) -> anyhow::Result<()> {
         project: project.as_deref(),
     };
     let query = LogQuery {
-        environment: args.environment.clone(),
+        environment,
         follow: args.follow,
         replica: args.replica,
         since: args.since.clone(),

@@ -119,27 +119,58 @@ async fn triggers(ctx: &Ctx, pipeline: &str) -> anyhow::Result<()> {
 }
 
 /// `shop-ci/42` → `shop-ci-42`; a run's name as it is.
-fn run_name(run: &str) -> String {
+pub fn run_name(run: &str) -> String {
     match run.rsplit_once('/') {
         Some((p, n)) if n.parse::<u64>().is_ok() => format!("{p}-{n}"),
         _ => run.to_string(),
     }
 }
 
-async fn follow_logs(ctx: &Ctx, run: &str, follow: bool) -> anyhow::Result<()> {
-    let mut lines = Box::pin(
-        ctx.client
-            .run_logs(&ctx.org, run, follow)
-            .await
-            .map_err(|e| anyhow::anyhow!("run {run}: {e}"))?,
-    );
-    while let Some(l) = lines.next().await {
-        let l = l?;
-        let source = l.get("source").and_then(Value::as_str).unwrap_or("");
-        let text = l.get("text").and_then(Value::as_str).unwrap_or("");
-        println!("[{source}] {text}");
+/// Prints a run's log; with `follow`, until the run ends, resuming after the last line printed when the
+/// connection drops or the server cuts a lagging viewer off (so no line is lost or printed twice).
+pub async fn follow_logs(ctx: &Ctx, run: &str, follow: bool) -> anyhow::Result<()> {
+    let mut after = 0u64;
+    let mut failures = 0u32;
+    loop {
+        let opened = ctx.client.run_logs(&ctx.org, run, follow, after).await;
+        let mut lines = match opened {
+            Ok(s) => Box::pin(s),
+            // The run does not exist, or this caller may not read it: no point retrying.
+            Err(e) if after == 0 || !follow => bail!("run {run}: {e}"),
+            Err(e) => {
+                failures += 1;
+                if failures > 30 {
+                    bail!("run {run}: {e}");
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let mut ended = !follow;
+        while let Some(item) = lines.next().await {
+            let Ok(l) = item else { break };
+            if let Some(seq) = l.get("seq").and_then(Value::as_u64) {
+                after = seq;
+                failures = 0;
+                let source = l.get("source").and_then(Value::as_str).unwrap_or("");
+                let text = l.get("text").and_then(Value::as_str).unwrap_or("");
+                println!("[{source}] {text}");
+            } else if l.get("end").is_some() {
+                ended = true;
+            } else if let Some(c) = l.get("cutoff") {
+                let reason = c.get("reason").and_then(Value::as_str).unwrap_or("");
+                eprintln!("kiln: {reason}; resuming");
+            }
+        }
+        if ended {
+            return Ok(());
+        }
+        failures += 1;
+        if failures > 30 {
+            bail!("run {run}: the log stream keeps ending before the run does");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
-    Ok(())
 }
 
 /// Fails unless the run succeeded, saying how it ended.

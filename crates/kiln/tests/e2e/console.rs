@@ -817,3 +817,74 @@ async fn workspaces_flow(b: &Session, server: &Server, password: &str) {
     assert!(shown.starts_with("GET /base/ HTTP/1.1"), "{shown}");
     assert!(!shown.contains("kiln_session"), "{shown}");
 }
+
+/// A pipeline run's page: linked from the organization's runs, its steps, and its log followed live while the
+/// run goes (a line written after the page opened appears without a reload), then its final status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_follows_a_pipeline_run_live_in_chromium() {
+    let Some((chromium, chromedriver)) =
+        browser_tools("console_follows_a_pipeline_run_live_in_chromium")
+    else {
+        return;
+    };
+    let server = Server::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (repo, _) = crate::pipelines::repository(tmp.path());
+    let gate = tmp.path().join("gate");
+    let manifest = format!(
+        r#"apiVersion: kiln.dev/v1
+kind: Pipeline
+metadata: {{name: watched}}
+spec:
+  source: {{repository: "{repo}"}}
+  steps:
+    - name: wait
+      commands:
+        - echo before-the-page
+        - while [ ! -e "{gate}" ]; do sleep 0.1; done
+        - echo while-watching
+"#,
+        gate = gate.display()
+    );
+    let file = tmp.path().join("p.yaml");
+    std::fs::write(&file, manifest).unwrap();
+    ok(server.kiln(&["apply", "-f", file.to_str().unwrap()]));
+    ok(server.kiln(&["pipeline", "run", "watched"]));
+    let password = std::fs::read_to_string(server.data_dir.join("admin-password"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let driver = Driver::start(&chromedriver).await;
+    let session = driver.session(&chromium).await;
+    let flow = std::panic::AssertUnwindSafe(async {
+        let b = &session;
+        let base = &server.url;
+        b.goto(&format!("{base}/login")).await;
+        b.type_into("#username", "admin").await;
+        b.type_into("#password", &password).await;
+        b.click("#sign-in").await;
+        b.wait_path("/").await;
+        b.goto(&format!("{base}/orgs/default")).await;
+        b.click("#pipelinerun-watched-1 a").await;
+        b.wait_path("/orgs/default/pipelineruns/watched-1").await;
+        assert_eq!(b.text("h1").await, "Run watched #1");
+        wait_text(b, "#run-logs", "before-the-page").await;
+        wait_text(b, "#live-status", "Live").await;
+        std::fs::write(&gate, "").unwrap();
+        wait_text(b, "#run-logs", "while-watching").await;
+        // The run ends; the page shows its final status.
+        wait_text(b, "#run-phase", "Succeeded").await;
+        let steps = b.text("h2 + table").await;
+        assert!(
+            steps.contains("wait") && steps.contains("Succeeded"),
+            "{steps}"
+        );
+        save_png("console-pipeline-run.png", &b.screenshot().await);
+    });
+    let outcome = futures_util::FutureExt::catch_unwind(flow).await;
+    session.close().await;
+    drop(driver);
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}

@@ -28,7 +28,7 @@ pub fn git(dir: &Path, args: &[&str]) -> String {
 }
 
 /// A bare repository whose `main` has two commits (`version` 1, then 2); answers its path and the first commit.
-fn repository(root: &Path) -> (String, String) {
+pub fn repository(root: &Path) -> (String, String) {
     let work = root.join("work");
     std::fs::create_dir_all(&work).unwrap();
     git(&work, &["init", "--quiet", "--initial-branch=main"]);
@@ -365,5 +365,173 @@ spec:
     assert!(
         out.contains("[use] values ok") && out.contains("[use] file ok"),
         "{out}"
+    );
+}
+
+/// Parses a Server-Sent Events body: (id, event name, data) per event.
+fn sse_events(body: &str) -> Vec<(Option<u64>, String, String)> {
+    body.split("\n\n")
+        .filter(|e| !e.trim().is_empty() && !e.starts_with(':'))
+        .map(|e| {
+            let (mut id, mut event, mut data) = (None, "message".to_string(), String::new());
+            for l in e.lines() {
+                if let Some(v) = l.strip_prefix("id: ") {
+                    id = v.parse().ok();
+                } else if let Some(v) = l.strip_prefix("event: ") {
+                    event = v.to_string();
+                } else if let Some(v) = l.strip_prefix("data: ") {
+                    data.push_str(v);
+                }
+            }
+            (id, event, data)
+        })
+        .collect()
+}
+
+/// A run's log reaches every kind of viewer whole and in order: late viewers over SSE (all at once), a
+/// resumed SSE viewer (`Last-Event-ID`), a WebSocket viewer and `kiln logs run P/N -f`; secrets stay masked.
+#[test]
+fn run_logs_stream_to_late_and_resuming_viewers_over_sse_websocket_and_the_cli() {
+    let s = Server::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (repo, _) = repository(tmp.path());
+    let manifest = format!(
+        r#"apiVersion: kiln.dev/v1
+kind: Secret
+metadata: {{name: tok}}
+spec:
+  stringData: {{value: sekrit-7a7a}}
+---
+apiVersion: kiln.dev/v1
+kind: Pipeline
+metadata: {{name: chatty}}
+spec:
+  source: {{repository: "{repo}"}}
+  steps:
+    - name: talk
+      secrets: [{{secret: tok, key: value, env: TOK}}]
+      commands:
+        - for i in $(seq 1 3000); do echo "line $i"; done
+        - sleep 2
+        - echo "token $TOK"
+        - for i in $(seq 3001 4000); do echo "line $i"; done
+"#
+    );
+    let file = tmp.path().join("chatty.yaml");
+    std::fs::write(&file, manifest).unwrap();
+    ok(s.kiln(&["apply", "-f", file.to_str().unwrap()]));
+    ok(s.kiln(&["pipeline", "run", "chatty"]));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while run_status(&s, "chatty-1")["status"]["steps"][0]["phase"] != "Running" {
+        assert!(Instant::now() < deadline, "the step never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let token = s.admin_token();
+    let url = format!(
+        "{}/api/v1/orgs/default/pipelineruns/chatty-1/logs?follow=true",
+        s.url
+    );
+    let auth = format!("Bearer {token}");
+
+    // Ten SSE viewers at once, joining while the run writes, each following to the end.
+    let viewers: Vec<_> = (0..10)
+        .map(|_| {
+            let (url, auth) = (url.clone(), auth.clone());
+            std::thread::spawn(move || {
+                let headers = [
+                    ("authorization", auth.as_str()),
+                    ("accept", "text/event-stream"),
+                ];
+                http_exchange("GET", &url, &headers, None).expect("sse")
+            })
+        })
+        .collect();
+    // A WebSocket viewer.
+    let ws_url = format!(
+        "{}/api/v1/orgs/default/pipelineruns/chatty-1/logs/ws",
+        s.url.replace("http://", "ws://")
+    );
+    let addr = s.url.strip_prefix("http://").unwrap().to_string();
+    let ws_lines = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        use futures_util::StreamExt;
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut req = ws_url.as_str().into_client_request().unwrap();
+        req.headers_mut()
+            .insert("authorization", auth.parse().unwrap());
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let (mut ws, _) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
+        let mut got: Vec<serde_json::Value> = Vec::new();
+        while let Some(m) = ws.next().await {
+            let m = m.unwrap();
+            if m.is_text() {
+                got.push(serde_json::from_str(m.to_text().unwrap()).unwrap());
+            }
+            if got.last().is_some_and(|v| v["type"] == "end") {
+                break;
+            }
+        }
+        got
+    });
+    let ws_seqs: Vec<u64> = ws_lines
+        .iter()
+        .filter(|v| v["type"] == "line")
+        .map(|v| v["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        ws_lines.last().unwrap()["phase"],
+        "Succeeded",
+        "{:?}",
+        ws_lines.last()
+    );
+    let total = *ws_seqs.last().unwrap();
+    assert_eq!(
+        ws_seqs,
+        (1..=total).collect::<Vec<u64>>(),
+        "the WebSocket viewer missed or repeated lines"
+    );
+
+    for v in viewers {
+        let resp = v.join().unwrap();
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.header("content-type"), Some("text/event-stream"));
+        let events = sse_events(&resp.body);
+        let ids: Vec<u64> = events.iter().filter_map(|e| e.0).collect();
+        assert_eq!(
+            ids,
+            (1..=total).collect::<Vec<u64>>(),
+            "an SSE viewer missed or repeated lines"
+        );
+        let end = events.last().unwrap();
+        assert_eq!(end.1, "end");
+        assert!(end.2.contains("Succeeded"), "{}", end.2);
+        let texts: String = events.iter().map(|e| e.2.as_str()).collect();
+        assert!(texts.contains("line 4000") && texts.contains("token ********"));
+        assert!(!texts.contains("sekrit-7a7a"), "a secret reached a viewer");
+    }
+
+    // A viewer resuming after line 1500 gets exactly the rest.
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("accept", "text/event-stream"),
+        ("last-event-id", "1500"),
+    ];
+    let resp = http_exchange("GET", &url, &headers, None).unwrap();
+    let ids: Vec<u64> = sse_events(&resp.body).iter().filter_map(|e| e.0).collect();
+    assert_eq!(ids, (1501..=total).collect::<Vec<u64>>());
+
+    // The CLI's form of the same.
+    let out = ok(s.kiln(&["logs", "run", "chatty/1", "-f"]));
+    assert_eq!(
+        out.lines()
+            .filter(|l| l.starts_with("[talk] line "))
+            .count(),
+        4000
+    );
+    assert!(out.contains("[talk] token ********"), "{out}");
+    let bad = s.kiln(&["logs", "chatty"]);
+    assert!(
+        stderr(&bad).contains("--env is required"),
+        "{}",
+        stderr(&bad)
     );
 }

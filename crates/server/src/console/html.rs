@@ -431,7 +431,10 @@ pub fn row(kind: Kind, org: &str, r: &Resource) -> Vec<String> {
                 .take(10)
                 .collect();
             vec![
-                format!("<span id=\"pipelinerun-{name}\">{name}</span>"),
+                format!(
+                    "<span id=\"pipelinerun-{name}\"><a href=\"/orgs/{}/pipelineruns/{name}\">{name}</a></span>",
+                    esc(org)
+                ),
                 status,
                 format!(
                     "{}<br><span class=\"muted\">{}</span>",

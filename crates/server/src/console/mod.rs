@@ -2,6 +2,7 @@
 //! the API. Signed-in state is the session cookie that `/login` sets.
 
 pub(crate) mod html;
+mod runs;
 mod workspaces;
 
 use axum::extract::{Form, Path, Query, State};
@@ -34,6 +35,7 @@ pub fn routes() -> Router<AppState> {
             get(workspaces::workspace_page),
         )
         .route("/orgs/{org}/projects/{project}", get(project_page))
+        .route("/orgs/{org}/pipelineruns/{name}", get(runs::run_page))
         .route(
             "/orgs/{org}/projects/{project}/components/{component}/logs",
             get(logs_page),
