@@ -88,6 +88,7 @@ fn job(repo: &str, steps: serde_json::Value) -> RunJob {
             started_by: "test".into(),
             cancel: false,
             trigger: None,
+            rerun_of: None,
         },
         secrets: BTreeMap::new(),
         secret_files: BTreeMap::new(),

@@ -389,6 +389,13 @@ pub enum PipelineCommand {
     },
     /// Cancel a run: `PIPELINE/NUMBER` or the run's name.
     Cancel { run: String },
+    /// Run again what a run ran: the same pipeline snapshot, commit and parameters, as a new run.
+    Rerun {
+        run: String,
+        /// Follow the new run's log until it ends; exit non-zero unless it succeeded.
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
     /// A pipeline's triggers: webhook URLs to give the Git host or registry, cron schedules with their next
     /// time, poll state, and the last run each started.
     Triggers { pipeline: String },

@@ -71,6 +71,18 @@ pub fn register(api: Api) -> Api {
     .op(
         Op::new(
             Method::POST,
+            "/api/v1/orgs/{org}/pipelineruns/{name}/rerun",
+            "rerunPipelineRun",
+            "pipelines",
+            "Start a new run repeating this one: the same pipeline snapshot, event, branch, commit (the one it \
+             checked out) and parameters; answers the new PipelineRun",
+        )
+        .returns(201, Some("Resource")),
+        rerun,
+    )
+    .op(
+        Op::new(
+            Method::POST,
             "/api/v1/orgs/{org}/pipelineruns/{name}/cancel",
             "cancelPipelineRun",
             "pipelines",
@@ -156,6 +168,7 @@ async fn start_run(
         request: req,
         started_by: principal.user.name.clone(),
         trigger: None,
+        rerun_of: None,
     };
     let run = new_run(&state.store, &org, &name, spec, start).await?;
     state.runs.queued();
@@ -169,6 +182,8 @@ pub struct Start {
     /// A user's name, or the trigger's description.
     pub started_by: String,
     pub trigger: Option<RunTrigger>,
+    /// The run this one repeats.
+    pub rerun_of: Option<String>,
 }
 
 /// Creates the next run of a pipeline; the number is one more than the highest so far. The caller wakes the
@@ -185,6 +200,7 @@ pub async fn new_run(
         request: req,
         started_by,
         trigger,
+        rerun_of,
     } = start;
     let declared: HashMap<&str, &str> = spec
         .params
@@ -222,6 +238,7 @@ pub async fn new_run(
             started_by: started_by.clone(),
             cancel: false,
             trigger: trigger.clone(),
+            rerun_of: rerun_of.clone(),
         };
         let mut metadata = ObjectMeta {
             name: format!("{pipeline}-{number}"),
@@ -310,6 +327,47 @@ fn why_waiting(spec: &PipelineSpec) -> Option<String> {
         ));
     }
     None
+}
+
+async fn rerun(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path((org, name)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let access = rbac::org_access(&state, &principal, &org).await?;
+    access.check(
+        Verb::Create,
+        Kind::PipelineRun,
+        None,
+        &format!("a rerun of {name}"),
+    )?;
+    let old = state
+        .store
+        .get(&org_key(Kind::PipelineRun, &org, &name))
+        .await?;
+    let spec: PipelineRunSpec =
+        model::typed_spec(&old).map_err(|e| ApiError::internal(format!("run {name}: {e}")))?;
+    // The commit it checked out, so that a rerun of a branch run builds the same source.
+    let commit = old
+        .status
+        .get("commit")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .or(spec.commit.clone());
+    let start = Start {
+        event: spec.event,
+        request: StartRunRequest {
+            branch: Some(spec.branch.clone()),
+            commit,
+            params: spec.params.clone(),
+        },
+        started_by: principal.user.name.clone(),
+        trigger: spec.trigger.clone(),
+        rerun_of: Some(name.clone()),
+    };
+    let run = new_run(&state.store, &org, &spec.pipeline, spec.snapshot, start).await?;
+    state.runs.queued();
+    Ok((StatusCode::CREATED, Json(run)).into_response())
 }
 
 async fn cancel_run(

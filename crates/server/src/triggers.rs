@@ -331,6 +331,7 @@ async fn deliver(
                 target_branch: push.target_branch,
                 image: None,
             }),
+            rerun_of: None,
         };
         let run = start_claimed(&state.store, &claim_name, &org, &pipeline, spec, start).await?;
         state.runs.queued();
@@ -371,6 +372,7 @@ async fn deliver(
                     image: Some(p.image.clone()),
                     ..RunTrigger::default()
                 }),
+                rerun_of: None,
             };
             let run = start_claimed(
                 &state.store,
@@ -567,6 +569,7 @@ async fn cron_due(
                 delivery: Some(format!("cron-{}", due.as_second())),
                 ..RunTrigger::default()
             }),
+            rerun_of: None,
         };
         start_claimed(store, &claim_name, org, pipeline, spec.clone(), start)
             .await
@@ -656,6 +659,7 @@ async fn poll(
                     tag,
                     ..RunTrigger::default()
                 }),
+                rerun_of: None,
             };
             if let Err(e) =
                 start_claimed(store, &claim_name, org, pipeline, spec.clone(), start).await

@@ -63,6 +63,25 @@ pub async fn pipeline(ctx: &Ctx, cmd: &PipelineCommand) -> anyhow::Result<()> {
             Ok(())
         }
         PipelineCommand::Triggers { pipeline } => triggers(ctx, pipeline).await,
+        PipelineCommand::Rerun { run, follow } => {
+            let old = run_name(run);
+            let path = format!("/api/v1/orgs/{}/pipelineruns/{old}/rerun", ctx.org);
+            let r = ctx
+                .client
+                .post_json(&path, &json!({}))
+                .await
+                .map_err(|e| anyhow::anyhow!("run {old}: {e}"))?;
+            let name = r["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            println!("pipelinerun/{name} started (a rerun of {old})");
+            if *follow {
+                follow_logs(ctx, &name, true).await?;
+                return finished(ctx, &name).await;
+            }
+            Ok(())
+        }
     }
 }
 

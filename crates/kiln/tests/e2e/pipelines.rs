@@ -121,6 +121,14 @@ spec:
     // A run of an older commit, and an unknown parameter refused.
     let out = ok(s.kiln(&["pipeline", "run", "shop-ci", "--commit", &first, "-f"]));
     assert!(out.contains("[build] building all at version 1"), "{out}");
+    // A rerun repeats the run's commit and parameters, whatever the branch's head is now.
+    let out = ok(s.kiln(&["pipeline", "rerun", "shop-ci/1", "-f"]));
+    assert!(
+        out.contains("pipelinerun/shop-ci-3 started (a rerun of shop-ci-1)"),
+        "{out}"
+    );
+    assert!(out.contains("[build] building web at version 2"), "{out}");
+    assert_eq!(run_status(&s, "shop-ci-3")["spec"]["rerunOf"], "shop-ci-1");
     let bad = s.kiln(&["pipeline", "run", "shop-ci", "--param", "NOPE=1"]);
     assert!(!bad.status.success());
     assert!(
@@ -134,11 +142,12 @@ spec:
     let lines: Vec<&str> = runs.lines().collect();
     assert!(lines[0].starts_with("RUN"), "{runs}");
     assert!(
-        lines[1].starts_with("shop-ci/2") && lines[1].contains("Succeeded"),
+        lines[1].starts_with("shop-ci/3") && lines[1].contains("Succeeded"),
         "{runs}"
     );
+    assert!(lines[2].starts_with("shop-ci/2"), "{runs}");
     assert!(
-        lines[2].contains("build:ok lint:ok publish:ok notify-failure:skipped"),
+        lines[3].contains("build:ok lint:ok publish:ok notify-failure:skipped"),
         "{runs}"
     );
 }

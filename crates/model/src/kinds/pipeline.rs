@@ -708,6 +708,9 @@ pub struct PipelineRunSpec {
     /// The trigger that started it, and what it reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trigger: Option<RunTrigger>,
+    /// The run this one repeats (`kiln pipeline rerun`): the same pipeline snapshot, commit and parameters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rerun_of: Option<String>,
 }
 
 /// What a trigger reported when it started a run.
