@@ -2,6 +2,7 @@
 //! PostgreSQL side by side against the performance targets and prints a summary table; it exits non-zero when
 //! a target is missed. See docs/benchmarks.md.
 
+mod ci;
 mod deploy;
 mod load;
 mod server;
@@ -24,7 +25,8 @@ Measures a release `kiln server` on SQLite and PostgreSQL against the targets in
 options:
   --only NAME[,NAME]   run only these: startup, rss, get, create, watch (API and store, both backends);
                        gateway, components, reconcile, promote (delivery, SQLite only);
-                       workspaces (SQLite only; needs OpenSSH's ssh and sshd)
+                       workspaces (SQLite only; needs OpenSSH's ssh and sshd);
+                       ci (pipelines on the built-in runner, SQLite only; needs git)
   --backend B          sqlite, postgres or both (default: both)
   --runs N             server starts per startup case (default: 10)
   --get-secs S         length of the fixed-rate GET run (default: 10)
@@ -38,7 +40,7 @@ oha: $OHA, target/tools/bin/oha, or oha on PATH
      (cargo install oha --locked --root target/tools).
 nginx (gateway comparison): Debian's nginx package, run as a child process.";
 
-const SCENARIOS: [&str; 10] = [
+const SCENARIOS: [&str; 11] = [
     "startup",
     "rss",
     "get",
@@ -49,6 +51,7 @@ const SCENARIOS: [&str; 10] = [
     "reconcile",
     "promote",
     "workspaces",
+    "ci",
 ];
 /// The delivery scenarios: run once, on SQLite, whatever `--backend` says.
 const DELIVERY: [&str; 4] = ["gateway", "components", "reconcile", "promote"];
@@ -600,7 +603,7 @@ fn bench(o: Opts) -> Result<bool> {
     let wants = |s: &str| o.only.iter().any(|x| x == s);
     let api_scenarios = SCENARIOS
         .iter()
-        .any(|s| !DELIVERY.contains(s) && *s != "workspaces" && wants(s));
+        .any(|s| !DELIVERY.contains(s) && !["workspaces", "ci"].contains(s) && wants(s));
     let pg_admin = if api_scenarios && o.backends.contains(&Backend::Postgres) {
         Some(postgres_admin_url(&root)?)
     } else {
@@ -640,6 +643,7 @@ fn bench(o: Opts) -> Result<bool> {
     let mut notes = Vec::new();
     let started = Instant::now();
     let mut workspace_rows = Vec::new();
+    let mut ci_rows = Vec::new();
     let outcome = (|| -> Result<()> {
         if api_scenarios {
             for &b in &o.backends {
@@ -668,6 +672,9 @@ fn bench(o: Opts) -> Result<bool> {
         if wants("workspaces") {
             workspace_rows = workspaces::run(&mut env)?;
         }
+        if wants("ci") {
+            ci_rows = ci::run(&mut env)?;
+        }
         Ok(())
     })();
     env.cleanup();
@@ -682,9 +689,18 @@ fn bench(o: Opts) -> Result<bool> {
     } else {
         summary(&shown, &results)
     };
-    if !workspace_rows.is_empty() {
-        table.push_str("\n| Workspaces (process provider, SQLite) | Measured | Target | Result |\n|---|---:|---|---|\n");
-        for r in &workspace_rows {
+    for (title, rows) in [
+        ("Workspaces (process provider, SQLite)", &workspace_rows),
+        ("Pipelines (built-in runner, SQLite)", &ci_rows),
+    ] {
+        if rows.is_empty() {
+            continue;
+        }
+        let _ = write!(
+            table,
+            "\n| {title} | Measured | Target | Result |\n|---|---:|---|---|\n"
+        );
+        for r in rows {
             let verdict = match r.pass {
                 Some(true) => "ok",
                 Some(false) => {

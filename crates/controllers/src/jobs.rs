@@ -26,8 +26,18 @@ use tokio::sync::Notify;
 pub const LEASE: Duration = Duration::from_secs(30);
 /// How long a provisioner counts as live after it last asked for work.
 pub const PROVISIONER_LIVENESS: Duration = Duration::from_secs(30);
-/// The most log lines a job keeps; later lines are dropped with one notice.
+/// The most log lines a workspace build keeps; later lines are dropped with one notice.
 pub const MAX_JOB_LOG_LINES: u64 = 20_000;
+/// The most log lines a pipeline run keeps (a build's output can be long; tests print a line each).
+pub const MAX_RUN_LOG_LINES: u64 = 5_000_000;
+
+/// The most log lines a job of this kind keeps.
+pub fn max_log_lines(kind: Kind) -> u64 {
+    match kind {
+        Kind::PipelineRun => MAX_RUN_LOG_LINES,
+        _ => MAX_JOB_LOG_LINES,
+    }
+}
 
 /// A job's phase.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
@@ -361,7 +371,7 @@ pub struct Renewed {
     pub cancel: bool,
 }
 
-/// Appends a job's log lines, up to [`MAX_JOB_LOG_LINES`] per job.
+/// Appends a job's log lines, up to [`max_log_lines`] of its kind.
 pub async fn append_job_logs(
     store: &Store,
     key: &Key,
@@ -372,16 +382,17 @@ pub async fn append_job_logs(
     }
     let stream = log_stream_of(key);
     let have = store.append_logs(&stream, vec![]).await?;
-    if have >= MAX_JOB_LOG_LINES {
+    let max = max_log_lines(key.kind);
+    if have >= max {
         return Ok(());
     }
-    let room = (MAX_JOB_LOG_LINES - have) as usize;
+    let room = (max - have) as usize;
     let mut lines = lines;
     if lines.len() > room {
         lines.truncate(room.saturating_sub(1));
         lines.push(LogLine::now(
             "queue",
-            format!("log limit of {MAX_JOB_LOG_LINES} lines reached; later lines are dropped"),
+            format!("log limit of {max} lines reached; later lines are dropped"),
         ));
     }
     store.append_logs(&stream, lines).await?;
