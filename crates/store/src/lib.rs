@@ -397,6 +397,11 @@ impl Store {
         dispatch!(self, b => b.read_logs(stream, after, limit).await)
     }
 
+    /// The number of a stream's last line (0 for an empty or unknown stream); a read, unlike an empty append.
+    pub async fn last_log_seq(&self, stream: &str) -> Result<u64> {
+        dispatch!(self, b => b.last_log_seq(stream).await)
+    }
+
     /// Deletes a log stream (idempotent).
     pub async fn delete_logs(&self, stream: &str) -> Result<()> {
         dispatch!(self, b => b.delete_logs(stream).await)

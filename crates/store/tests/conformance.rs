@@ -1663,6 +1663,9 @@ async fn log_streams(b: Backend) {
     assert_eq!(after[0].text, "two");
     assert!(s.read_logs("job/a", 3, 100).await.unwrap().is_empty());
     assert!(s.read_logs("job/none", 0, 100).await.unwrap().is_empty());
+    assert_eq!(s.last_log_seq("job/a").await.unwrap(), 3);
+    assert_eq!(s.last_log_seq("job/b").await.unwrap(), 1);
+    assert_eq!(s.last_log_seq("job/none").await.unwrap(), 0);
 
     // Appenders racing on one stream: every line gets its own number, none is lost.
     let mut tasks = Vec::new();

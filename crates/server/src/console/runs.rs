@@ -1,8 +1,6 @@
 //! The console's pipeline run page: the run's trigger, branch and commit, each step's status, and its log,
 //! followed live (Server-Sent Events, resumed by line number) while the run is going.
 
-use std::collections::VecDeque;
-
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use model::Kind;
@@ -43,16 +41,18 @@ pub async fn run_page(
         let run = state.store.get(&key).await?;
         let phase = controllers::jobs::phase(&run);
         let stream = controllers::jobs::log_stream_of(&key);
-        let mut lines = VecDeque::new();
-        let mut after = 0;
+        // Lines are numbered from 1 without gaps: the last LOG_LINES start after this one.
+        let mut after = state
+            .store
+            .last_log_seq(&stream)
+            .await?
+            .saturating_sub(LOG_LINES as u64);
+        let mut lines = Vec::new();
         loop {
             let batch = state.store.read_logs(&stream, after, 1000).await?;
             let Some(last) = batch.last() else { break };
             after = last.seq;
             lines.extend(batch);
-            while lines.len() > LOG_LINES {
-                lines.pop_front();
-            }
         }
         let spec = &run.spec;
         let status = &run.status;

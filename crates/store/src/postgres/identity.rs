@@ -442,6 +442,19 @@ impl Postgres {
         }
     }
 
+    pub async fn last_log_seq(&self, stream: &str) -> Result<u64> {
+        let c = self.pool.get().await?;
+        let last: i64 = c
+            .query_one(
+                "SELECT COALESCE(MAX(seq), 0) FROM kiln_logs WHERE stream = $1",
+                &[&stream],
+            )
+            .await
+            .map_err(pg_err)?
+            .get(0);
+        Ok(last as u64)
+    }
+
     pub async fn read_logs(&self, stream: &str, after: u64, limit: usize) -> Result<Vec<LogLine>> {
         let after = i64::try_from(after).unwrap_or(i64::MAX);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);

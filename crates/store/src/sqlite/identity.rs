@@ -555,6 +555,19 @@ impl Sqlite {
         .await
     }
 
+    pub async fn last_log_seq(&self, stream: &str) -> Result<u64> {
+        let stream = stream.to_string();
+        self.read(move |conn| {
+            let last: i64 = conn.query_row(
+                "SELECT COALESCE(MAX(seq), 0) FROM kiln_logs WHERE stream = ?1",
+                [&stream],
+                |r| r.get(0),
+            )?;
+            Ok(last as u64)
+        })
+        .await
+    }
+
     pub async fn delete_logs(&self, stream: &str) -> Result<()> {
         let stream = stream.to_string();
         self.write(move |ctx| {
