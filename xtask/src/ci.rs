@@ -262,10 +262,7 @@ spec:
                 "after": head, "repository": {"name": "src"}, "commits": [],
             })
             .to_string();
-            let sig: String = ci::hooks::hmac_sha256(b"bench-secret", body.as_bytes())
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect();
+            let sig = ci::hooks::hex(&ci::hooks::hmac_sha256(b"bench-secret", body.as_bytes()));
             let t0 = now_secs();
             let resp = api
                 .http

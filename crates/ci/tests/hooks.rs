@@ -1,16 +1,12 @@
 //! Webhook verification and parsing against payloads in the Git hosts' and the registry's documented formats
 //! (`tests/payloads/`).
 
-use ci::hooks::{self, GitPush, HookError, Parsed};
+use ci::hooks::{self, hex, GitPush, HookError, Parsed};
 use model::kinds::{Event, GitProvider};
 
 fn payload(name: &str) -> Vec<u8> {
     let path = format!("{}/tests/payloads/{name}.json", env!("CARGO_MANIFEST_DIR"));
     std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn header<'a>(name: &'static str, value: &'a str) -> impl Fn(&str) -> Option<&'a str> {

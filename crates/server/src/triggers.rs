@@ -18,7 +18,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use ci::hooks::{self, HookError, Parsed};
+use ci::hooks::{self, hex, HookError, Parsed};
 use controllers::schedule::Plan;
 use model::kinds::{glob_match, Event, PipelineSpec, RunTrigger, Trigger};
 use model::{Kind, Resource};
@@ -187,10 +187,6 @@ fn delivery_claim(org: &str, pipeline: &str, trigger: &str, id: &str) -> String 
         hex(&Sha256::digest(id.as_bytes()))
     };
     format!("delivery/{org}/{pipeline}/{trigger}/{id}")
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Whether this delivery may start a run: claims its id. `Err(run)`: it was claimed before, by the run named

@@ -19,10 +19,6 @@ fn payload(name: &str) -> Value {
     serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// A bare repository `shop.git` and a clone of it to push from; answers (bare path, clone path).
 fn repository(root: &Path) -> (String, std::path::PathBuf) {
     let work = root.join("work");
@@ -96,7 +92,7 @@ fn deliver(s: &Server, trigger: &str, headers: &[(&str, &str)], body: &[u8]) -> 
 }
 
 fn sign(secret: &str, body: &[u8]) -> String {
-    hex(&ci::hooks::hmac_sha256(secret.as_bytes(), body))
+    ci::hooks::hex(&ci::hooks::hmac_sha256(secret.as_bytes(), body))
 }
 
 #[test]
