@@ -19,18 +19,13 @@ fn payload(name: &str) -> Value {
     serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
 }
 
-/// A bare repository `shop.git` and a clone of it to push from; answers (bare path, clone path).
+/// The pipeline tests' bare repository (`version` at 2 on `main`), with the working copy it was made from set
+/// up to push to it; answers (bare path, working copy).
 fn repository(root: &Path) -> (String, std::path::PathBuf) {
+    let (bare, _) = crate::pipelines::repository(root);
     let work = root.join("work");
-    std::fs::create_dir_all(&work).unwrap();
-    git(&work, &["init", "--quiet", "--initial-branch=main"]);
-    std::fs::write(work.join("version"), "1\n").unwrap();
-    git(&work, &["add", "version"]);
-    git(&work, &["commit", "--quiet", "-m", "one"]);
-    git(root, &["clone", "--quiet", "--bare", "work", "shop.git"]);
-    let bare = root.join("shop.git");
-    git(&work, &["remote", "add", "origin", bare.to_str().unwrap()]);
-    (bare.display().to_string(), work)
+    git(&work, &["remote", "add", "origin", &bare]);
+    (bare, work)
 }
 
 /// Commits a change to `file` on the clone's current branch and pushes it; answers the new commit.
@@ -161,7 +156,7 @@ spec:
         runs_of(&s, "polled").is_empty(),
         "the baseline started a run"
     );
-    let pushed = push_change(&work, "version", "2\n", "main");
+    let pushed = push_change(&work, "version", "3\n", "main");
     let deadline = Instant::now() + Duration::from_secs(30);
     while runs_of(&s, "polled").is_empty() {
         assert!(Instant::now() < deadline, "the push started no run");
@@ -173,7 +168,7 @@ spec:
     assert_eq!(run["status"]["commit"], pushed.as_str());
     assert_eq!(run["status"]["steps"][1]["phase"], "Skipped", "{run}");
     let log = ok(s.kiln(&["pipeline", "logs", "polled/1"]));
-    assert!(log.contains("[build] push main 2"), "{log}");
+    assert!(log.contains("[build] push main 3"), "{log}");
     // A push to a branch the trigger does not watch starts nothing; one that changes docs runs that step.
     push_change(&work, "notes.txt", "x", "feature");
     let docs = push_change(&work, "docs/index.md", "# docs", "main");
@@ -183,7 +178,7 @@ spec:
         std::thread::sleep(Duration::from_millis(100));
     }
     let run = ended(&s, "polled-2");
-    assert_eq!(run["status"]["commit"], docs.as_str());
+    assert_eq!(run["status"]["commit"], docs.as_str(), "{run}");
     assert_eq!(run["status"]["steps"][1]["phase"], "Succeeded", "{run}");
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(
