@@ -3,6 +3,8 @@
 //!
 //! - the overhead of a host-process step running `true` (the step's start to its end, as the run's status
 //!   records it), beside `sh -e -c true` spawned directly (the same work without Kiln);
+//! - the overhead of a container step running `true` in an image built `FROM scratch` with a static busybox,
+//!   beside `docker run --rm <image> true` (the same container without Kiln);
 //! - trigger → first step started: a signed GitHub push delivered to the webhook, to the step's `startedAt`,
 //!   with an idle runner (it includes the `git clone` of the source);
 //! - log ingest: a step printing 1,000,000 lines, from its start to the run's end (every line stored);
@@ -20,6 +22,7 @@ use crate::server::{Backend, Env};
 use crate::workspaces::Row;
 
 const RUNS: usize = 15;
+const CONTAINER_RUNS: usize = 10;
 const INGEST_LINES: u64 = 1_000_000;
 const VIEWERS: usize = 100;
 const VIEWER_LINES: u64 = 200_000;
@@ -212,6 +215,29 @@ spec:
         bail!("kiln apply: {}", String::from_utf8_lossy(&out.stderr));
     }
 
+    // A container step needs an image on the Engine; without one the row says why.
+    let busybox = testsvc::busybox_image();
+    if let Ok(image) = &busybox {
+        let boxed = format!(
+            "apiVersion: kiln.dev/v1\nkind: Pipeline\nmetadata: {{name: boxed}}\nspec:\n  source: {{repository: \"{}\"}}\n  \
+             steps: [{{name: t, image: \"{}\", commands: [\"true\"]}}]\n",
+            repo.display(),
+            image.tag
+        );
+        let file = scratch.join("boxed.yaml");
+        std::fs::write(&file, boxed)?;
+        let out = Command::new(&env.kiln)
+            .args(["apply", "-f", file.to_str().unwrap_or("")])
+            .env("KILN_URL", server.url())
+            .env("KILN_TOKEN", &token)
+            .env("KILN_CONFIG", scratch.join("cli.json"))
+            .env_remove("KILN_ORG")
+            .output()?;
+        if !out.status.success() {
+            bail!("kiln apply: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+
     let rt = tokio::runtime::Runtime::new()?;
     let api = Api {
         http: reqwest::Client::new(),
@@ -253,6 +279,49 @@ spec:
             "",
             None,
         ));
+
+        // A container step, beside the same container run directly.
+        match &busybox {
+            Ok(image) => {
+                let mut direct = Vec::new();
+                for _ in 0..CONTAINER_RUNS {
+                    let t = Instant::now();
+                    let st = Command::new("docker")
+                        .args(["run", "--rm", "--network", "none", &image.tag, "true"])
+                        .status()?;
+                    if !st.success() {
+                        bail!("docker run {} true failed", image.tag);
+                    }
+                    direct.push(t.elapsed().as_secs_f64() * 1000.0);
+                }
+                let mut step = Vec::new();
+                for _ in 0..CONTAINER_RUNS {
+                    let name = api.start("boxed").await?;
+                    let r = api.finished(&name).await?;
+                    if r["status"]["phase"] != "Succeeded" {
+                        bail!("run {name} of the container step did not succeed: {r}");
+                    }
+                    let (a, b) = (step_secs(&r, "startedAt"), step_secs(&r, "finishedAt"));
+                    step.push((b.unwrap_or(0.0) - a.unwrap_or(0.0)) * 1000.0);
+                }
+                let (step, direct) = (p50(step), p50(direct));
+                rows.push(row(
+                    "container step `true` (image FROM scratch + busybox): start → end, p50",
+                    format!(
+                        "{step:.0} ms ({:.2}× `docker run --rm` direct, {direct:.0} ms)",
+                        step / direct
+                    ),
+                    "< 1 s",
+                    Some(step < 1000.0),
+                ));
+            }
+            Err(e) => rows.push(row(
+                "container step `true`",
+                format!("not measured: {e}"),
+                "< 1 s",
+                None,
+            )),
+        }
 
         // Trigger → first step started, with an idle runner.
         let mut starts = Vec::new();

@@ -14,7 +14,9 @@
 //! The caller (the server's built-in runner, or a `kiln runner`) holds the run under a lease and carries what
 //! this reports: log lines and step status to the queue.
 
+pub mod container;
 pub mod hooks;
+pub mod worker;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -22,7 +24,10 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use model::kinds::{glob_match, parse_duration, Failure, PipelineRunSpec, StatusCondition, Step};
+use model::kinds::{
+    expand_steps, glob_match, parse_duration, Failure, PipelineRunSpec, StatusCondition, Step,
+    StepApproval,
+};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
@@ -35,6 +40,48 @@ pub const STOP_GRACE: Duration = Duration::from_secs(5);
 pub const MASK: &str = "********";
 /// The longest log line kept; the rest of a longer one is cut.
 const MAX_LINE: usize = 16 * 1024;
+/// The most bytes of a step's outputs file read.
+const MAX_OUTPUTS: u64 = 64 * 1024;
+
+/// What a runner offers the runs it executes.
+#[derive(Debug, Clone)]
+pub struct Runner {
+    /// Its name (in logs, and on the Docker objects it makes).
+    pub name: String,
+    /// Steps run at once within one run.
+    pub capacity: usize,
+    /// Where step caches are kept (none: `cache` is not restored or saved, with a line saying so).
+    pub cache_dir: Option<PathBuf>,
+    /// Its Docker Engine, for container steps and services.
+    pub docker: Option<container::Docker>,
+}
+
+/// What a runner learns about a run while it runs it.
+#[derive(Debug, Clone)]
+pub struct Signals {
+    /// Turns true when the run is canceled.
+    pub cancel: watch::Receiver<bool>,
+    /// The approvals given so far.
+    pub approvals: watch::Receiver<Vec<StepApproval>>,
+}
+
+impl Signals {
+    /// Signals that never change: neither canceled nor approved.
+    pub fn none() -> (
+        Signals,
+        watch::Sender<bool>,
+        watch::Sender<Vec<StepApproval>>,
+    ) {
+        let (cancel_tx, cancel) = watch::channel(false);
+        let (approvals_tx, approvals) = watch::channel(Vec::new());
+        (Signals { cancel, approvals }, cancel_tx, approvals_tx)
+    }
+}
+
+/// Whether a run needs a Docker Engine (a container step or a service).
+pub fn needs_docker(spec: &model::kinds::PipelineSpec) -> bool {
+    !spec.services.is_empty() || spec.steps.iter().any(|s| s.image.is_some())
+}
 
 /// A run as a runner receives it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -52,6 +99,10 @@ pub struct RunJob {
     /// under the run's directory, outside the checkout, and the variable holds its path.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub secret_files: BTreeMap<String, BTreeMap<String, String>>,
+    /// Attempts of steps already made by a runner that lost the run mid-step (they count against the steps'
+    /// retry policies).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attempts_used: BTreeMap<String, u32>,
 }
 
 /// A step's phase.
@@ -64,6 +115,8 @@ pub enum StepPhase {
     Failed,
     /// Not run: its `when` did not hold, or the run was canceled first.
     Skipped,
+    /// An approval step waiting for its approval.
+    Waiting,
     /// Stopped by the run's cancellation.
     Canceled,
 }
@@ -71,7 +124,10 @@ pub enum StepPhase {
 impl StepPhase {
     /// Whether the step is over.
     pub fn is_final(self) -> bool {
-        !matches!(self, StepPhase::Pending | StepPhase::Running)
+        !matches!(
+            self,
+            StepPhase::Pending | StepPhase::Running | StepPhase::Waiting
+        )
     }
 }
 
@@ -100,6 +156,9 @@ pub struct StepStatus {
     /// It failed, but with `failure: ignore`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub ignored: bool,
+    /// Who approved (or rejected) an approval step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approved_by: Option<String>,
 }
 
 impl StepStatus {
@@ -114,6 +173,7 @@ impl StepStatus {
             duration_ms: None,
             reason: None,
             ignored: false,
+            approved_by: None,
         }
     }
 
@@ -128,7 +188,8 @@ impl StepStatus {
 }
 
 /// How a run ended.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct RunEnd {
     /// The phase: `Succeeded`, `Failed` or `Canceled`.
     pub outcome: Outcome,
@@ -136,7 +197,11 @@ pub struct RunEnd {
     pub error: Option<String>,
     /// The commit checked out, once known.
     pub commit: Option<String>,
+    #[serde(default)]
     pub steps: Vec<StepStatus>,
+    /// What the steps wrote to `$KILN_OUTPUT` (`NAME=value` lines; a later step's value wins).
+    #[serde(default)]
+    pub outputs: BTreeMap<String, String>,
 }
 
 /// A run's outcome.
@@ -153,19 +218,36 @@ pub trait Report: Send + Sync {
     fn line(&self, source: &str, text: String);
     /// The steps' status changed (and the commit, once checked out).
     fn steps(&self, steps: &[StepStatus], commit: Option<&str>) -> impl Future<Output = ()> + Send;
+    /// Saves `file` as the run's artifact `path` (relative to the checkout), for `step`.
+    fn artifact(
+        &self,
+        step: &str,
+        path: &str,
+        file: &Path,
+    ) -> impl Future<Output = Result<(), String>> + Send;
 }
 
-/// Runs `job` in `dir` (created; it should not exist), at most `capacity` steps at once, until it ends or
-/// `cancel` turns true.
+/// Runs `job` in `dir` (created; it should not exist) on `runner`, until it ends or is canceled.
 pub async fn execute<R: Report>(
     job: &RunJob,
     dir: &Path,
-    capacity: usize,
+    runner: &Runner,
     report: &R,
-    mut cancel: watch::Receiver<bool>,
+    signals: Signals,
 ) -> RunEnd {
+    let Signals {
+        mut cancel,
+        mut approvals,
+    } = signals;
     let spec = &job.spec;
-    let steps = &spec.snapshot.steps;
+    // A step of a matrix is known by its own name; its secrets by the name of the step it expands.
+    let origin: Vec<String> = spec
+        .snapshot
+        .steps
+        .iter()
+        .flat_map(|s| std::iter::repeat_n(s.name.clone(), s.expansions().max(1)))
+        .collect();
+    let steps = &expand_steps(&spec.snapshot.steps);
     let mut status: Vec<StepStatus> = steps.iter().map(|s| StepStatus::pending(&s.name)).collect();
     let masker = Masker::new(
         job.secrets
@@ -173,6 +255,28 @@ pub async fn execute<R: Report>(
             .chain(job.secret_files.values())
             .flat_map(|m| m.values().cloned()),
     );
+    let end = |status: Vec<StepStatus>, outcome, error, commit| RunEnd {
+        outcome,
+        error,
+        commit,
+        steps: status,
+        outputs: BTreeMap::new(),
+    };
+    let skip_all = |status: &mut Vec<StepStatus>, why: &str| {
+        for s in status.iter_mut() {
+            s.phase = StepPhase::Skipped;
+            s.reason = Some(why.to_string());
+        }
+    };
+    if needs_docker(&spec.snapshot) && runner.docker.is_none() {
+        skip_all(&mut status, "the runner has no Docker Engine");
+        report.steps(&status, None).await;
+        let error = format!(
+            "runner {} has no Docker Engine, and the pipeline has container steps or services",
+            runner.name
+        );
+        return end(status, Outcome::Failed, Some(error), None);
+    }
     let src = dir.join("src");
     let checkout = tokio::select! {
         r = checkout(spec, &src, report, &masker) => r,
@@ -182,28 +286,14 @@ pub async fn execute<R: Report>(
         Ok(c) => c,
         Err(e) => {
             let canceled = *cancel.borrow();
-            for s in &mut status {
-                s.phase = StepPhase::Skipped;
-                s.reason = Some(
-                    if canceled {
-                        "the run was canceled"
-                    } else {
-                        "the checkout failed"
-                    }
-                    .into(),
-                );
-            }
-            report.steps(&status, None).await;
-            return RunEnd {
-                outcome: if canceled {
-                    Outcome::Canceled
-                } else {
-                    Outcome::Failed
-                },
-                error: Some(e),
-                commit: None,
-                steps: status,
+            let (why, outcome) = if canceled {
+                ("the run was canceled", Outcome::Canceled)
+            } else {
+                ("the checkout failed", Outcome::Failed)
             };
+            skip_all(&mut status, why);
+            report.steps(&status, None).await;
+            return end(status, outcome, Some(e), None);
         }
     };
     report.steps(&status, Some(&commit)).await;
@@ -216,18 +306,52 @@ pub async fn execute<R: Report>(
         None
     };
 
-    let base_env = base_env(job, &commit);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(usize, StepStatus)>();
     let (line_tx, mut line_rx) = mpsc::unbounded_channel::<(String, String)>();
+    let mut base_env = base_env(job, &commit);
+    let outputs_dir = dir.join("outputs");
+    if let Err(e) = tokio::fs::create_dir_all(&outputs_dir).await {
+        skip_all(&mut status, "the run's directory could not be made");
+        report.steps(&status, Some(&commit)).await;
+        let error = format!("creating {}: {e}", outputs_dir.display());
+        return end(status, Outcome::Failed, Some(error), Some(commit));
+    }
+    // The run's network and services, for container steps and services.
+    let mut network = None;
+    if let (true, Some(docker)) = (needs_docker(&spec.snapshot), &runner.docker) {
+        let made = start_services(job, runner, docker, &masker, &line_tx, report).await;
+        while let Ok((source, text)) = line_rx.try_recv() {
+            report.line(&source, text);
+        }
+        match made {
+            Ok((net, hosts)) => {
+                base_env.extend(hosts);
+                network = Some(net);
+            }
+            Err((net, e)) => {
+                if let Some(net) = net {
+                    net.remove().await;
+                }
+                skip_all(&mut status, "the run's services did not start");
+                report.steps(&status, Some(&commit)).await;
+                return end(status, Outcome::Failed, Some(e), Some(commit));
+            }
+        }
+    }
+    let step_network = network.as_ref().map(container::RunNetwork::for_steps);
+    let mut outputs = BTreeMap::new();
     let mut running = JoinSet::new();
     let mut active = 0usize;
+    // Approval steps waiting, with when they give up.
+    let mut waiting: BTreeMap<usize, tokio::time::Instant> = BTreeMap::new();
     let mut canceled = false;
+    let mut approvals_closed = false;
     loop {
         // Start what is ready, skip what will not run.
         let mut changed = false;
         if !canceled {
             for i in 0..steps.len() {
-                if status[i].phase != StepPhase::Pending || active >= capacity.max(1) {
+                if status[i].phase != StepPhase::Pending || active >= runner.capacity.max(1) {
                     continue;
                 }
                 let step = &steps[i];
@@ -245,29 +369,66 @@ pub async fn execute<R: Report>(
                     changed = true;
                     continue;
                 }
-                status[i].phase = StepPhase::Running;
                 status[i].started_at = Some(jiff::Timestamp::now().to_string());
                 changed = true;
+                if let Some(approval) = &step.approval {
+                    status[i].phase = StepPhase::Waiting;
+                    status[i].reason = Some(if approval.message.is_empty() {
+                        "waiting for approval".to_string()
+                    } else {
+                        format!("waiting for approval: {}", approval.message)
+                    });
+                    report.line(
+                        &step.name,
+                        format!(
+                            "waiting for approval (kiln approve run {}/{} --step {:?})",
+                            spec.pipeline, spec.number, step.name
+                        ),
+                    );
+                    let limit = Duration::from_secs(parse_duration(&step.timeout).unwrap_or(3600));
+                    waiting.insert(i, tokio::time::Instant::now() + limit);
+                    continue;
+                }
+                status[i].phase = StepPhase::Running;
+                let used = job.attempts_used.get(&step.name).copied().unwrap_or(0);
+                if used > 0 {
+                    report.line(
+                        &step.name,
+                        format!("{used} attempt(s) were made by a runner that lost the run; the step runs again"),
+                    );
+                }
+                // The step's task counts its attempts from those made before; what is reported now counts the
+                // one starting (so that a runner lost meanwhile leaves the attempts it made on record).
+                let mut start = status[i].clone();
+                start.attempts = used;
+                status[i].attempts = used + 1;
                 active += 1;
                 let mut env = base_env.clone();
                 env.push(("KILN_STEP".into(), step.name.clone()));
                 env.extend(step.environment.iter().map(|(k, v)| (k.clone(), v.clone())));
-                if let Some(sec) = job.secrets.get(&step.name) {
+                if let Some(sec) = job.secrets.get(&origin[i]) {
                     env.extend(sec.iter().map(|(k, v)| (k.clone(), v.clone())));
                 }
                 let files = job
                     .secret_files
-                    .get(&step.name)
-                    .map(|f| (dir.join("secrets").join(&step.name), f.clone()));
+                    .get(&origin[i])
+                    .map(|f| (dir.join("secrets").join(&origin[i]), f.clone()));
                 let ctx = StepCtx {
+                    index: i,
                     step: step.clone(),
                     env,
                     dir: src.clone(),
+                    outputs: outputs_dir.clone(),
                     masker: masker.clone(),
                     cancel: cancel.clone(),
-                    status: status[i].clone(),
+                    status: start,
                     lines: line_tx.clone(),
                     files,
+                    network: step_network.clone(),
+                    cache: runner
+                        .cache_dir
+                        .as_ref()
+                        .map(|d| d.join(&job.organization).join(&spec.pipeline)),
                 };
                 let tx = done_tx.clone();
                 running.spawn(async move {
@@ -276,22 +437,56 @@ pub async fn execute<R: Report>(
                 });
             }
         }
+        // Approvals given before (or while) steps became ready.
+        let given = approvals.borrow_and_update().clone();
+        if decide_approvals(&mut status, &mut waiting, &given, report) {
+            report.steps(&status, Some(&commit)).await;
+            continue;
+        }
         if changed {
             report.steps(&status, Some(&commit)).await;
         }
-        if active == 0 {
+        if active == 0 && waiting.is_empty() {
             break;
         }
+        let next_deadline = waiting.values().min().copied();
         tokio::select! {
             biased;
             Some((source, text)) = line_rx.recv() => report.line(&source, text),
-            Some((i, st)) = done_rx.recv() => {
+            Some((i, mut st)) = done_rx.recv() => {
                 // The step's last lines were sent before its end.
                 while let Ok((source, text)) = line_rx.try_recv() {
                     report.line(&source, text);
                 }
                 active -= 1;
+                if st.phase == StepPhase::Succeeded {
+                    read_outputs(&outputs_dir.join(i.to_string()), &steps[i].name, &masker, &mut outputs, report).await;
+                    if let Err(e) = save_artifacts(&steps[i], &src, report).await {
+                        st.phase = StepPhase::Failed;
+                        st.ignored = steps[i].failure == Failure::Ignore;
+                        st.reason = Some(e);
+                    }
+                }
                 status[i] = st;
+                report.steps(&status, Some(&commit)).await;
+            }
+            r = approvals.changed(), if !waiting.is_empty() && !approvals_closed => {
+                // A closed channel: no approval comes any more; the waits run out.
+                approvals_closed = r.is_err();
+            }
+            () = async {
+                if let Some(d) = next_deadline { tokio::time::sleep_until(d).await }
+            }, if next_deadline.is_some() => {
+                let now = tokio::time::Instant::now();
+                let late: Vec<usize> = waiting.iter().filter(|(_, d)| **d <= now).map(|(i, _)| *i).collect();
+                for i in late {
+                    waiting.remove(&i);
+                    let st = &mut status[i];
+                    st.phase = StepPhase::Failed;
+                    st.ignored = steps[i].failure == Failure::Ignore;
+                    st.reason = Some(format!("no approval within {}", steps[i].timeout));
+                    st.finished_at = Some(jiff::Timestamp::now().to_string());
+                }
                 report.steps(&status, Some(&commit)).await;
             }
             () = cancellation(&mut cancel), if !canceled => {
@@ -299,20 +494,27 @@ pub async fn execute<R: Report>(
                 report.line("runner", "the run was canceled; stopping its steps".into());
             }
         }
+        if canceled && !waiting.is_empty() {
+            for (i, _) in std::mem::take(&mut waiting) {
+                status[i].phase = StepPhase::Canceled;
+                status[i].reason = Some("the run was canceled".into());
+            }
+        }
     }
     while running.join_next().await.is_some() {}
+    if let Some(net) = network {
+        net.remove().await;
+    }
+    while let Ok((source, text)) = line_rx.try_recv() {
+        report.line(&source, text);
+    }
     if canceled || *cancel.borrow() {
         for s in status.iter_mut().filter(|s| s.phase == StepPhase::Pending) {
             s.phase = StepPhase::Skipped;
             s.reason = Some("the run was canceled".into());
         }
         report.steps(&status, Some(&commit)).await;
-        return RunEnd {
-            outcome: Outcome::Canceled,
-            error: None,
-            commit: Some(commit),
-            steps: status,
-        };
+        return end(status, Outcome::Canceled, None, Some(commit));
     }
     let failed: Vec<&StepStatus> = status
         .iter()
@@ -325,16 +527,186 @@ pub async fn execute<R: Report>(
             s.reason.as_deref().unwrap_or("it failed")
         )
     });
-    RunEnd {
-        outcome: if failed.is_empty() {
-            Outcome::Succeeded
+    let outcome = if failed.is_empty() {
+        Outcome::Succeeded
+    } else {
+        Outcome::Failed
+    };
+    let mut run_end = end(status, outcome, error, Some(commit));
+    run_end.outputs = outputs;
+    run_end
+}
+
+/// Settles the waiting approval steps that `given` approves or rejects; answers whether any changed.
+fn decide_approvals<R: Report>(
+    status: &mut [StepStatus],
+    waiting: &mut BTreeMap<usize, tokio::time::Instant>,
+    given: &[StepApproval],
+    report: &R,
+) -> bool {
+    let mut any = false;
+    for i in waiting.keys().copied().collect::<Vec<_>>() {
+        let Some(a) = given.iter().find(|a| a.step == status[i].name) else {
+            continue;
+        };
+        waiting.remove(&i);
+        any = true;
+        let st = &mut status[i];
+        st.approved_by = Some(a.by.clone());
+        st.finished_at = Some(jiff::Timestamp::now().to_string());
+        if a.rejected {
+            st.phase = StepPhase::Failed;
+            st.reason = Some(format!("rejected by {}", a.by));
+            report.line(&st.name, format!("rejected by {}", a.by));
         } else {
-            Outcome::Failed
-        },
-        error,
-        commit: Some(commit),
-        steps: status,
+            st.phase = StepPhase::Succeeded;
+            st.reason = None;
+            report.line(&st.name, format!("approved by {}", a.by));
+        }
     }
+    any
+}
+
+/// Makes the run's network and starts its services; answers the network and the services' `<NAME>_HOST`
+/// variables (their addresses, for host steps).
+async fn start_services<R: Report>(
+    job: &RunJob,
+    runner: &Runner,
+    docker: &container::Docker,
+    masker: &Masker,
+    lines: &mpsc::UnboundedSender<(String, String)>,
+    report: &R,
+) -> Result<(container::RunNetwork, Vec<(String, String)>), (Option<container::RunNetwork>, String)>
+{
+    let mut net = container::RunNetwork::create(
+        docker,
+        &runner.name,
+        &job.organization,
+        &job.name,
+        job.epoch,
+    )
+    .await
+    .map_err(|e| (None, e))?;
+    let mut hosts = Vec::new();
+    for svc in &job.spec.snapshot.services {
+        report.line(
+            "runner",
+            format!("starting service {} ({})", svc.name, svc.image),
+        );
+        match net.start_service(svc, masker, lines).await {
+            Ok(ip) => hosts.push((service_host_var(&svc.name), ip)),
+            Err(e) => return Err((Some(net), e)),
+        }
+    }
+    Ok((net, hosts))
+}
+
+/// The variable that holds a service's address: `db` → `DB_HOST`, `redis-cache` → `REDIS_CACHE_HOST`.
+pub fn service_host_var(name: &str) -> String {
+    format!("{}_HOST", name.to_ascii_uppercase().replace('-', "_"))
+}
+
+/// Adds the `NAME=value` lines of a step's outputs file to `outputs`.
+async fn read_outputs<R: Report>(
+    file: &Path,
+    step: &str,
+    masker: &Masker,
+    outputs: &mut BTreeMap<String, String>,
+    report: &R,
+) {
+    use tokio::io::AsyncReadExt as _;
+    let Ok(f) = tokio::fs::File::open(file).await else {
+        return;
+    };
+    let mut text = String::new();
+    if f.take(MAX_OUTPUTS).read_to_string(&mut text).await.is_err() {
+        report.line(
+            step,
+            "$KILN_OUTPUT is not UTF-8 text; its outputs are ignored".into(),
+        );
+        return;
+    }
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let ok = line.split_once('=').filter(|(k, _)| {
+            !k.is_empty()
+                && !k.starts_with(|c: char| c.is_ascii_digit())
+                && k.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        });
+        match ok {
+            Some((k, v)) => {
+                report.line(step, format!("output {k}={}", masker.mask(v)));
+                outputs.insert(k.to_string(), v.to_string());
+            }
+            None => report.line(
+                step,
+                format!(
+                    "$KILN_OUTPUT: {:?} is not NAME=value; ignored",
+                    masker.mask(line)
+                ),
+            ),
+        }
+    }
+}
+
+/// Saves a succeeded step's artifacts (every file under each path); a path that does not exist fails the step.
+async fn save_artifacts<R: Report>(step: &Step, src: &Path, report: &R) -> Result<(), String> {
+    for path in &step.artifacts {
+        let root = src.join(path);
+        let meta = tokio::fs::symlink_metadata(&root)
+            .await
+            .map_err(|_| format!("artifact {path} does not exist after the step"))?;
+        let files = if meta.is_dir() {
+            let root2 = root.clone();
+            tokio::task::spawn_blocking(move || files_under(&root2))
+                .await
+                .map_err(|e| e.to_string())?
+        } else if meta.is_file() {
+            vec![root.clone()]
+        } else {
+            return Err(format!("artifact {path} is neither a file nor a directory"));
+        };
+        for f in &files {
+            let rel = f
+                .strip_prefix(src)
+                .map_err(|_| format!("artifact {} is outside the checkout", f.display()))?
+                .to_string_lossy()
+                .into_owned();
+            report
+                .artifact(&step.name, &rel, f)
+                .await
+                .map_err(|e| format!("saving artifact {rel}: {e}"))?;
+        }
+        report.line(
+            &step.name,
+            format!(
+                "artifact {path} saved ({} file{})",
+                files.len(),
+                if files.len() == 1 { "" } else { "s" }
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// The regular files under `dir` (symbolic links are not followed), sorted.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => todo.push(e.path()),
+                Ok(t) if t.is_file() => out.push(e.path()),
+                _ => {}
+            }
+        }
+    }
+    out.sort();
+    out
 }
 
 /// Writes a step's secret files (mode 0600, in a directory only the runner's user can enter); answers the
@@ -607,15 +979,24 @@ async fn git<R: Report>(
 
 /// What a step task needs.
 struct StepCtx {
+    /// The step's place in the run (its outputs file and container names use it).
+    index: usize,
     step: Step,
     env: Vec<(String, String)>,
+    /// The checkout.
     dir: PathBuf,
+    /// The run's outputs directory.
+    outputs: PathBuf,
     masker: Masker,
     cancel: watch::Receiver<bool>,
     status: StepStatus,
     lines: mpsc::UnboundedSender<(String, String)>,
     /// Secret files to write before the first attempt: their directory, and variable → value.
     files: Option<(PathBuf, BTreeMap<String, String>)>,
+    /// The run's network, for a container step.
+    network: Option<container::StepNetwork>,
+    /// The pipeline's cache directory on this runner.
+    cache: Option<PathBuf>,
 }
 
 /// Runs a step's attempts; answers its final status.
@@ -628,8 +1009,30 @@ async fn run_step(mut ctx: StepCtx) -> StepStatus {
         let _ = ctx.lines.send((name.clone(), text));
     };
     let mut st = ctx.status.clone();
+    let outputs_file = ctx.outputs.join(ctx.index.to_string());
+    let mut secrets_dir = None;
+    if ctx.step.image.is_some() {
+        let inside = format!("{}/{}", container::OUTPUTS, ctx.index);
+        ctx.env.push(("KILN_OUTPUT".into(), inside));
+        ctx.env
+            .push(("KILN_WORKSPACE".into(), container::SRC.into()));
+    } else {
+        let host = outputs_file.to_string_lossy().into_owned();
+        ctx.env.push(("KILN_OUTPUT".into(), host));
+        let ws = ctx.dir.to_string_lossy().into_owned();
+        ctx.env.push(("KILN_WORKSPACE".into(), ws));
+    }
     if let Some((dir, files)) = ctx.files.take() {
         match write_secret_files(&dir, &files) {
+            Ok(paths) if ctx.step.image.is_some() => {
+                // In the container, the directory is mounted at SECRETS.
+                ctx.env.extend(
+                    paths
+                        .into_iter()
+                        .map(|(k, _)| (k.clone(), format!("{}/{k}", container::SECRETS))),
+                );
+                secrets_dir = Some(dir);
+            }
             Ok(paths) => ctx.env.extend(paths),
             Err(e) => {
                 st.phase = StepPhase::Failed;
@@ -640,14 +1043,51 @@ async fn run_step(mut ctx: StepCtx) -> StepStatus {
             }
         }
     }
+    let cache_key = match (&ctx.step.cache, &ctx.cache) {
+        (Some(c), Some(root)) => {
+            let key = cache_key(&ctx.step.name, c, &ctx.dir).await;
+            say(restore_cache(c, &root.join(&key), &ctx.dir, &key).await);
+            Some(key)
+        }
+        (Some(_), None) => {
+            say("cache: this runner keeps no caches (no cache directory); nothing restored".into());
+            None
+        }
+        _ => None,
+    };
     loop {
         st.attempts += 1;
-        let attempt = attempt(&ctx, timeout).await;
+        // Each attempt starts with an empty outputs file.
+        let _ = tokio::fs::write(&outputs_file, b"").await;
+        let attempt = match (&ctx.network, &ctx.step.image) {
+            (Some(net), Some(image)) => {
+                container_attempt(
+                    &ctx,
+                    net,
+                    image,
+                    st.attempts,
+                    secrets_dir.as_deref(),
+                    timeout,
+                )
+                .await
+            }
+            (None, Some(image)) => Attempt {
+                end: AttemptEnd::Failed(format!(
+                    "step runs in image {image}, and the run has no container network"
+                )),
+                code: None,
+            },
+            _ => attempt(&ctx, timeout).await,
+        };
         st.exit_code = attempt.code;
         match attempt.end {
             AttemptEnd::Succeeded => {
                 st.phase = StepPhase::Succeeded;
                 st.reason = None;
+                if let (Some(c), Some(root), Some(key)) = (&ctx.step.cache, &ctx.cache, &cache_key)
+                {
+                    say(save_cache(c, root, key, &ctx.dir).await);
+                }
                 break;
             }
             AttemptEnd::Canceled => {
@@ -700,6 +1140,152 @@ enum AttemptEnd {
 struct Attempt {
     end: AttemptEnd,
     code: Option<i32>,
+}
+
+/// One attempt of a container step.
+async fn container_attempt(
+    ctx: &StepCtx,
+    net: &container::StepNetwork,
+    image: &str,
+    attempt: u32,
+    secrets: Option<&Path>,
+    timeout: Duration,
+) -> Attempt {
+    let run = container::ContainerAttempt {
+        network: net,
+        name: net.container_name(ctx.index, attempt),
+        image,
+        script: script(&ctx.step.commands),
+        env: ctx.env.clone(),
+        src: &ctx.dir,
+        outputs: &ctx.outputs,
+        secrets,
+        source: ctx.step.name.clone(),
+        masker: &ctx.masker,
+        lines: &ctx.lines,
+    };
+    match run.run(timeout, ctx.cancel.clone()).await {
+        container::ContainerEnd::Exited(0) => Attempt {
+            end: AttemptEnd::Succeeded,
+            code: Some(0),
+        },
+        container::ContainerEnd::Exited(c) => Attempt {
+            end: AttemptEnd::Failed(format!("exit code {c}")),
+            code: Some(c),
+        },
+        container::ContainerEnd::TimedOut => Attempt {
+            end: AttemptEnd::Failed(format!("timed out after {}", ctx.step.timeout)),
+            code: None,
+        },
+        container::ContainerEnd::Canceled => Attempt {
+            end: AttemptEnd::Canceled,
+            code: None,
+        },
+        container::ContainerEnd::Error(e) => Attempt {
+            end: AttemptEnd::Failed(e),
+            code: None,
+        },
+    }
+}
+
+/// A cache's key: its prefix (default: the step's name, made safe for a file name) and a hash of its files'
+/// names and contents (a missing file counts as such).
+async fn cache_key(step: &str, cache: &model::kinds::Cache, src: &Path) -> String {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    for f in &cache.files {
+        h.update(f.as_bytes());
+        h.update([0]);
+        match tokio::fs::read(src.join(f)).await {
+            Ok(bytes) => {
+                h.update((bytes.len() as u64).to_le_bytes());
+                h.update(&bytes);
+            }
+            Err(_) => h.update(b"\xffmissing"),
+        }
+    }
+    let prefix = cache.prefix.clone().unwrap_or_else(|| {
+        step.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    });
+    format!("{prefix}-{}", &hooks::hex(&h.finalize())[..16])
+}
+
+/// Copies `from`'s contents into `to` (made if missing) with `cp -a`.
+async fn copy_tree(from: &Path, to: &Path) -> Result<(), String> {
+    tokio::fs::create_dir_all(to)
+        .await
+        .map_err(|e| format!("creating {}: {e}", to.display()))?;
+    let out = Command::new("cp")
+        .arg("-a")
+        .arg("--")
+        .arg(from.join("."))
+        .arg(to)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| format!("running cp: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+/// Restores a cache entry's directories into the checkout; answers the line that says what happened.
+async fn restore_cache(cache: &model::kinds::Cache, entry: &Path, src: &Path, key: &str) -> String {
+    if tokio::fs::metadata(entry).await.is_err() {
+        return format!("cache: no entry for key {key} yet");
+    }
+    for (i, p) in cache.paths.iter().enumerate() {
+        let saved = entry.join(i.to_string());
+        if tokio::fs::metadata(&saved).await.is_err() {
+            continue;
+        }
+        if let Err(e) = copy_tree(&saved, &src.join(p)).await {
+            return format!("cache: restoring {p} from key {key} failed: {e}");
+        }
+    }
+    format!("cache: restored {} from key {key}", cache.paths.join(", "))
+}
+
+/// Saves the step's cache directories under `key` unless an entry exists; answers what happened.
+async fn save_cache(cache: &model::kinds::Cache, root: &Path, key: &str, src: &Path) -> String {
+    let entry = root.join(key);
+    if tokio::fs::metadata(&entry).await.is_ok() {
+        return format!("cache: key {key} is already saved");
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let tmp = root.join(format!(".{key}.{}.{nanos}", std::process::id()));
+    for (i, p) in cache.paths.iter().enumerate() {
+        let from = src.join(p);
+        if tokio::fs::metadata(&from).await.is_err() {
+            continue;
+        }
+        if let Err(e) = copy_tree(&from, &tmp.join(i.to_string())).await {
+            let _ = tokio::fs::remove_dir_all(&tmp).await;
+            return format!("cache: saving {p} failed: {e}");
+        }
+    }
+    let _ = tokio::fs::create_dir_all(&tmp).await;
+    // The rename is atomic: of two runs saving one key, one wins and the other's copy goes.
+    match tokio::fs::rename(&tmp, &entry).await {
+        Ok(()) => format!("cache: saved {} under key {key}", cache.paths.join(", ")),
+        Err(_) => {
+            let _ = tokio::fs::remove_dir_all(&tmp).await;
+            format!("cache: key {key} was saved meanwhile")
+        }
+    }
 }
 
 /// The shell script of a step: each command echoed, then run; `sh -e` stops at the first failure.

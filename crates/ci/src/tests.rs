@@ -10,6 +10,22 @@ use super::*;
 struct Collect {
     lines: Mutex<Vec<(String, String)>>,
     updates: Mutex<Vec<Vec<StepStatus>>>,
+    /// (step, path, contents) of each artifact saved.
+    artifacts: Mutex<Vec<(String, String, String)>>,
+}
+
+fn runner(capacity: usize) -> Runner {
+    Runner {
+        name: "test".into(),
+        capacity,
+        cache_dir: None,
+        docker: None,
+    }
+}
+
+fn signals(cancel: watch::Receiver<bool>) -> Signals {
+    let (_, approvals) = watch::channel(Vec::new());
+    Signals { cancel, approvals }
 }
 
 impl Report for Collect {
@@ -19,6 +35,15 @@ impl Report for Collect {
 
     async fn steps(&self, steps: &[StepStatus], _commit: Option<&str>) {
         self.updates.lock().unwrap().push(steps.to_vec());
+    }
+
+    async fn artifact(&self, step: &str, path: &str, file: &Path) -> Result<(), String> {
+        let text = std::fs::read_to_string(file).map_err(|e| e.to_string())?;
+        self.artifacts
+            .lock()
+            .unwrap()
+            .push((step.to_string(), path.to_string(), text));
+        Ok(())
     }
 }
 
@@ -89,9 +114,11 @@ fn job(repo: &str, steps: serde_json::Value) -> RunJob {
             cancel: false,
             trigger: None,
             rerun_of: None,
+            approvals: Vec::new(),
         },
         secrets: BTreeMap::new(),
         secret_files: BTreeMap::new(),
+        attempts_used: BTreeMap::new(),
     }
 }
 
@@ -124,7 +151,14 @@ async fn steps_run_as_a_graph_on_the_checked_out_source() {
     );
     let report = Collect::default();
     let (_tx, rx) = watch::channel(false);
-    let end = execute(&j, &tmp.path().join("run"), 4, &report, rx).await;
+    let end = execute(
+        &j,
+        &tmp.path().join("run"),
+        &runner(4),
+        &report,
+        signals(rx),
+    )
+    .await;
 
     assert_eq!(end.outcome, Outcome::Failed);
     assert_eq!(
@@ -194,7 +228,14 @@ async fn when_paths_looks_at_the_files_the_push_changed() {
     });
     let report = Collect::default();
     let (_tx, rx) = watch::channel(false);
-    let end = execute(&pushed, &tmp.path().join("run"), 4, &report, rx).await;
+    let end = execute(
+        &pushed,
+        &tmp.path().join("run"),
+        &runner(4),
+        &report,
+        signals(rx),
+    )
+    .await;
     assert_eq!(end.outcome, Outcome::Succeeded, "{:?}", end.steps);
     assert_eq!(phase_of(&end, "on-version"), StepPhase::Succeeded);
     assert_eq!(report.text_of("on-version")[1], format!("hook {first}"));
@@ -211,7 +252,14 @@ async fn when_paths_looks_at_the_files_the_push_changed() {
     let manual = job(&repo, steps);
     let report = Collect::default();
     let (_tx, rx) = watch::channel(false);
-    let end = execute(&manual, &tmp.path().join("run2"), 4, &report, rx).await;
+    let end = execute(
+        &manual,
+        &tmp.path().join("run2"),
+        &runner(4),
+        &report,
+        signals(rx),
+    )
+    .await;
     assert_eq!(phase_of(&end, "on-docs"), StepPhase::Succeeded);
 }
 
@@ -223,7 +271,14 @@ async fn a_run_checks_out_the_commit_it_names() {
     j.spec.commit = Some(first.clone());
     let report = Collect::default();
     let (_tx, rx) = watch::channel(false);
-    let end = execute(&j, &tmp.path().join("run"), 1, &report, rx).await;
+    let end = execute(
+        &j,
+        &tmp.path().join("run"),
+        &runner(1),
+        &report,
+        signals(rx),
+    )
+    .await;
     assert_eq!(end.outcome, Outcome::Succeeded, "{:?}", report.lines);
     assert_eq!(end.commit.as_deref(), Some(first.as_str()));
     assert_eq!(report.text_of("v"), ["+ cat version", "1"]);
@@ -238,7 +293,14 @@ async fn a_missing_repository_fails_the_run_at_checkout() {
     );
     let report = Collect::default();
     let (_tx, rx) = watch::channel(false);
-    let end = execute(&j, &tmp.path().join("run"), 1, &report, rx).await;
+    let end = execute(
+        &j,
+        &tmp.path().join("run"),
+        &runner(1),
+        &report,
+        signals(rx),
+    )
+    .await;
     assert_eq!(end.outcome, Outcome::Failed);
     let error = end.error.clone().unwrap_or_default();
     assert!(error.starts_with("git clone failed: "), "{error}");
@@ -260,7 +322,14 @@ async fn retries_follow_the_policy_and_timeouts_stop_the_attempt() {
     );
     let report = Collect::default();
     let (_tx, rx) = watch::channel(false);
-    let end = execute(&j, &tmp.path().join("run"), 2, &report, rx).await;
+    let end = execute(
+        &j,
+        &tmp.path().join("run"),
+        &runner(2),
+        &report,
+        signals(rx),
+    )
+    .await;
     let flaky = end.steps.iter().find(|s| s.name == "flaky").unwrap();
     assert_eq!((flaky.phase, flaky.attempts), (StepPhase::Succeeded, 3));
     let retries: Vec<String> = report
@@ -307,7 +376,8 @@ async fn cancel_stops_running_steps_and_skips_the_rest() {
         tx.send_replace(true);
     };
     let dir = tmp.path().join("run");
-    let (end, ()) = tokio::join!(execute(&j, &dir, 1, &report, rx), cancel);
+    let one = runner(1);
+    let (end, ()) = tokio::join!(execute(&j, &dir, &one, &report, signals(rx)), cancel);
     assert_eq!(end.outcome, Outcome::Canceled);
     assert_eq!(phase_of(&end, "long"), StepPhase::Canceled);
     assert_eq!(phase_of(&end, "next"), StepPhase::Skipped);
@@ -347,7 +417,14 @@ async fn secret_values_are_given_to_their_step_and_masked_everywhere() {
     );
     let report = Collect::default();
     let (_tx, rx) = watch::channel(false);
-    let end = execute(&j, &tmp.path().join("run"), 2, &report, rx).await;
+    let end = execute(
+        &j,
+        &tmp.path().join("run"),
+        &runner(2),
+        &report,
+        signals(rx),
+    )
+    .await;
     assert_eq!(end.outcome, Outcome::Succeeded);
     assert_eq!(
         report.text_of("use"),
@@ -386,7 +463,14 @@ async fn secret_files_are_private_outside_the_checkout_and_masked() {
     );
     let report = Collect::default();
     let (_tx, rx) = watch::channel(false);
-    let end = execute(&j, &tmp.path().join("run"), 2, &report, rx).await;
+    let end = execute(
+        &j,
+        &tmp.path().join("run"),
+        &runner(2),
+        &report,
+        signals(rx),
+    )
+    .await;
     assert_eq!(end.outcome, Outcome::Succeeded, "{:?}", end.steps);
     let out = report.text_of("deploy");
     assert_eq!(out[1], "600");
@@ -406,4 +490,186 @@ fn masking_covers_longer_values_first_and_each_line_of_a_multi_line_value() {
     assert_eq!(m.mask("x abcdef y abc"), "x ******** y ********");
     assert_eq!(m.mask("got line two"), "got ********");
     assert_eq!(m.mask("nothing here"), "nothing here");
+}
+
+#[tokio::test]
+async fn a_matrix_fans_out_and_outputs_and_artifacts_are_collected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (repo, _) = repo(tmp.path());
+    let j = job(
+        &repo,
+        json!([
+            {"name": "test", "matrix": {"V": ["a", "b"], "W": ["1"]},
+             "commands": ["echo \"v=$V w=$W\"", "echo \"seen_$V=yes\" >> \"$KILN_OUTPUT\""]},
+            {"name": "pack", "dependsOn": ["test"], "artifacts": ["dist"], "commands": [
+                "mkdir -p dist/sub", "echo bin > dist/app", "echo x > dist/sub/y",
+                "echo artifact=dist/app >> \"$KILN_OUTPUT\"", "echo 'not an output' >> \"$KILN_OUTPUT\""]},
+            {"name": "missing", "failure": "ignore", "artifacts": ["nope"], "commands": ["true"]},
+        ]),
+    );
+    let report = Collect::default();
+    let (_tx, rx) = watch::channel(false);
+    let end = execute(
+        &j,
+        &tmp.path().join("run"),
+        &runner(4),
+        &report,
+        signals(rx),
+    )
+    .await;
+    assert_eq!(end.outcome, Outcome::Succeeded, "{:?}", end.error);
+    let names: Vec<&str> = end.steps.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["test (V=a, W=1)", "test (V=b, W=1)", "pack", "missing"]
+    );
+    assert_eq!(report.text_of("test (V=b, W=1)")[1], "v=b w=1");
+    // pack waited for every expansion of test.
+    let pack = end.steps.iter().find(|s| s.name == "pack").unwrap();
+    for t in &end.steps[..2] {
+        assert!(t.finished_at.as_deref().unwrap() <= pack.started_at.as_deref().unwrap());
+    }
+    let want: BTreeMap<String, String> = [
+        ("artifact", "dist/app"),
+        ("seen_a", "yes"),
+        ("seen_b", "yes"),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .into();
+    assert_eq!(end.outputs, want);
+    assert!(report
+        .text_of("pack")
+        .iter()
+        .any(|l| l.contains("\"not an output\" is not NAME=value")));
+    let artifacts = report.artifacts.lock().unwrap().clone();
+    assert_eq!(
+        artifacts,
+        [
+            (
+                "pack".to_string(),
+                "dist/app".to_string(),
+                "bin\n".to_string()
+            ),
+            ("pack".into(), "dist/sub/y".into(), "x\n".into()),
+        ]
+    );
+    let missing = end.steps.iter().find(|s| s.name == "missing").unwrap();
+    assert_eq!(missing.phase, StepPhase::Failed);
+    assert!(missing.ignored);
+    assert_eq!(
+        missing.reason.as_deref(),
+        Some("artifact nope does not exist after the step")
+    );
+}
+
+#[tokio::test]
+async fn an_approval_step_waits_for_its_approval_or_rejection() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (repo, _) = repo(tmp.path());
+    let j = job(
+        &repo,
+        json!([
+            {"name": "build", "commands": ["true"]},
+            {"name": "gate", "dependsOn": ["build"], "approval": {"message": "ship it?"}},
+            {"name": "deploy", "dependsOn": ["gate"], "commands": ["echo deployed"]},
+        ]),
+    );
+    for reject in [false, true] {
+        let report = Collect::default();
+        let (_cancel_tx, cancel) = watch::channel(false);
+        let (approve_tx, approvals) = watch::channel(Vec::new());
+        let dir = tmp.path().join(format!("run-{reject}"));
+        let approve = async {
+            // Only once the gate waits.
+            loop {
+                let waiting = report.updates.lock().unwrap().iter().any(|u| {
+                    u.iter()
+                        .any(|s| s.name == "gate" && s.phase == StepPhase::Waiting)
+                });
+                if waiting {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            approve_tx.send_replace(vec![StepApproval {
+                step: "gate".into(),
+                by: "ana".into(),
+                at: jiff::Timestamp::now().to_string(),
+                rejected: reject,
+            }]);
+        };
+        let two = runner(2);
+        let run = execute(&j, &dir, &two, &report, Signals { cancel, approvals });
+        let (end, ()) = tokio::join!(run, approve);
+        let gate = end.steps.iter().find(|s| s.name == "gate").unwrap();
+        assert_eq!(gate.approved_by.as_deref(), Some("ana"));
+        let waited = report.updates.lock().unwrap().iter().any(|u| {
+            u.iter().any(|s| {
+                s.name == "gate" && s.reason.as_deref() == Some("waiting for approval: ship it?")
+            })
+        });
+        assert!(waited);
+        if reject {
+            assert_eq!(end.outcome, Outcome::Failed);
+            assert_eq!(gate.reason.as_deref(), Some("rejected by ana"));
+            assert_eq!(phase_of(&end, "deploy"), StepPhase::Skipped);
+        } else {
+            assert_eq!(end.outcome, Outcome::Succeeded, "{:?}", end.error);
+            assert_eq!(report.text_of("deploy").last().unwrap(), "deployed");
+        }
+    }
+    // Without an approval the wait ends at the step's timeout.
+    let j = job(
+        &repo,
+        json!([{"name": "gate", "timeout": "1s", "approval": {}}]),
+    );
+    let report = Collect::default();
+    let (_tx, rx) = watch::channel(false);
+    let end = execute(
+        &j,
+        &tmp.path().join("run-late"),
+        &runner(1),
+        &report,
+        signals(rx),
+    )
+    .await;
+    assert_eq!(end.outcome, Outcome::Failed);
+    assert_eq!(
+        end.steps[0].reason.as_deref(),
+        Some("no approval within 1s")
+    );
+}
+
+#[tokio::test]
+async fn a_cache_is_restored_by_the_contents_of_its_key_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (repo, first) = repo(tmp.path());
+    let mut r = runner(1);
+    r.cache_dir = Some(tmp.path().join("cache"));
+    let mut j = job(
+        &repo,
+        json!([{"name": "build", "cache": {"paths": ["deps"], "files": ["version"]}, "commands": [
+            "if test -f deps/marker; then echo \"hit $(cat deps/marker)\"; else echo miss; fi",
+            "mkdir -p deps", "test -f deps/marker || echo \"$KILN_RUN\" > deps/marker"]}]),
+    );
+    let mut seen = Vec::new();
+    for (n, commit) in [(1, None), (2, None), (3, Some(first))] {
+        j.spec.number = n;
+        j.spec.commit = commit;
+        let report = Collect::default();
+        let (_tx, rx) = watch::channel(false);
+        let dir = tmp.path().join(format!("run-{n}"));
+        let end = execute(&j, &dir, &r, &report, signals(rx)).await;
+        assert_eq!(end.outcome, Outcome::Succeeded, "{:?}", end.error);
+        let lines = report.text_of("build");
+        seen.push(
+            lines
+                .iter()
+                .find(|l| *l == "miss" || l.starts_with("hit"))
+                .cloned()
+                .unwrap(),
+        );
+    }
+    // Run 2 has run 1's directory; run 3 is at a commit whose key file differs, so it starts anew.
+    assert_eq!(seen, ["miss", "hit 1", "miss"]);
 }

@@ -550,6 +550,13 @@ impl Client {
             .await
     }
 
+    /// `DELETE` of an API path.
+    pub async fn delete_path(&self, path: &str) -> Result<()> {
+        self.send(self.request(Method::DELETE, path))
+            .await
+            .map(|_| ())
+    }
+
     pub async fn delete_provisioner_key(&self, org: &str, name: &str) -> Result<()> {
         let path = format!("/api/v1/orgs/{}/provisionerkeys/{}", enc(org), enc(name));
         self.send(self.request(Method::DELETE, &path))
@@ -570,8 +577,19 @@ impl Client {
         body: &Value,
         wait_seconds: u64,
     ) -> Result<Option<Value>> {
+        self.long_poll("/api/v1/provisioner/acquire", body, wait_seconds)
+            .await
+    }
+
+    /// A worker's long poll at `path`: the job, or `None` on `204 No Content`.
+    async fn long_poll(
+        &self,
+        path: &str,
+        body: &Value,
+        wait_seconds: u64,
+    ) -> Result<Option<Value>> {
         let rb = self
-            .request(Method::POST, "/api/v1/provisioner/acquire")
+            .request(Method::POST, path)
             .query(&[("wait", wait_seconds)])
             .json(body);
         let resp = self.send(rb).await?;
@@ -597,6 +615,64 @@ impl Client {
     ) -> Result<Value> {
         let path = format!("/api/v1/provisioner/jobs/{}/{}/{op}", enc(org), enc(job));
         self.post_json(&path, body).await
+    }
+
+    /// A runner's long poll for a run (this client's token is a runner token): the claimed run, or `None`
+    /// when none came within `wait_seconds`.
+    pub async fn runner_acquire(&self, body: &Value, wait_seconds: u64) -> Result<Option<Value>> {
+        self.long_poll("/api/v1/runner/acquire", body, wait_seconds)
+            .await
+    }
+
+    /// A runner's operation on a run it holds: `logs`, `renew`, `steps` or `complete`.
+    pub async fn runner_op(&self, org: &str, run: &str, op: &str, body: &Value) -> Result<Value> {
+        let path = format!("/api/v1/runner/runs/{}/{}/{op}", enc(org), enc(run));
+        self.post_json(&path, body).await
+    }
+
+    /// A runner uploads one artifact file of a run it holds.
+    pub async fn runner_artifact(
+        &self,
+        org: &str,
+        run: &str,
+        epoch: u64,
+        path: &str,
+        executable: bool,
+        file: impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static,
+    ) -> Result<()> {
+        let parts: Vec<String> = path.split('/').map(enc).collect();
+        let url = format!(
+            "/api/v1/runner/runs/{}/{}/artifacts/{}",
+            enc(org),
+            enc(run),
+            parts.join("/")
+        );
+        let body = reqwest::Body::wrap_stream(file);
+        let rb = self
+            .request(Method::PUT, &url)
+            .query(&[
+                ("epoch", epoch.to_string()),
+                ("executable", executable.to_string()),
+            ])
+            .body(body);
+        self.send(rb).await.map(|_| ())
+    }
+
+    /// Downloads a run's artifact.
+    pub async fn run_artifact(
+        &self,
+        org: &str,
+        run: &str,
+        path: &str,
+    ) -> Result<reqwest::Response> {
+        let parts: Vec<String> = path.split('/').map(enc).collect();
+        let url = format!(
+            "/api/v1/orgs/{}/pipelineruns/{}/artifacts/{}",
+            enc(org),
+            enc(run),
+            parts.join("/")
+        );
+        self.send(self.request(Method::GET, &url)).await
     }
 
     pub async fn revoke_token(&self, id: &str) -> Result<()> {

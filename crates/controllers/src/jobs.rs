@@ -22,8 +22,19 @@ use serde_json::{json, Value};
 use store::{Key, ListQuery, LogLine, Store, StoreError};
 use tokio::sync::Notify;
 
-/// How long a claim or renewal holds a job.
+/// How long a claim or renewal holds a workspace build.
 pub const LEASE: Duration = Duration::from_secs(30);
+/// How long a claim or renewal holds a pipeline run (its runner renews every 2 s): a run whose runner died is
+/// taken by another within this.
+pub const RUN_LEASE: Duration = Duration::from_secs(10);
+
+/// How long a claim or renewal holds a job of this kind.
+pub fn lease(kind: Kind) -> Duration {
+    match kind {
+        Kind::PipelineRun => RUN_LEASE,
+        _ => LEASE,
+    }
+}
 /// How long a provisioner counts as live after it last asked for work.
 pub const PROVISIONER_LIVENESS: Duration = Duration::from_secs(30);
 /// The most log lines a workspace build keeps; later lines are dropped with one notice.
@@ -315,7 +326,7 @@ pub async fn claim_kind(
         status.insert("phase".into(), json!(Phase::Running));
         status.insert("epoch".into(), json!(next_epoch));
         status.insert("holder".into(), json!(holder));
-        status.insert("leaseExpires".into(), json!(stamp(now + LEASE)));
+        status.insert("leaseExpires".into(), json!(stamp(now + lease(kind))));
         status.insert("startedAt".into(), json!(stamp(now)));
         status.remove("waiting");
         status.extend(extra);
@@ -365,10 +376,13 @@ pub async fn held(store: &Store, key: &Key, epoch_given: u64) -> Result<Resource
 }
 
 /// What a renewal answers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Renewed {
     /// Stop the job: it was canceled.
     pub cancel: bool,
+    /// The job as the renewal wrote it.
+    #[serde(skip)]
+    pub job: Option<Resource>,
 }
 
 /// Appends a job's log lines, up to [`max_log_lines`] of its kind.
@@ -486,7 +500,7 @@ pub async fn renew(
         unless_ended(job, |status| {
             status.insert(
                 "leaseExpires".into(),
-                json!(stamp(Timestamp::now() + LEASE)),
+                json!(stamp(Timestamp::now() + lease(key.kind))),
             );
         })
     })
@@ -494,6 +508,7 @@ pub async fn renew(
     append_job_logs(store, key, logs).await?;
     Ok(Renewed {
         cancel: canceled(&written),
+        job: Some(written),
     })
 }
 

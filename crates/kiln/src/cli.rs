@@ -17,7 +17,13 @@ pub struct Cli {
     #[arg(long, global = true, env = "KILN_ORG")]
     pub org: Option<String>,
     /// The server's URL (default: from `kiln login`, else http://127.0.0.1:7080).
-    #[arg(long, global = true, env = "KILN_URL", hide_env_values = true)]
+    #[arg(
+        long,
+        alias = "server",
+        global = true,
+        env = "KILN_URL",
+        hide_env_values = true
+    )]
     pub url: Option<String>,
     /// An API token (default: from `kiln login`).
     #[arg(long, global = true, env = "KILN_TOKEN", hide_env_values = true)]
@@ -50,13 +56,22 @@ pub enum Command {
         #[arg(long, short = 'p')]
         project: Option<String>,
     },
-    /// Approve a promotion waiting for approval.
+    /// Approve a promotion waiting for approval (`COMPONENT --env ENV`), or an approval step of a pipeline run
+    /// (`PIPELINE/NUMBER [--step STEP] [--reject]`).
     Approve {
-        component: String,
+        /// A component, or a run as `PIPELINE/NUMBER`.
+        target: String,
+        /// The environment whose promotion to approve (components).
         #[arg(long = "env")]
-        environment: String,
+        environment: Option<String>,
         #[arg(long, short = 'p')]
         project: Option<String>,
+        /// The run's approval step (default: the one that waits).
+        #[arg(long)]
+        step: Option<String>,
+        /// Reject the step instead: it fails.
+        #[arg(long)]
+        reject: bool,
     },
     /// Point an environment back at the previous release (or the one given).
     Rollback {
@@ -95,6 +110,11 @@ pub enum Command {
     /// CI pipelines: start a run, follow or cancel it (pipelines themselves are applied with `kiln apply`).
     #[command(subcommand)]
     Pipeline(PipelineCommand),
+    /// Run a pipeline runner on this host (with no subcommand), list the live runners, manage runner tokens.
+    Runner(RunnerArgs),
+    /// Files a run's steps saved as artifacts.
+    #[command(subcommand)]
+    Artifacts(ArtifactsCommand),
     /// The runs of a pipeline (or of every pipeline), newest first, with each step's status.
     Runs {
         /// Only this pipeline's runs.
@@ -399,6 +419,71 @@ pub enum PipelineCommand {
     /// A pipeline's triggers: webhook URLs to give the Git host or registry, cron schedules with their next
     /// time, poll state, and the last run each started.
     Triggers { pipeline: String },
+}
+
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct RunnerArgs {
+    #[command(subcommand)]
+    pub command: Option<RunnerCommand>,
+    /// The runner token (`kiln runner tokens create`).
+    #[arg(long, env = "KILN_RUNNER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Labels pipelines can ask for (`runnerLabels`), comma-separated `KEY=VALUE`; a bare `KEY` means
+    /// `KEY=true`.
+    #[arg(long, value_delimiter = ',')]
+    pub labels: Vec<String>,
+    /// Its name among the live runners (default: the host name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Runs at once.
+    #[arg(long, default_value_t = 2)]
+    pub capacity: usize,
+    /// Steps of one run at once.
+    #[arg(long, default_value_t = 4)]
+    pub steps: usize,
+    /// Where runs are checked out and caches kept.
+    #[arg(long, env = "KILN_RUNNER_DIR")]
+    pub dir: Option<PathBuf>,
+    /// Run no container steps even when a Docker Engine answers.
+    #[arg(long)]
+    pub no_docker: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RunnerCommand {
+    /// The runners that asked for this organization's runs lately, built-in and external.
+    List,
+    /// Runner tokens (organization administrators).
+    #[command(subcommand)]
+    Tokens(RunnerTokensCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RunnerTokensCommand {
+    /// Create a token; it is printed once.
+    Create {
+        name: String,
+    },
+    List,
+    /// Delete a token: runners using it are refused from their next request.
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ArtifactsCommand {
+    /// The artifact files of a run (`PIPELINE/NUMBER`).
+    List { run: String },
+    /// Download one artifact file of a run.
+    Get {
+        run: String,
+        path: String,
+        /// Where to write it (default: its file name in the current directory; `-` for standard output).
+        #[arg(long, short = 'o')]
+        output: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -16,6 +16,7 @@ mod delivery;
 pub mod error;
 pub mod gateway;
 mod identity_api;
+mod keys;
 pub mod listen;
 mod logfollow;
 mod logs;
@@ -26,6 +27,7 @@ mod quota;
 pub mod rbac;
 pub mod resources;
 pub mod routes;
+pub mod runners;
 mod schemas;
 pub mod secrets;
 pub mod triggers;
@@ -116,7 +118,7 @@ pub struct AppState {
     /// Provisioners asking for workspace builds.
     pub provisioners: controllers::jobs::Provisioners,
     /// Wakes the built-in runner when a pipeline run is queued.
-    pub runs: pipelines::RunQueue,
+    pub runs: runners::RunQueue,
     /// Seals and opens Secret values (see [`secrets`]).
     pub sealer: Arc<secrets::Sealer>,
     /// The URL browsers and agents reach this server at, once it is listening (see [`access_url`]).
@@ -258,6 +260,7 @@ pub fn api() -> Api {
     let api = delivery::register(api);
     let api = workspaces::register(api);
     let api = pipelines::register(api);
+    let api = runners::register(api);
     let api = triggers::register(api);
     logs::register(api)
 }
@@ -517,7 +520,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
         })
     };
-    let runner = AbortOnDrop(vec![pipelines::spawn_runner(
+    let runner = AbortOnDrop(vec![runners::spawn_builtin(
         store.clone(),
         state.sealer.clone(),
         state.runs.clone(),

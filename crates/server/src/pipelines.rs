@@ -1,16 +1,11 @@
-//! Pipeline runs: starting one (`POST …/pipelines/{name}/runs`), canceling one, following its log, and the
-//! built-in runner, which takes runs from the job queue (`controllers::jobs`, kind PipelineRun) and runs
-//! them with [`ci::execute`] in `<data dir>/runs/<org>/<run>`.
+//! Pipeline runs: starting one (`POST …/pipelines/{name}/runs`), re-running, canceling and approving one,
+//! following its log, and reading its artifacts. Runners take runs from the job queue (see [`crate::runners`]).
 //!
 //! A run is named `<pipeline>-<number>` and labelled `kiln.dev/pipeline`; its spec holds a snapshot of the
-//! pipeline, so changing the pipeline later does not change a run. The built-in runner takes runs whose
-//! pipeline asks for no runner labels and whose steps are all host processes; a run it cannot take says why
-//! in `status.waiting`.
+//! pipeline, so changing the pipeline later does not change a run; only `cancel` and `approvals` change
+//! afterwards.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
@@ -18,13 +13,12 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use controllers::jobs::{self, JobError, Outcome, Phase};
+use controllers::jobs::{self, Phase};
 use model::kinds::{Event, PipelineRunSpec, PipelineSpec, RunTrigger};
 use model::{Kind, ObjectMeta, Resource};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use store::{Key, ListQuery, LogLine, Store, StoreError};
-use tokio::sync::{watch, Notify};
 
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult};
@@ -34,26 +28,7 @@ use crate::routes::{Api, Op};
 use crate::workspaces::{async_stream, org_key};
 use crate::AppState;
 
-/// Label on a run naming its pipeline.
-pub const PIPELINE_LABEL: &str = "kiln.dev/pipeline";
-/// Runs the built-in runner holds at once.
-pub const RUNS: usize = 2;
-/// Steps one run of the built-in runner runs at once.
-pub const CAPACITY: usize = 4;
-/// How often a held run's lease is renewed (and its cancellation looked for).
-const RENEW_EVERY: Duration = Duration::from_secs(2);
-/// How often a run's log lines are written in a batch.
-const LOG_FLUSH: Duration = Duration::from_millis(200);
-
-/// Wakes the built-in runner when a run is queued.
-#[derive(Clone, Default)]
-pub struct RunQueue(Arc<Notify>);
-
-impl RunQueue {
-    pub(crate) fn queued(&self) {
-        self.0.notify_waiters();
-    }
-}
+pub use model::kinds::PIPELINE_LABEL;
 
 pub fn register(api: Api) -> Api {
     api.op(
@@ -90,6 +65,40 @@ pub fn register(api: Api) -> Api {
         )
         .returns(200, Some("Resource")),
         cancel_run,
+    )
+    .op(
+        Op::new(
+            Method::POST,
+            "/api/v1/orgs/{org}/pipelineruns/{name}/approve",
+            "approvePipelineRun",
+            "pipelines",
+            "Approve (or with reject: true, reject) an approval step of a run (body: {step, reject}; step may be \
+             left out when exactly one approval step waits)",
+        )
+        .returns(200, Some("Resource")),
+        approve,
+    )
+    .op(
+        Op::new(
+            Method::GET,
+            "/api/v1/orgs/{org}/pipelineruns/{name}/artifacts",
+            "listPipelineRunArtifacts",
+            "pipelines",
+            "The files a run's steps saved as artifacts: path and size",
+        )
+        .returns(200, None),
+        list_artifacts,
+    )
+    .op(
+        Op::new(
+            Method::GET,
+            "/api/v1/orgs/{org}/pipelineruns/{name}/artifacts/{*path}",
+            "getPipelineRunArtifact",
+            "pipelines",
+            "One artifact file of a run",
+        )
+        .returns_type(200, "application/octet-stream"),
+        get_artifact,
     )
     .op(
         Op::new(
@@ -224,7 +233,6 @@ pub async fn new_run(
         .collect();
     params.extend(req.params);
     let branch = req.branch.unwrap_or_else(|| spec.source.branch.clone());
-    let waiting = why_waiting(&spec);
     let mut number = last_number(store, org, pipeline).await? + 1;
     loop {
         let run_spec = PipelineRunSpec {
@@ -239,6 +247,7 @@ pub async fn new_run(
             cancel: false,
             trigger: trigger.clone(),
             rerun_of: rerun_of.clone(),
+            approvals: Vec::new(),
         };
         let mut metadata = ObjectMeta {
             name: format!("{pipeline}-{number}"),
@@ -261,9 +270,6 @@ pub async fn new_run(
                 let key = Key::of(&created).ok_or_else(|| ApiError::internal("run key"))?;
                 let mut status = Map::new();
                 status.insert("phase".into(), json!(Phase::Pending));
-                if let Some(w) = &waiting {
-                    status.insert("waiting".into(), json!(w));
-                }
                 let line =
                     format!("run #{number} of {pipeline} on {branch} queued by {started_by}");
                 store
@@ -305,28 +311,6 @@ pub async fn runs_of(
         ..ListQuery::default()
     };
     Ok(store.list(&query).await?.items)
-}
-
-/// Why no runner of this server can take runs of `spec`.
-fn why_waiting(spec: &PipelineSpec) -> Option<String> {
-    if !spec.runner_labels.is_empty() {
-        let labels: Vec<String> = spec
-            .runner_labels
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        return Some(format!(
-            "no connected runner has the labels {}; the built-in runner has none",
-            labels.join(",")
-        ));
-    }
-    if let Some(step) = spec.steps.iter().find(|s| s.image.is_some()) {
-        return Some(format!(
-            "step {} runs in a container image; no connected runner runs container steps",
-            step.name
-        ));
-    }
-    None
 }
 
 async fn rerun(
@@ -429,6 +413,175 @@ async fn cancel_run(
         }
         return Ok(Json(run).into_response());
     }
+}
+
+/// What `POST …/pipelineruns/{name}/approve` takes.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApproveRequest {
+    #[serde(default)]
+    step: Option<String>,
+    #[serde(default)]
+    reject: bool,
+}
+
+async fn approve(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path((org, name)): Path<(String, String)>,
+    body: axum::body::Body,
+) -> ApiResult<Response> {
+    let access = rbac::org_access(&state, &principal, &org).await?;
+    access.check(
+        Verb::Update,
+        Kind::PipelineRun,
+        None,
+        &format!("run {name}"),
+    )?;
+    let bytes = crate::resources::read_body(&state, body).await?;
+    let req: ApproveRequest = if bytes.is_empty() {
+        ApproveRequest::default()
+    } else {
+        crate::resources::decode_json(&bytes)?
+    };
+    let key = org_key(Kind::PipelineRun, &org, &name);
+    loop {
+        let mut run = state.store.get(&key).await?;
+        let phase = jobs::phase(&run);
+        if phase.is_final() {
+            return Err(ApiError::conflict(format!(
+                "run {name} already ended as {phase:?}; there is nothing to approve"
+            )));
+        }
+        let mut spec: PipelineRunSpec =
+            model::typed_spec(&run).map_err(|e| ApiError::internal(format!("run {name}: {e}")))?;
+        let gates: Vec<String> = model::kinds::expand_steps(&spec.snapshot.steps)
+            .into_iter()
+            .filter(|s| s.approval.is_some())
+            .map(|s| s.name)
+            .collect();
+        let waiting: Vec<String> = run.status["steps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["phase"] == "Waiting")
+            .filter_map(|s| s["name"].as_str().map(str::to_owned))
+            .collect();
+        let step = match &req.step {
+            Some(s) if gates.contains(s) => s.clone(),
+            Some(s) => {
+                return Err(ApiError::bad_request(format!(
+                    "step: run {name} has no approval step {s:?} (its approval steps: {})",
+                    if gates.is_empty() { "none".to_string() } else { gates.join(", ") }
+                )))
+            }
+            None => match waiting.as_slice() {
+                [one] => one.clone(),
+                [] => {
+                    return Err(ApiError::conflict(format!(
+                        "no approval step of run {name} waits now (its approval steps: {}); name one with step",
+                        if gates.is_empty() { "none".to_string() } else { gates.join(", ") }
+                    )))
+                }
+                many => {
+                    return Err(ApiError::bad_request(format!(
+                        "step: several approval steps wait ({}); name one",
+                        many.join(", ")
+                    )))
+                }
+            },
+        };
+        if let Some(given) = spec.approvals.iter().find(|a| a.step == step) {
+            let what = if given.rejected {
+                "rejected"
+            } else {
+                "approved"
+            };
+            return Err(ApiError::conflict(format!(
+                "step {step} of run {name} was already {what} by {}",
+                given.by
+            )));
+        }
+        spec.approvals.push(model::kinds::StepApproval {
+            step: step.clone(),
+            by: principal.user.name.clone(),
+            at: jiff::Timestamp::now().to_string(),
+            rejected: req.reject,
+        });
+        run.spec = serde_json::to_value(&spec).map_err(ApiError::internal)?;
+        match state.store.update(run).await {
+            Ok(written) => {
+                let verb = if req.reject { "rejected" } else { "approved" };
+                let line = format!("step {step} {verb} by {}", principal.user.name);
+                state
+                    .store
+                    .append_logs(
+                        &jobs::log_stream_of(&key),
+                        vec![LogLine::now("queue", line)],
+                    )
+                    .await?;
+                return Ok(Json(written).into_response());
+            }
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Checks read access to a run and that it exists; answers where its artifacts are.
+async fn artifacts_of(
+    state: &AppState,
+    principal: &Principal,
+    org: &str,
+    name: &str,
+) -> ApiResult<std::path::PathBuf> {
+    run_log_key(state, principal, org, name).await?;
+    Ok(crate::runners::artifacts_dir(
+        &state.config.data_dir,
+        org,
+        name,
+    ))
+}
+
+async fn list_artifacts(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path((org, name)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let dir = artifacts_of(&state, &principal, &org, &name).await?;
+    let items: Vec<Value> = crate::runners::list_artifacts(&dir)
+        .await
+        .into_iter()
+        .map(|(path, size)| json!({"path": path, "size": size}))
+        .collect();
+    Ok(Json(json!({ "items": items })))
+}
+
+async fn get_artifact(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path((org, name, path)): Path<(String, String, String)>,
+) -> ApiResult<Response> {
+    let dir = artifacts_of(&state, &principal, &org, &name).await?;
+    crate::runners::check_artifact_path(&path).map_err(ApiError::bad_request)?;
+    let file = match tokio::fs::File::open(dir.join(&path)).await {
+        Ok(f) => f,
+        Err(_) => {
+            return Err(ApiError::not_found(format!(
+                "run {name} has no artifact {path}"
+            )))
+        }
+    };
+    let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+    let stream = ci::worker::file_chunks(file);
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, len.to_string()),
+        ],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
 }
 
 /// Where a viewer resumes: `Last-Event-ID` (an SSE reconnection) or `?after=`.
@@ -608,250 +761,4 @@ async fn run_logs_ws(
         }
         let _ = send(&mut socket, Message::Close(None)).await;
     }))
-}
-
-/// Starts the built-in runner; it stops taking runs when `shutdown` flips, and ends once the runs under way
-/// are canceled (their steps stopped), or after 15 s.
-pub fn spawn_runner(
-    store: Store,
-    sealer: Arc<crate::secrets::Sealer>,
-    queue: RunQueue,
-    data_dir: PathBuf,
-    shutdown: watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let slots = Arc::new(tokio::sync::Semaphore::new(RUNS));
-        let mut stop = shutdown.clone();
-        let drained = |slots: Arc<tokio::sync::Semaphore>| async move {
-            let all = slots.acquire_many(RUNS as u32);
-            let _ = tokio::time::timeout(Duration::from_secs(15), all).await;
-        };
-        loop {
-            if *stop.borrow() {
-                return drained(slots).await;
-            }
-            let Ok(permit) = slots.clone().acquire_owned().await else {
-                return;
-            };
-            let fits = |_: &str, run: &Resource| {
-                let spec: PipelineRunSpec = model::typed_spec(run).ok()?;
-                why_waiting(&spec.snapshot).is_none().then(Map::new)
-            };
-            let claimed =
-                jobs::claim_kind(&store, Kind::PipelineRun, None, "runner", "built-in", fits).await;
-            match claimed {
-                Ok(Some((key, run, epoch))) => {
-                    let (store, sealer, dir, shutdown) = (
-                        store.clone(),
-                        sealer.clone(),
-                        data_dir.clone(),
-                        shutdown.clone(),
-                    );
-                    tokio::spawn(async move {
-                        hold(&store, &sealer, key, run, epoch, &dir, shutdown).await;
-                        drop(permit);
-                    });
-                    continue;
-                }
-                Ok(None) => {}
-                Err(e) => tracing::warn!(error = %e, "the built-in runner cannot read the queue"),
-            }
-            drop(permit);
-            tokio::select! {
-                () = queue.0.notified() => {}
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = stop.changed() => {}
-            }
-        }
-    })
-}
-
-/// Runs a claimed run to its end: renews the lease, carries its logs and step status, completes it.
-async fn hold(
-    store: &Store,
-    sealer: &crate::secrets::Sealer,
-    key: Key,
-    run: Resource,
-    epoch: u64,
-    data_dir: &std::path::Path,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let org = key.organization.clone().unwrap_or_default();
-    let spec: PipelineRunSpec = match model::typed_spec(&run) {
-        Ok(s) => s,
-        Err(e) => {
-            finish(store, &key, epoch, failed(format!("the run's spec: {e}"))).await;
-            return;
-        }
-    };
-    let (secrets, secret_files) = match resolve_secrets(store, sealer, &org, &spec.snapshot).await {
-        Ok(s) => s,
-        Err(e) => {
-            finish(store, &key, epoch, failed(e)).await;
-            return;
-        }
-    };
-    let job = ci::RunJob {
-        organization: org.clone(),
-        name: key.name.clone(),
-        epoch,
-        spec,
-        secrets,
-        secret_files,
-    };
-    let dir = data_dir.join("runs").join(&org).join(&key.name);
-    let _ = tokio::fs::remove_dir_all(&dir).await;
-    let (cancel_tx, cancel_rx) = watch::channel(false);
-    let report = StoreReport {
-        store: store.clone(),
-        key: key.clone(),
-        epoch,
-        lines: Mutex::new(Vec::new()),
-    };
-    let renewals = async {
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep(RENEW_EVERY) => {}
-                () = async { let _ = shutdown.wait_for(|s| *s).await; } => {
-                    ci::Report::line(&report, "runner", "the server is stopping; the run is canceled".into());
-                    cancel_tx.send_replace(true);
-                    return;
-                }
-            }
-            match jobs::renew(store, &key, epoch, report.take()).await {
-                Ok(r) if r.cancel => {
-                    cancel_tx.send_replace(true);
-                }
-                Ok(_) => {}
-                Err(JobError::Store(e)) => {
-                    tracing::warn!(error = %e, run = %key.name, "renewing a run")
-                }
-                Err(e) => {
-                    // Lost: the lease went to another runner, or the run is gone.
-                    tracing::warn!(error = %e, run = %key.name, "the built-in runner lost a run");
-                    cancel_tx.send_replace(true);
-                    return;
-                }
-            }
-        }
-    };
-    let flusher = async {
-        loop {
-            tokio::time::sleep(LOG_FLUSH).await;
-            report.flush().await;
-        }
-    };
-    let end = tokio::select! {
-        end = ci::execute(&job, &dir, CAPACITY, &report, cancel_rx) => end,
-        () = async { tokio::join!(renewals, flusher); } => unreachable!("the renewal and flush loops do not end both"),
-    };
-    let _ = tokio::fs::remove_dir_all(&dir).await;
-    report.flush().await;
-    let mut fields = Map::new();
-    fields.insert("steps".into(), json!(end.steps));
-    if let Some(c) = &end.commit {
-        fields.insert("commit".into(), json!(c));
-    }
-    let _ = jobs::update_held(store, &key, epoch, fields).await;
-    let outcome = Outcome {
-        phase: match end.outcome {
-            ci::Outcome::Succeeded => Phase::Succeeded,
-            ci::Outcome::Failed => Phase::Failed,
-            ci::Outcome::Canceled => Phase::Canceled,
-        },
-        error: end.error,
-        outputs: Value::Null,
-    };
-    finish(store, &key, epoch, outcome).await;
-}
-
-async fn finish(store: &Store, key: &Key, epoch: u64, outcome: Outcome) {
-    let line = match (&outcome.phase, &outcome.error) {
-        (Phase::Succeeded, _) => "the run succeeded".to_string(),
-        (p, Some(e)) => format!("the run ended as {p:?}: {e}"),
-        (p, None) => format!("the run ended as {p:?}"),
-    };
-    let logs = vec![LogLine::now("runner", line)];
-    if let Err(e) = jobs::complete(store, key, epoch, outcome, logs).await {
-        tracing::warn!(error = %e, run = %key.name, "completing a run");
-    }
-}
-
-/// Step → environment variable → value.
-type StepSecrets = BTreeMap<String, BTreeMap<String, String>>;
-
-/// Each step's secrets given as variables and as files (step → variable → value), read from the organization's
-/// Secrets.
-async fn resolve_secrets(
-    store: &Store,
-    sealer: &crate::secrets::Sealer,
-    org: &str,
-    spec: &PipelineSpec,
-) -> Result<(StepSecrets, StepSecrets), String> {
-    let (mut vars, mut files) = (StepSecrets::new(), StepSecrets::new());
-    for step in &spec.steps {
-        for r in &step.secrets {
-            let value = crate::secrets::value(store, sealer, org, &r.secret, &r.key)
-                .await
-                .map_err(|e| format!("step {}: {e}", step.name))?;
-            let out = if r.file { &mut files } else { &mut vars };
-            out.entry(step.name.clone())
-                .or_default()
-                .insert(r.env.clone(), String::from_utf8_lossy(&value).into_owned());
-        }
-    }
-    Ok((vars, files))
-}
-
-fn failed(error: String) -> Outcome {
-    Outcome {
-        phase: Phase::Failed,
-        error: Some(error),
-        outputs: Value::Null,
-    }
-}
-
-/// Carries a run's progress to the store: log lines in batches, step status as it changes.
-struct StoreReport {
-    store: Store,
-    key: Key,
-    epoch: u64,
-    lines: Mutex<Vec<LogLine>>,
-}
-
-impl StoreReport {
-    fn take(&self) -> Vec<LogLine> {
-        std::mem::take(&mut *self.lines.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-
-    async fn flush(&self) {
-        let lines = self.take();
-        if !lines.is_empty() {
-            if let Err(e) = jobs::append_job_logs(&self.store, &self.key, lines).await {
-                tracing::warn!(error = %e, run = %self.key.name, "writing a run's log");
-            }
-        }
-    }
-}
-
-impl ci::Report for StoreReport {
-    fn line(&self, source: &str, text: String) {
-        self.lines
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(LogLine::now(source, text));
-    }
-
-    async fn steps(&self, steps: &[ci::StepStatus], commit: Option<&str>) {
-        // Lines written before a step's change come first in the log.
-        self.flush().await;
-        let mut fields = Map::new();
-        fields.insert("steps".into(), json!(steps));
-        if let Some(c) = commit {
-            fields.insert("commit".into(), json!(c));
-        }
-        if let Err(e) = jobs::update_held(&self.store, &self.key, self.epoch, fields).await {
-            tracing::debug!(error = %e, run = %self.key.name, "recording a run's steps");
-        }
-    }
 }

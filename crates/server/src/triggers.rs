@@ -30,9 +30,10 @@ use tokio::sync::watch;
 
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult};
-use crate::pipelines::{new_run, RunQueue, Start, StartRunRequest};
+use crate::pipelines::{new_run, Start, StartRunRequest};
 use crate::rbac::{self, Verb};
 use crate::routes::{Api, Op};
+use crate::runners::RunQueue;
 use crate::workspaces::org_key;
 use crate::AppState;
 

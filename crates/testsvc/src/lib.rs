@@ -233,7 +233,7 @@ pub fn docker_image() -> Arc<DockerImage> {
 }
 
 /// Builds an image `FROM scratch` holding a static busybox (Debian's busybox-static) as its shell and tools,
-/// standing for a developer's workspace image. `Err` says what is missing (busybox, or the Engine's build).
+/// standing for a developer's workspace image or a pipeline's step image. `Err` says what is missing (busybox, or the Engine's build).
 pub fn busybox_image() -> Result<DockerImage, String> {
     let busybox = ["/bin/busybox", "/usr/bin/busybox"]
         .into_iter()
@@ -247,7 +247,8 @@ pub fn busybox_image() -> Result<DockerImage, String> {
     }
     std::fs::copy(busybox, dir.join("bin/busybox")).map_err(io)?;
     for tool in [
-        "sh", "cat", "echo", "ls", "id", "hostname", "sleep", "mkdir", "rm",
+        "sh", "cat", "echo", "ls", "id", "hostname", "sleep", "mkdir", "rm", "printf", "test",
+        "cp", "wget", "env", "true", "false", "grep", "touch",
     ] {
         let link = dir.join("bin").join(tool);
         if !link.exists() {

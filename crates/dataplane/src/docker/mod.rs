@@ -39,10 +39,11 @@ use crate::{
     BoxFuture, DataPlane, Error, HostAddress, LogOptions, LogStream, Result, RunStatus, Workload,
     WorkloadId, WorkloadStatus, LABEL_WORKLOAD,
 };
-pub use api::{query_escape, ApiError, Engine};
+pub use api::{next_chunk, query_escape, ApiError, Engine};
 use engine_types::{ContainerSummary, NetworkInspect};
 /// The HTTP method type [`Engine::call`] takes.
 pub use hyper::Method;
+pub use logs::Demux;
 pub use spec::{
     LABEL_ENVIRONMENT, LABEL_LIVENESS, LABEL_NETWORK, LABEL_PORTS, LABEL_READINESS, LABEL_REPLICA,
     LABEL_RUN, LABEL_SPEC_HASH,

@@ -5,6 +5,7 @@ mod manifests;
 mod pipeline;
 mod provisioner;
 mod resources;
+mod runner;
 mod ssh;
 mod workspace;
 
@@ -109,6 +110,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Workspace(c) => workspace::workspace(&ctx(&cli)?, c).await,
         Command::Provisioner(c) => provisioner::run(&cli, c).await,
         Command::Pipeline(c) => pipeline::pipeline(&ctx(&cli)?, c).await,
+        Command::Runner(args) => runner::run(&cli, args).await,
+        Command::Artifacts(c) => pipeline::artifacts(&ctx(&cli)?, c).await,
         Command::Runs { pipeline, limit } => {
             pipeline::runs(&ctx(&cli)?, pipeline.as_deref(), *limit).await
         }
@@ -142,14 +145,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             resources::delivery(&c, component, project.as_deref(), "promote", &body).await
         }
         Command::Approve {
-            component,
+            target,
             environment,
             project,
+            step,
+            reject,
         } => {
             let c = ctx(&cli)?;
+            if target.contains('/') && environment.is_none() {
+                return pipeline::approve(&c, target, step.as_deref(), *reject).await;
+            }
+            let Some(environment) = environment else {
+                anyhow::bail!("--env: which environment's promotion of {target} to approve (a run is PIPELINE/NUMBER)");
+            };
             resources::delivery(
                 &c,
-                component,
+                target,
                 project.as_deref(),
                 "approve",
                 &json!({"environment": environment}),
@@ -437,4 +448,69 @@ async fn serve(args: &ServerArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     server::run(config).await
+}
+
+/// A JSON value as text (empty when it is not a string).
+fn text(v: &serde_json::Value) -> String {
+    v.as_str().unwrap_or_default().to_string()
+}
+
+/// A JSON object of strings as `k=v,k=v`.
+fn pairs(v: &serde_json::Value) -> String {
+    v.as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={}", text(v)))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default()
+}
+
+/// Log lines as a queue API takes them.
+fn lines_json(lines: Vec<(String, String)>) -> serde_json::Value {
+    json!(lines
+        .into_iter()
+        .map(|(source, text)| json!({"source": source, "text": text}))
+        .collect::<Vec<_>>())
+}
+
+/// Whether a queue API's refusal means the job is no longer this worker's (stale epoch, ended, gone).
+fn is_lost(e: &client::Error) -> bool {
+    matches!(e.status(), Some(404 | 409))
+}
+
+/// This host's name, or `fallback`.
+fn host_name(fallback: &str) -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| fallback.into())
+}
+
+/// `$XDG_DATA_HOME/kiln/<sub>` (default `~/.local/share/kiln/<sub>`).
+fn data_dir(sub: &str) -> std::path::PathBuf {
+    use std::path::PathBuf;
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join("kiln").join(sub)
+}
+
+/// Flips to true on Ctrl-C or SIGTERM, after printing `message`.
+fn stop_on_signal(message: &'static str) -> tokio::sync::watch::Receiver<bool> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        eprintln!("{message}");
+        let _ = stop_tx.send(true);
+    });
+    stop_rx
 }

@@ -9,7 +9,7 @@ use model::Kind;
 use serde_json::{json, Value};
 
 use super::Ctx;
-use crate::cli::PipelineCommand;
+use crate::cli::{ArtifactsCommand, PipelineCommand};
 use crate::output::print_table;
 
 pub async fn pipeline(ctx: &Ctx, cmd: &PipelineCommand) -> anyhow::Result<()> {
@@ -293,5 +293,81 @@ fn step_mark(phase: &str) -> &'static str {
         "Skipped" => "skipped",
         "Canceled" => "canceled",
         _ => "pending",
+    }
+}
+
+/// `kiln approve PIPELINE/NUMBER [--step S] [--reject]`.
+pub async fn approve(ctx: &Ctx, run: &str, step: Option<&str>, reject: bool) -> anyhow::Result<()> {
+    let name = run_name(run);
+    let path = format!("/api/v1/orgs/{}/pipelineruns/{name}/approve", ctx.org);
+    let mut body = json!({"reject": reject});
+    if let Some(s) = step {
+        body["step"] = json!(s);
+    }
+    let written = ctx.client.post_json(&path, &body).await?;
+    let given = written["spec"]["approvals"]
+        .as_array()
+        .and_then(|a| a.last())
+        .cloned()
+        .unwrap_or(Value::Null);
+    let verb = if reject { "rejected" } else { "approved" };
+    println!(
+        "step {} of run {name} {verb}",
+        given["step"].as_str().unwrap_or("?")
+    );
+    Ok(())
+}
+
+/// `kiln artifacts list|get`.
+pub async fn artifacts(ctx: &Ctx, cmd: &ArtifactsCommand) -> anyhow::Result<()> {
+    match cmd {
+        ArtifactsCommand::List { run } => {
+            let name = run_name(run);
+            let path = format!("/api/v1/orgs/{}/pipelineruns/{name}/artifacts", ctx.org);
+            let items = ctx.client.get_json(&path).await?;
+            let rows: Vec<Vec<String>> = items["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|a| {
+                    vec![
+                        a["path"].as_str().unwrap_or_default().to_string(),
+                        a["size"].to_string(),
+                    ]
+                })
+                .collect();
+            print_table(&["PATH", "SIZE"], &rows);
+            Ok(())
+        }
+        ArtifactsCommand::Get { run, path, output } => {
+            use tokio::io::AsyncWriteExt as _;
+            let name = run_name(run);
+            let resp = ctx.client.run_artifact(&ctx.org, &name, path).await?;
+            let to_stdout = output.as_deref() == Some(std::path::Path::new("-"));
+            let target = output.clone().unwrap_or_else(|| {
+                std::path::PathBuf::from(path.rsplit('/').next().unwrap_or(path))
+            });
+            let mut out: Box<dyn tokio::io::AsyncWrite + Unpin> = if to_stdout {
+                Box::new(tokio::io::stdout())
+            } else {
+                Box::new(
+                    tokio::fs::File::create(&target)
+                        .await
+                        .with_context(|| format!("creating {}", target.display()))?,
+                )
+            };
+            let mut stream = resp.bytes_stream();
+            let mut size = 0usize;
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.context("reading the artifact")?;
+                size += chunk.len();
+                out.write_all(&chunk).await?;
+            }
+            out.flush().await?;
+            if !to_stdout {
+                eprintln!("{path} of run {name} → {} ({size} bytes)", target.display());
+            }
+            Ok(())
+        }
     }
 }

@@ -10,7 +10,6 @@ use model::kinds::ProvisionerType;
 use provision::worker::Line;
 use provision::{Acquired, Finished, JobRef, Providers, Queue, QueueError};
 use serde_json::{json, Value};
-use tokio::sync::watch;
 
 use super::{ctx, server_url};
 use crate::cli::{Cli, ProvisionerCommand, ProvisionerKeysCommand};
@@ -101,9 +100,7 @@ pub async fn run(cli: &Cli, cmd: &ProvisionerCommand) -> anyhow::Result<()> {
     }
 }
 
-fn text(v: &Value) -> String {
-    v.as_str().unwrap_or_default().to_string()
-}
+use super::text;
 
 fn list(v: &Value) -> String {
     v.as_array()
@@ -111,32 +108,7 @@ fn list(v: &Value) -> String {
         .unwrap_or_default()
 }
 
-fn tags(v: &Value) -> String {
-    v.as_object()
-        .map(|m| {
-            m.iter()
-                .map(|(k, v)| format!("{k}={}", text(v)))
-                .collect::<Vec<_>>()
-                .join(",")
-        })
-        .unwrap_or_default()
-}
-
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "provisioner".into())
-}
-
-fn default_dir() -> PathBuf {
-    let base = std::env::var_os("XDG_DATA_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
-        .unwrap_or_else(|| PathBuf::from("."));
-    base.join("kiln").join("provisioner")
-}
+use super::pairs as tags;
 
 async fn start(
     url: String,
@@ -147,7 +119,7 @@ async fn start(
     concurrency: usize,
 ) -> anyhow::Result<()> {
     let client = Client::new(&url, Some(key.to_string()))?;
-    let dir = dir.unwrap_or_else(default_dir);
+    let dir = dir.unwrap_or_else(|| super::data_dir("provisioner"));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = std::path::absolute(&dir).unwrap_or(dir);
     let exe = std::env::current_exe().context("finding this executable (the agent it runs)")?;
@@ -175,7 +147,7 @@ async fn start(
     if types.is_empty() {
         bail!("no provider type asked for runs on this host");
     }
-    let name = name.unwrap_or_else(host_name);
+    let name = name.unwrap_or_else(|| super::host_name("provisioner"));
     let queue = HttpQueue {
         client,
         hello: json!({"name": name, "types": types}),
@@ -197,17 +169,7 @@ async fn start(
         concurrency.max(1),
         dir.display()
     );
-    let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(async move {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-        }
-        eprintln!("stopping: finishing the builds under way");
-        let _ = stop_tx.send(true);
-    });
+    let stop_rx = super::stop_on_signal("stopping: finishing the builds under way");
     let queue = std::sync::Arc::new(queue);
     let workers: Vec<_> = (0..concurrency.max(1))
         .map(|_| {
@@ -231,18 +193,14 @@ struct HttpQueue {
 }
 
 fn queue_error(e: Error) -> QueueError {
-    match e.status() {
-        Some(404 | 409) => QueueError::Lost(e.to_string()),
-        _ => QueueError::Unavailable(e.to_string()),
+    if super::is_lost(&e) {
+        QueueError::Lost(e.to_string())
+    } else {
+        QueueError::Unavailable(e.to_string())
     }
 }
 
-fn lines_json(lines: Vec<Line>) -> Value {
-    json!(lines
-        .into_iter()
-        .map(|(source, text)| json!({"source": source, "text": text}))
-        .collect::<Vec<_>>())
-}
+use super::lines_json;
 
 impl Queue for HttpQueue {
     async fn acquire(&self) -> Result<Option<Acquired>, QueueError> {

@@ -13,6 +13,7 @@ mod durability;
 mod logs;
 mod pipelines;
 mod provisioners;
+mod runners;
 mod smoke;
 mod ssh;
 mod tasks;

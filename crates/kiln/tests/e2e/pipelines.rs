@@ -42,7 +42,7 @@ pub fn repository(root: &Path) -> (String, String) {
     (root.join("shop.git").display().to_string(), first)
 }
 
-fn run_status(s: &Server, run: &str) -> serde_json::Value {
+pub fn run_status(s: &Server, run: &str) -> serde_json::Value {
     let out = ok(s.kiln(&["get", "pipelinerun", run, "-o", "json"]));
     serde_json::from_str(&out).expect("json")
 }

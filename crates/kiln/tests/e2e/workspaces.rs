@@ -160,7 +160,7 @@ spec:
 
 /// The workspace image (see [`testsvc::busybox_image`]), or `None` (said loudly) without busybox; under
 /// `CI=true` it must be built.
-fn busybox_image() -> Option<testsvc::DockerImage> {
+pub fn busybox_image() -> Option<testsvc::DockerImage> {
     match testsvc::busybox_image() {
         Ok(image) => Some(image),
         Err(why) => {

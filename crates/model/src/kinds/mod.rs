@@ -28,9 +28,11 @@ pub use organization::{
     Communication, Isolation, NetworkPolicies, OrganizationSpec, ResourceQuotas,
 };
 pub use pipeline::{
-    glob_match, CronTrigger, Event, Failure, GitProvider, ImageTrigger, PipelineParam,
-    PipelineRunSpec, PipelineSource, PipelineSpec, PollTrigger, Retry, RunTrigger, SecretKeyRef,
-    SecretRef, StatusCondition, Step, Trigger, WebhookTrigger, When, MAX_ATTEMPTS, MAX_STEPS,
+    check_commit, expand_steps, glob_match, Approval, Cache, CronTrigger, Event, Failure,
+    GitProvider, ImageTrigger, PipelineParam, PipelineRunSpec, PipelineSource, PipelineSpec,
+    PollTrigger, Retry, RunTrigger, SecretKeyRef, SecretRef, Service, StatusCondition, Step,
+    StepApproval, Trigger, WebhookTrigger, When, MAX_ATTEMPTS, MAX_MATRIX, MAX_STEPS,
+    PIPELINE_LABEL,
 };
 pub use project::{ProjectComponent, ProjectSpec, DEFAULT_PIPELINE};
 pub use rbac::{

@@ -10,10 +10,14 @@ use super::{check_name, check_not_blank, check_unique_names, parse_duration, Kin
 use crate::names::{field, index, key};
 use crate::{FieldError, Kind, ObjectMeta};
 
+/// Label on a PipelineRun naming its pipeline.
+pub const PIPELINE_LABEL: &str = "kiln.dev/pipeline";
 /// The most steps a pipeline has.
 pub const MAX_STEPS: usize = 200;
 /// The most attempts a step's retry policy allows.
 pub const MAX_ATTEMPTS: u32 = 10;
+/// The most steps one step's `matrix` expands into.
+pub const MAX_MATRIX: usize = 32;
 
 /// The spec of a Pipeline.
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
@@ -33,6 +37,51 @@ pub struct PipelineSpec {
     /// What starts runs besides `kiln pipeline run`: webhooks, cron schedules, repository polling, image pushes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub triggers: Vec<Trigger>,
+    /// Containers started before the first step and stopped after the last (databases, caches), reachable from
+    /// container steps by their name and from host steps at `<NAME>_HOST`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<Service>,
+}
+
+/// A container that runs beside a run's steps.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Service {
+    /// Its host name for the steps; a DNS-1123 label, unique among the services.
+    pub name: String,
+    /// The image it runs (present on the runner's Docker Engine).
+    pub image: String,
+    /// Replaces the image's command (its entrypoint's arguments stay the image's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// Environment variables.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub environment: BTreeMap<String, String>,
+}
+
+/// A step that waits for a person's approval (`kiln approve run PIPELINE/NUMBER`) instead of running commands.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Approval {
+    /// What the approver is asked, shown in the run's status.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+/// Directories kept between runs on a runner, keyed by files' contents: restored before the step, saved after
+/// it succeeds when nothing was saved under its key yet.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Cache {
+    /// Directories (relative to the checkout) to keep.
+    pub paths: Vec<String>,
+    /// Files (relative to the checkout) whose contents make the key, e.g. `Cargo.lock`: a change of any starts a
+    /// new cache entry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<String>,
+    /// Put before the contents' hash in the key. Default: the step's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
 }
 
 /// Something that starts runs of a pipeline. Exactly one of `webhook`, `cron`, `poll` and `image` is set.
@@ -210,6 +259,8 @@ pub struct Step {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     /// Shell commands, run in order with `sh -e` in the run's working directory (the checked-out source).
+    /// Required, except for an approval step.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub commands: Vec<String>,
     /// Environment variables.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -232,6 +283,88 @@ pub struct Step {
     /// What the step's failure does to the run: `fail` (default) or `ignore`.
     #[serde(default)]
     pub failure: Failure,
+    /// Runs the step once per combination of these variables' values, each run given them as environment
+    /// variables, e.g. `{GO: ["1.22", "1.23"]}` makes `test (GO=1.22)` and `test (GO=1.23)`; steps that
+    /// depend on it wait for every one.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub matrix: BTreeMap<String, Vec<String>>,
+    /// Makes this an approval step: the run waits here until someone approves it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<Approval>,
+    /// Directories restored before the step and saved after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<Cache>,
+    /// Files or directories (relative to the checkout) saved after the step succeeds, downloadable with
+    /// `kiln artifacts get`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<String>,
+}
+
+impl Step {
+    /// The steps this one runs as: itself, or one per combination of its matrix's values (named
+    /// `name (K=v, …)`, the values added to its environment, the matrix itself cleared).
+    pub fn expand(&self) -> Vec<Step> {
+        if self.matrix.is_empty() {
+            return vec![self.clone()];
+        }
+        let mut combos: Vec<Vec<(String, String)>> = vec![Vec::new()];
+        for (k, values) in &self.matrix {
+            combos = combos
+                .into_iter()
+                .flat_map(|c| {
+                    values.iter().map(move |v| {
+                        let mut c = c.clone();
+                        c.push((k.clone(), v.clone()));
+                        c
+                    })
+                })
+                .collect();
+        }
+        combos
+            .into_iter()
+            .map(|combo| {
+                let mut step = self.clone();
+                step.matrix.clear();
+                let label: Vec<String> = combo.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                step.name = format!("{} ({})", self.name, label.join(", "));
+                step.environment.extend(combo);
+                step
+            })
+            .collect()
+    }
+
+    /// How many steps its matrix makes.
+    pub fn expansions(&self) -> usize {
+        self.matrix.values().map(Vec::len).product()
+    }
+}
+
+/// The pipeline's steps with every matrix expanded, `dependsOn` naming the expansions.
+pub fn expand_steps(steps: &[Step]) -> Vec<Step> {
+    let names: HashMap<&str, Vec<String>> = steps
+        .iter()
+        .map(|s| {
+            let names = s.expand().into_iter().map(|e| e.name).collect();
+            (s.name.as_str(), names)
+        })
+        .collect();
+    steps
+        .iter()
+        .flat_map(Step::expand)
+        .map(|mut s| {
+            s.depends_on = s
+                .depends_on
+                .iter()
+                .flat_map(|d| {
+                    names
+                        .get(d.as_str())
+                        .cloned()
+                        .unwrap_or_else(|| vec![d.clone()])
+                })
+                .collect();
+            s
+        })
+        .collect()
 }
 
 fn default_timeout() -> String {
@@ -399,11 +532,50 @@ impl KindSpec for PipelineSpec {
             .collect();
         for (i, step) in self.steps.iter().enumerate() {
             let at = index("spec.steps", i);
-            if step.commands.is_empty() {
+            if step.approval.is_some() {
+                let extra = [
+                    ("commands", !step.commands.is_empty()),
+                    ("image", step.image.is_some()),
+                    ("matrix", !step.matrix.is_empty()),
+                    ("cache", step.cache.is_some()),
+                    ("artifacts", !step.artifacts.is_empty()),
+                    ("secrets", !step.secrets.is_empty()),
+                ];
+                for (name, set) in extra {
+                    if set {
+                        errors.push(FieldError::new(
+                            field(&at, name),
+                            "an approval step runs nothing; remove this or the approval",
+                        ));
+                    }
+                }
+            } else if step.commands.is_empty() {
                 errors.push(FieldError::new(
                     field(&at, "commands"),
-                    "a step needs at least one command",
+                    "a step needs at least one command (or an approval)",
                 ));
+            }
+            check_matrix(errors, &at, step);
+            if let Some(c) = &step.cache {
+                let p = field(&at, "cache");
+                if c.paths.is_empty() {
+                    errors.push(FieldError::new(
+                        field(&p, "paths"),
+                        "name at least one directory",
+                    ));
+                }
+                for (j, path) in c.paths.iter().enumerate() {
+                    check_relative_path(errors, &index(&field(&p, "paths"), j), path);
+                }
+                for (j, path) in c.files.iter().enumerate() {
+                    check_relative_path(errors, &index(&field(&p, "files"), j), path);
+                }
+                if let Some(prefix) = &c.prefix {
+                    check_name(errors, &field(&p, "prefix"), prefix);
+                }
+            }
+            for (j, path) in step.artifacts.iter().enumerate() {
+                check_relative_path(errors, &index(&field(&at, "artifacts"), j), path);
             }
             if let Some(image) = &step.image {
                 check_not_blank(errors, &field(&at, "image"), image);
@@ -453,6 +625,19 @@ impl KindSpec for PipelineSpec {
         }
         check_unique_names(
             errors,
+            "spec.services",
+            self.services.iter().map(|s| s.name.as_str()),
+        );
+        for (i, svc) in self.services.iter().enumerate() {
+            let at = index("spec.services", i);
+            check_name(errors, &field(&at, "name"), &svc.name);
+            check_not_blank(errors, &field(&at, "image"), &svc.image);
+            for k in svc.environment.keys() {
+                check_env_name(errors, &key(&field(&at, "environment"), k), k);
+            }
+        }
+        check_unique_names(
+            errors,
             "spec.triggers",
             self.triggers.iter().map(|t| t.name.as_str()),
         );
@@ -469,6 +654,48 @@ impl KindSpec for PipelineSpec {
                 ),
             ));
         }
+    }
+}
+
+fn check_matrix(errors: &mut Vec<FieldError>, at: &str, step: &Step) {
+    let p = field(at, "matrix");
+    for (k, values) in &step.matrix {
+        let kp = key(&p, k);
+        check_env_name(errors, &kp, k);
+        if values.is_empty() {
+            errors.push(FieldError::new(&kp, "name at least one value"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (j, v) in values.iter().enumerate() {
+            if !seen.insert(v) {
+                errors.push(FieldError::new(
+                    index(&kp, j),
+                    format!("{v:?} is listed twice"),
+                ));
+            }
+        }
+    }
+    if step.expansions() > MAX_MATRIX {
+        errors.push(FieldError::new(
+            p,
+            format!("{} combinations; at most {MAX_MATRIX}", step.expansions()),
+        ));
+    }
+}
+
+/// A path inside the checkout: relative, with no `..`.
+fn check_relative_path(errors: &mut Vec<FieldError>, path: &str, value: &str) {
+    let bad = if value.trim().is_empty() {
+        Some("must not be empty")
+    } else if value.starts_with('/') {
+        Some("must be relative to the checkout (no leading '/')")
+    } else if value.split('/').any(|c| c == "..") {
+        Some("must stay inside the checkout (no '..')")
+    } else {
+        None
+    };
+    if let Some(why) = bad {
+        errors.push(FieldError::new(path, format!("{value:?} {why}")));
     }
 }
 
@@ -677,8 +904,8 @@ pub fn glob_match(pattern: &str, value: &str) -> bool {
     p[pi..].iter().all(|&c| c == b'*')
 }
 
-/// The spec of a PipelineRun: what to run. Written by the server when a run is started; only `cancel` changes
-/// afterwards. Its status is the runner queue's record (phase, lease, epoch) and each step's outcome.
+/// The spec of a PipelineRun: what to run. Written by the server when a run is started; only `cancel` and
+/// `approvals` change afterwards. Its status is the runner queue's record (phase, lease, epoch) and each step's outcome.
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PipelineRunSpec {
@@ -711,6 +938,24 @@ pub struct PipelineRunSpec {
     /// The run this one repeats (`kiln pipeline rerun`): the same pipeline snapshot, commit and parameters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rerun_of: Option<String>,
+    /// Approvals given to its approval steps (`kiln approve run`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approvals: Vec<StepApproval>,
+}
+
+/// An approval of one approval step of a run.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StepApproval {
+    /// The approval step.
+    pub step: String,
+    /// Who approved it.
+    pub by: String,
+    /// When (RFC 3339).
+    pub at: String,
+    /// Rejected instead: the step fails.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rejected: bool,
 }
 
 /// What a trigger reported when it started a run.

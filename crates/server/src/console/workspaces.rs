@@ -131,7 +131,7 @@ async fn provisioners_section(
     out.push_str(&html::table(&["Name", "Kind", "Types", "Tags"], &rows));
     if hub::is_admin(state, p, org).await {
         out.push_str("<h3>Provisioner keys</h3>");
-        let keys = provisioners::keys_of(state, org).await?;
+        let keys = crate::keys::PROVISIONER_KEYS.list(state, org).await?;
         let rows: Vec<Vec<String>> = keys
             .iter()
             .map(|k| {

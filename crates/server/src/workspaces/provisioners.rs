@@ -11,7 +11,6 @@
 //! - `POST /api/v1/provisioner/jobs/{org}/{name}/logs|renew|complete` with the claim's `epoch`: a stale epoch,
 //!   an ended job or another provisioner's job is refused (`409`/`404`), which tells the provisioner to stop.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -24,15 +23,16 @@ use model::kinds::ProvisionerType;
 use model::Kind;
 use provision::worker::Line;
 use provision::{Finished, JobRef};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{json, Value};
 use store::StoreError;
 
 use super::builtin;
-use crate::auth::{self, Principal};
+use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult};
+use crate::keys::{self, KeyRecord, PROVISIONER_KEYS};
 use crate::rbac::{self, Verb};
-use crate::resources::{decode_json, read_body, AuditSlotExt};
+use crate::resources::{decode_json, read_body};
 use crate::routes::{Api, Op};
 use crate::AppState;
 
@@ -51,7 +51,7 @@ pub fn register(api: Api) -> Api {
             "Creates a provisioner key with tags (administrators); the key is shown once",
         )
         .returns(201, None),
-        create_key,
+        keys::create_handler::<ProvisionerKeys>,
     )
     .op(
         Op::new(
@@ -62,7 +62,7 @@ pub fn register(api: Api) -> Api {
             "The organization's provisioner keys: name, tags, who made each and when (administrators)",
         )
         .returns(200, None),
-        list_keys,
+        keys::list_handler::<ProvisionerKeys>,
     )
     .op(
         Op::new(
@@ -73,7 +73,7 @@ pub fn register(api: Api) -> Api {
             "Deletes a provisioner key: provisioners using it are refused from their next request",
         )
         .returns(204, None),
-        delete_key,
+        keys::delete_handler::<ProvisionerKeys>,
     )
     .op(
         Op::new(
@@ -137,134 +137,19 @@ pub fn register(api: Api) -> Api {
     )
 }
 
-/// A stored provisioner key (the blob `provisioner-key/<org>/<name>`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct KeyRecord {
-    name: String,
-    organization: String,
-    #[serde(default)]
-    tags: BTreeMap<String, String>,
-    /// SHA-256 of the secret.
-    hash: String,
-    created_at: String,
-    created_by: String,
-}
+/// Provisioner keys' routes.
+pub(crate) struct ProvisionerKeys;
 
-impl KeyRecord {
-    fn shown(&self) -> Value {
-        json!({
-            "name": self.name,
-            "tags": self.tags,
-            "createdAt": self.created_at,
-            "createdBy": self.created_by,
-        })
-    }
-}
+impl crate::keys::Keys for ProvisionerKeys {
+    const KIND: &'static crate::keys::KeyKind = &PROVISIONER_KEYS;
 
-fn key_blob(org: &str, name: &str) -> String {
-    format!("provisioner-key/{org}/{name}")
-}
-
-async fn admin(state: &AppState, principal: &Principal, org: &str) -> ApiResult<()> {
-    let access = rbac::org_access(state, principal, org).await?;
-    access.check(
-        Verb::Create,
-        Kind::Template,
-        None,
-        &format!("provisioner keys of organization {org}"),
-    )
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreateKey {
-    name: String,
-    #[serde(default)]
-    tags: BTreeMap<String, String>,
-}
-
-async fn create_key(
-    State(state): State<AppState>,
-    principal: Principal,
-    slot: AuditSlotExt,
-    Path(org): Path<String>,
-    body: Body,
-) -> ApiResult<Response> {
-    admin(&state, &principal, &org).await?;
-    let req: CreateKey = decode_json(&read_body(&state, body).await?)?;
-    slot.0
-        .set_target("ProvisionerKey", Some(&org), None, Some(&req.name));
-    let mut errors = Vec::new();
-    if let Err(e) = model::validate_name("name", &req.name) {
-        errors.push(e);
-    }
-    for (k, v) in &req.tags {
-        let path = format!("tags.{k}");
-        if let Err(e) = model::validate_label_key(&path, k) {
-            errors.push(e);
-        }
-        if let Err(e) = model::validate_label_value(&path, v) {
-            errors.push(e);
+    fn deleted(state: &AppState, org: &str, name: &str) {
+        for p in state.provisioners.live() {
+            if p.name.starts_with(&format!("{org}/{name}/")) {
+                state.provisioners.gone(&p.name);
+            }
         }
     }
-    if !errors.is_empty() {
-        return Err(ApiError::invalid(
-            "invalid provisioner key",
-            model::Invalid { errors },
-        ));
-    }
-    let blob = key_blob(&org, &req.name);
-    if state.store.get_blob(&blob).await?.is_some() {
-        return Err(ApiError::conflict(format!(
-            "provisioner key {} already exists in organization {org}; delete it first to make a new one",
-            req.name
-        )));
-    }
-    let secret = auth::new_secret();
-    let record = KeyRecord {
-        name: req.name.clone(),
-        organization: org.clone(),
-        tags: req.tags,
-        hash: auth::hash_secret(&secret),
-        created_at: jiff::Timestamp::now().to_string(),
-        created_by: principal.user.name.clone(),
-    };
-    let bytes = serde_json::to_vec(&record).map_err(ApiError::internal)?;
-    state.store.put_blob(&blob, bytes).await?;
-    let mut shown = record.shown();
-    shown["key"] = json!(format!("{org}.{}.{secret}", record.name));
-    Ok((StatusCode::CREATED, Json(shown)).into_response())
-}
-
-async fn read_key(state: &AppState, org: &str, name: &str) -> ApiResult<Option<KeyRecord>> {
-    let Some(bytes) = state.store.get_blob(&key_blob(org, name)).await? else {
-        return Ok(None);
-    };
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(ApiError::internal)
-}
-
-async fn list_keys(
-    State(state): State<AppState>,
-    principal: Principal,
-    Path(org): Path<String>,
-) -> ApiResult<Json<Value>> {
-    admin(&state, &principal, &org).await?;
-    Ok(Json(json!({ "items": keys_of(&state, &org).await? })))
-}
-
-/// The organization's keys as shown (no hash).
-pub(crate) async fn keys_of(state: &AppState, org: &str) -> ApiResult<Vec<Value>> {
-    let mut items = Vec::new();
-    for blob in state.store.blob_names(&key_blob(org, "")).await? {
-        let name = blob.rsplit('/').next().unwrap_or_default();
-        if let Some(k) = read_key(state, org, name).await? {
-            items.push(k.shown());
-        }
-    }
-    Ok(items)
 }
 
 /// The live provisioners that serve an organization (built-in ones serve every organization).
@@ -275,28 +160,6 @@ pub(crate) fn live_for(state: &AppState, org: &str) -> Vec<ProvisionerInfo> {
         .into_iter()
         .filter(|p| p.organization.as_deref().is_none_or(|o| o == org))
         .collect()
-}
-
-async fn delete_key(
-    State(state): State<AppState>,
-    principal: Principal,
-    slot: AuditSlotExt,
-    Path((org, name)): Path<(String, String)>,
-) -> ApiResult<Response> {
-    admin(&state, &principal, &org).await?;
-    slot.0
-        .set_target("ProvisionerKey", Some(&org), None, Some(&name));
-    if !state.store.delete_blob(&key_blob(&org, &name)).await? {
-        return Err(ApiError::not_found(format!(
-            "provisioner key {name} does not exist in organization {org}"
-        )));
-    }
-    for p in state.provisioners.live() {
-        if p.name.starts_with(&format!("{org}/{name}/")) {
-            state.provisioners.gone(&p.name);
-        }
-    }
-    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn list_live(
@@ -323,33 +186,6 @@ async fn list_live(
         })
         .collect();
     Ok(Json(json!({ "items": items })))
-}
-
-fn bad_key() -> ApiError {
-    ApiError::unauthorized(
-        "invalid provisioner key: create one with `kiln provisioner keys create NAME` and pass it with --key or KILN_PROVISIONER_KEY",
-    )
-}
-
-/// The key a provisioner request presents (`Authorization: Bearer <org>.<name>.<secret>`).
-async fn authenticate(state: &AppState, headers: &HeaderMap) -> ApiResult<KeyRecord> {
-    let token = auth::bearer_token(headers).ok_or_else(bad_key)?;
-    let mut parts = token.splitn(3, '.');
-    let (Some(org), Some(name), Some(secret)) = (parts.next(), parts.next(), parts.next()) else {
-        return Err(bad_key());
-    };
-    if model::validate_name("", org).is_err() || model::validate_name("", name).is_err() {
-        return Err(bad_key());
-    }
-    let record = read_key(state, org, name).await?.ok_or_else(bad_key)?;
-    let given = auth::hash_secret(secret);
-    if !bool::from(subtle::ConstantTimeEq::ct_eq(
-        record.hash.as_bytes(),
-        given.as_bytes(),
-    )) {
-        return Err(bad_key());
-    }
-    Ok(record)
 }
 
 #[derive(Debug, Deserialize)]
@@ -381,23 +217,9 @@ async fn acquire(
     Query(q): Query<WaitQuery>,
     body: Body,
 ) -> ApiResult<Response> {
-    let key = authenticate(&state, &headers).await?;
+    let key = PROVISIONER_KEYS.authenticate(&state, &headers).await?;
     let req: AcquireRequest = decode_json(&read_body(&state, body).await?)?;
-    let name_ok = !req.name.is_empty()
-        && req.name.len() <= 128
-        && req
-            .name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-    if !name_ok {
-        return Err(ApiError::invalid(
-            "invalid provisioner",
-            model::Invalid::one(
-                "name",
-                "1 to 128 letters, digits, '-', '_' or '.' (e.g. the host name)",
-            ),
-        ));
-    }
+    keys::check_worker_name("provisioner", &req.name)?;
     if req.types.is_empty() {
         return Err(ApiError::invalid(
             "invalid provisioner",
@@ -518,7 +340,7 @@ async fn held_request<T: serde::de::DeserializeOwned + HasEpoch>(
     name: &str,
     body: Body,
 ) -> ApiResult<(JobRef, T)> {
-    let key = authenticate(state, headers).await?;
+    let key = PROVISIONER_KEYS.authenticate(state, headers).await?;
     let req: T = decode_json(&read_body(state, body).await?)?;
     let job = check_holder(state, &key, org, name, req.epoch()).await?;
     Ok((job, req))
