@@ -14,8 +14,8 @@
 use std::sync::Arc;
 
 use model::kinds::{
-    BindingState, ComponentSpec, DeploymentPipelineSpec, ReleaseBindingSpec, ReleaseSnapshot,
-    ReleaseSpec, RELEASE_HASH_LEN,
+    BindingState, Build, ComponentSpec, DeploymentPipelineSpec, PipelineRunSpec,
+    ReleaseBindingSpec, ReleaseSnapshot, ReleaseSpec, PIPELINE_LABEL, RELEASE_HASH_LEN,
 };
 use model::{ConditionStatus, Kind, ObjectMeta, Resource};
 use runtime::conditions::{new_condition, set_condition};
@@ -52,12 +52,109 @@ pub(crate) fn controller(store: Store) -> Controller<ComponentController> {
     let pipelines = StoreSource::new(store.clone(), Kind::DeploymentPipeline);
     let environments = StoreSource::new(store.clone(), Kind::Environment);
     let bindings = StoreSource::new(store.clone(), Kind::ReleaseBinding);
+    let runs = StoreSource::new(store.clone(), Kind::PipelineRun);
     Controller::new("components", components, ComponentController::new(store))
         .concurrency(4)
         .watches(projects, components_of_project)
         .watches(pipelines, components_of_organization)
         .watches(environments, components_of_organization)
         .watches(bindings, component_of_child)
+        .watches(runs, components_built_by)
+}
+
+/// The components built by the pipeline a run belongs to (same organization).
+fn components_built_by(run: &Resource, components: &Cache) -> Vec<Key> {
+    let Some(pipeline) = spec_str(run, "pipeline") else {
+        return Vec::new();
+    };
+    let org = &run.metadata.organization;
+    keys(components.filter(|c| {
+        &c.metadata.organization == org
+            && c.spec
+                .get("build")
+                .and_then(|b| b.get("pipeline"))
+                .and_then(Value::as_str)
+                == Some(pipeline)
+    }))
+}
+
+/// An artifact a pipeline run built for a component.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Built {
+    /// The run that built it.
+    pub run: String,
+    /// The commit it built.
+    pub commit: Option<String>,
+    /// The output's value.
+    pub value: String,
+    /// Where the file is, when the artifact is a file (an absolute path, or one of the run's saved artifacts);
+    /// otherwise the value is an image reference.
+    pub file: Option<String>,
+}
+
+/// The artifact of the newest successful run of `build.pipeline` on the component's branch that set the
+/// output; `None` when there is none yet.
+pub fn newest_build(runs: &[Resource], spec: &ComponentSpec, build: &Build) -> Option<Built> {
+    let wanted_branch = build
+        .branch
+        .clone()
+        .or_else(|| spec.source.as_ref().map(|s| s.git.branch.clone()));
+    let output = build.output_name();
+    runs.iter()
+        .filter(|r| r.status.get("phase").and_then(Value::as_str) == Some("Succeeded"))
+        .filter_map(|r| {
+            let run: PipelineRunSpec = model::typed_spec(r).ok()?;
+            let branch = wanted_branch
+                .clone()
+                .unwrap_or_else(|| run.snapshot.source.branch.clone());
+            if run.branch != branch {
+                return None;
+            }
+            let value = r.status.get("outputs")?.get(output)?.as_str()?.to_string();
+            let saved = r
+                .status
+                .get("artifacts")
+                .and_then(Value::as_array)
+                .is_some_and(|a| a.iter().any(|p| p.as_str() == Some(value.as_str())));
+            let dir = r.status.get("artifactsDir").and_then(Value::as_str);
+            let file = match dir {
+                Some(dir) if saved => Some(format!("{dir}/{value}")),
+                _ if value.starts_with('/') => Some(value.clone()),
+                _ => None,
+            };
+            let built = Built {
+                run: r.metadata.name.clone(),
+                commit: r
+                    .status
+                    .get("commit")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
+                value,
+                file,
+            };
+            Some((run.number, built))
+        })
+        .max_by_key(|(n, _)| *n)
+        .map(|(_, b)| b)
+}
+
+/// The snapshot with a built artifact in place: the image, or the program of the command.
+pub fn with_artifact(mut snap: ReleaseSnapshot, built: &Built) -> ReleaseSnapshot {
+    snap.artifact = Some(built.value.clone());
+    let mut w = snap.workload.take().unwrap_or_default();
+    match &built.file {
+        Some(path) => {
+            let mut command = w.command.take().unwrap_or_default();
+            match command.first_mut() {
+                Some(program) => *program = path.clone(),
+                None => command.push(path.clone()),
+            }
+            w.command = Some(command);
+        }
+        None => w.image = Some(built.value.clone()),
+    }
+    snap.workload = Some(w);
+    snap
 }
 
 /// The component a release or binding belongs to (its label, else its `spec.component`): a binding's status
@@ -515,10 +612,55 @@ impl Reconciler for ComponentController {
                     .action());
             }
         };
-        let runnable = spec
-            .workload
-            .as_ref()
-            .is_some_and(|w| w.image.is_some() || w.command.is_some());
+        let build = spec.build.clone().filter(|b| b.pipeline.is_some());
+        let built = match &build {
+            Some(b) => {
+                let pipeline = b.pipeline.clone().unwrap_or_default();
+                let org = obj.metadata.organization.clone();
+                let query = ListQuery {
+                    kind: Some(Kind::PipelineRun),
+                    organization: org,
+                    selector: Some(format!("{PIPELINE_LABEL}={pipeline}")),
+                    ..ListQuery::default()
+                };
+                let runs = self
+                    .store
+                    .list(&query)
+                    .await
+                    .map_err(store_err("listing the pipeline runs of", &ctx.key))?
+                    .items;
+                match newest_build(&runs, &spec, b) {
+                    Some(built) => Some(built),
+                    None => {
+                        let message = format!(
+                            "waiting for a successful run of pipeline {pipeline} that sets the output {:?} \
+                             (a step writes {}=<image or file> to $KILN_OUTPUT)",
+                            b.output_name(),
+                            b.output_name()
+                        );
+                        set_condition(
+                            &mut status,
+                            new_condition(
+                                "Released",
+                                ConditionStatus::False,
+                                "AwaitingBuild",
+                                message,
+                                generation,
+                            ),
+                        );
+                        return Ok(write_status(&self.store, &ctx.key, &obj, status)
+                            .await?
+                            .action());
+                    }
+                }
+            }
+            None => None,
+        };
+        let runnable = built.is_some()
+            || spec
+                .workload
+                .as_ref()
+                .is_some_and(|w| w.image.is_some() || w.command.is_some());
         if !runnable {
             let message = "nothing to run yet: set spec.workload.image or spec.workload.command (builds from spec.source come from pipelines)";
             set_condition(
@@ -535,7 +677,10 @@ impl Reconciler for ComponentController {
                 .await?
                 .action());
         }
-        let snap = snapshot(&spec);
+        let snap = match &built {
+            Some(b) => with_artifact(snapshot(&spec), b),
+            None => snapshot(&spec),
+        };
         let hash = content_hash(&snap);
         let name = release_name(&obj.metadata.name, &hash);
         let release = ReleaseSpec {
@@ -560,7 +705,17 @@ impl Reconciler for ComponentController {
                 "Released",
                 ConditionStatus::True,
                 "Released",
-                format!("release {name} is current"),
+                match &built {
+                    Some(b) => format!(
+                        "release {name} is current, built by run {}{}",
+                        b.run,
+                        b.commit
+                            .as_deref()
+                            .map(|c| format!(" at commit {}", &c[..c.len().min(12)]))
+                            .unwrap_or_default()
+                    ),
+                    None => format!("release {name} is current"),
+                },
                 generation,
             ),
         );
@@ -682,5 +837,64 @@ mod tests {
         assert_eq!(first_environment(&p).as_deref(), Some("dev"));
         let empty: DeploymentPipelineSpec = serde_json::from_value(json!({})).unwrap();
         assert_eq!(first_environment(&empty), None);
+    }
+}
+
+#[cfg(test)]
+mod build_tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn run(number: u64, branch: &str, phase: &str, outputs: Value) -> Resource {
+        serde_json::from_value(json!({
+            "apiVersion": "kiln.dev/v1",
+            "kind": "PipelineRun",
+            "metadata": {"name": format!("ci-{number}"), "organization": "default"},
+            "spec": {
+                "pipeline": "ci", "number": number, "branch": branch,
+                "snapshot": {"source": {"repository": "/r.git", "branch": "main"}, "steps": [{"name": "b", "commands": ["true"]}]},
+            },
+            "status": {"phase": phase, "outputs": outputs, "commit": "abc123",
+                       "artifacts": ["dist/app"], "artifactsDir": "/data/artifacts/default/ci-4"},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_newest_successful_run_on_the_branch_with_the_output_is_the_build() {
+        let spec: ComponentSpec = serde_json::from_value(json!({
+            "type": "service", "build": {"pipeline": "ci"}, "workload": {"command": ["old", "--port", "8080"]},
+        }))
+        .unwrap();
+        let build = spec.build.clone().unwrap();
+        let runs = vec![
+            run(1, "main", "Succeeded", json!({"artifact": "shop/api:1"})),
+            run(2, "main", "Succeeded", json!({"artifact": "shop/api:2"})),
+            run(3, "main", "Failed", json!({"artifact": "shop/api:3"})),
+            run(4, "main", "Succeeded", json!({"artifact": "dist/app"})),
+            run(5, "topic", "Succeeded", json!({"artifact": "shop/api:5"})),
+            run(6, "main", "Succeeded", json!({"other": "x"})),
+        ];
+        let built = newest_build(&runs, &spec, &build).expect("a build");
+        assert_eq!(built.run, "ci-4");
+        assert_eq!(
+            built.file.as_deref(),
+            Some("/data/artifacts/default/ci-4/dist/app")
+        );
+        let snap = with_artifact(snapshot(&spec), &built);
+        assert_eq!(snap.artifact.as_deref(), Some("dist/app"));
+        let command = snap.workload.unwrap().command.unwrap();
+        assert_eq!(
+            command,
+            ["/data/artifacts/default/ci-4/dist/app", "--port", "8080"]
+        );
+        // An image reference becomes the image.
+        let built = newest_build(&runs[..3], &spec, &build).unwrap();
+        assert_eq!((built.run.as_str(), built.file.clone()), ("ci-2", None));
+        let snap = with_artifact(snapshot(&spec), &built);
+        assert_eq!(snap.workload.unwrap().image.as_deref(), Some("shop/api:2"));
+        // No run of the branch set the output yet.
+        assert_eq!(newest_build(&runs[2..3], &spec, &build), None);
     }
 }

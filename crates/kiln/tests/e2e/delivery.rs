@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use crate::harness::*;
 
 /// Polls the binding until it is Ready on a release, returning (release, endpoint addresses).
-fn ready_binding(s: &Server, name: &str, not: Option<&str>) -> (String, Vec<String>) {
+pub fn ready_binding(s: &Server, name: &str, not: Option<&str>) -> (String, Vec<String>) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let out = s.kiln(&["get", "releasebinding", name, "-p", "shop", "-o", "json"]);

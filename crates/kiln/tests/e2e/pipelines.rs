@@ -544,3 +544,107 @@ spec:
         stderr(&bad)
     );
 }
+
+#[test]
+fn a_successful_run_on_the_branch_becomes_a_release_deployed_to_the_first_environment() {
+    let s = Server::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (repo, _) = repository(tmp.path());
+    let envs = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/local-environments.yaml"
+    );
+    ok(s.kiln(&["apply", "-f", envs]));
+    let manifest = format!(
+        r#"apiVersion: kiln.dev/v1
+kind: Pipeline
+metadata: {{name: api-ci}}
+spec:
+  source: {{repository: "{repo}"}}
+  steps:
+    - name: build
+      environment: {{TESTSVC: "{svc}"}}
+      artifacts: [dist/api]
+      commands: ["mkdir -p dist", "cp \"$TESTSVC\" dist/api", "echo artifact=dist/api >> \"$KILN_OUTPUT\""]
+---
+apiVersion: kiln.dev/v1
+kind: Project
+metadata: {{name: shop}}
+---
+apiVersion: kiln.dev/v1
+kind: Component
+metadata: {{name: api, project: shop}}
+spec:
+  type: service
+  build: {{pipeline: api-ci}}
+  workload:
+    env: [{{name: SERVICE_NAME, value: api}}]
+  endpoints: [{{name: http, port: 8080, visibility: public}}]
+  probes:
+    readiness: {{httpGet: {{path: /healthz, port: 8080}}, periodSeconds: 1}}
+"#,
+        svc = testsvc::binary().display()
+    );
+    let file = tmp.path().join("built.yaml");
+    std::fs::write(&file, manifest).unwrap();
+    ok(s.kiln(&["apply", "-f", file.to_str().unwrap()]));
+
+    // Nothing is released before a build.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let c: serde_json::Value = serde_json::from_str(&ok(s.kiln(&[
+            "get",
+            "component",
+            "api",
+            "-p",
+            "shop",
+            "-o",
+            "json",
+        ])))
+        .unwrap();
+        let released = c["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == "Released")
+            .cloned();
+        if let Some(r) = released {
+            assert_eq!(r["reason"], "AwaitingBuild", "{c:#}");
+            assert!(
+                r["message"].as_str().unwrap().contains("pipeline api-ci"),
+                "{c:#}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "{c:#}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // A successful run makes the release, and auto-deploy runs the built file in dev.
+    let out = s.kiln(&["pipeline", "run", "api-ci", "-f"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let (release, addrs) = crate::delivery::ready_binding(&s, "api-dev", None);
+    let (_, body) = http_get(&format!("http://{}/", addrs[0])).unwrap();
+    assert_eq!(
+        body,
+        format!("hello from api (release {release}, replica 0)\n")
+    );
+    let r: serde_json::Value = serde_json::from_str(&ok(
+        s.kiln(&["get", "release", &release, "-p", "shop", "-o", "json"])
+    ))
+    .unwrap();
+    assert_eq!(r["spec"]["snapshot"]["artifact"], "dist/api", "{r:#}");
+    let program = r["spec"]["snapshot"]["workload"]["command"][0]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        program.ends_with("artifacts/default/api-ci-1/dist/api"),
+        "{r:#}"
+    );
+
+    // The next successful run is the next release.
+    let out = s.kiln(&["pipeline", "run", "api-ci", "-f"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let (second, _) = crate::delivery::ready_binding(&s, "api-dev", Some(&release));
+    assert_ne!(second, release);
+}

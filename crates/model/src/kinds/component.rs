@@ -137,6 +137,26 @@ pub struct Build {
     /// Path of a Dockerfile relative to the source folder.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dockerfile: Option<String>,
+    /// A Pipeline (same organization) whose successful runs on `branch` make this component's releases: the
+    /// run's output named `output` is the artifact.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<String>,
+    /// The branch whose runs are released. Default: `spec.source.git.branch`, else the pipeline's branch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+    /// The run output (a step writes `NAME=value` lines to the file `$KILN_OUTPUT`) that holds the artifact:
+    /// an image reference (it becomes `workload.image`), or a file path (it becomes the program of
+    /// `workload.command`, for the process data plane), either absolute or one of the run's saved artifacts.
+    /// Default `artifact`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+}
+
+impl Build {
+    /// The run output that holds the artifact.
+    pub fn output_name(&self) -> &str {
+        self.output.as_deref().unwrap_or("artifact")
+    }
 }
 
 /// A network endpoint the component serves.
@@ -320,14 +340,24 @@ impl KindSpec for ComponentSpec {
                     "set either buildpacks or dockerfile, not both",
                 ));
             }
-            if self.source.is_none() {
+            if let Some(p) = &build.pipeline {
+                check_name(errors, "spec.build.pipeline", p);
+            }
+            if let Some(b) = &build.branch {
+                super::pipeline::check_ref_name(errors, "spec.build.branch", b);
+            }
+            if let Some(o) = &build.output {
+                check_not_blank(errors, "spec.build.output", o);
+            }
+            if self.source.is_none() && build.pipeline.is_none() {
                 errors.push(FieldError::new(
                     "spec.build",
-                    "requires spec.source (there is nothing to build)",
+                    "requires spec.source or spec.build.pipeline (there is nothing to build)",
                 ));
             }
         }
         let runs_something = self.source.is_some()
+            || self.build.as_ref().is_some_and(|b| b.pipeline.is_some())
             || self
                 .workload
                 .as_ref()
@@ -335,7 +365,7 @@ impl KindSpec for ComponentSpec {
         if !runs_something {
             errors.push(FieldError::new(
                 "spec",
-                "nothing to run: set spec.source (built into an image), spec.workload.image or spec.workload.command",
+                "nothing to run: set spec.source (built into an image), spec.build.pipeline, spec.workload.image or spec.workload.command",
             ));
         }
         if let Some(w) = &self.workload {
