@@ -118,11 +118,18 @@ pub async fn serve<Q: Queue>(
             Some(()) = under_way.next(), if !under_way.is_empty() => continue,
             _ = stop.changed() => break,
         };
-        let acquired = tokio::select! {
-            r = queue.acquire() => r,
-            Some(()) = under_way.next(), if !under_way.is_empty() => { drop(permit); continue; }
-            _ = stop.changed() => break,
+        // The acquire is never abandoned for a run that ends meanwhile: dropped after its claim was written,
+        // the claimed run would wait for its lease to expire.
+        let acquire = queue.acquire();
+        tokio::pin!(acquire);
+        let acquired = loop {
+            tokio::select! {
+                r = &mut acquire => break Some(r),
+                Some(()) = under_way.next(), if !under_way.is_empty() => {}
+                _ = stop.changed() => break None,
+            }
         };
+        let Some(acquired) = acquired else { break };
         match acquired {
             Ok(Some(job)) => {
                 failures = 0;

@@ -278,9 +278,14 @@ pub async fn new_run(
                         vec![LogLine::now("queue", line)],
                     )
                     .await?;
-                return Ok(store
-                    .update_status(&key, Value::Object(status), None)
-                    .await?);
+                // Conditional: a runner may have claimed the run already, and its claim must stand (an
+                // unconditional write would make the run pending again, to be claimed a second time).
+                let rv = created.metadata.resource_version.as_deref();
+                return match store.update_status(&key, Value::Object(status), rv).await {
+                    Ok(written) => Ok(written),
+                    Err(StoreError::Conflict { .. }) => Ok(store.get(&key).await?),
+                    Err(e) => Err(e.into()),
+                };
             }
             // Another start took this number.
             Err(StoreError::AlreadyExists(_)) => number += 1,
@@ -318,7 +323,19 @@ async fn rerun(
     principal: Principal,
     Path((org, name)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    let access = rbac::org_access(&state, &principal, &org).await?;
+    let run = rerun_run(&state, &principal, &org, &name).await?;
+    Ok((StatusCode::CREATED, Json(run)).into_response())
+}
+
+/// Starts a new run repeating run `name`; answers it.
+pub(crate) async fn rerun_run(
+    state: &AppState,
+    principal: &Principal,
+    org: &str,
+    name: &str,
+) -> ApiResult<Resource> {
+    let (org, name) = (org.to_string(), name.to_string());
+    let access = rbac::org_access(state, principal, &org).await?;
     access.check(
         Verb::Create,
         Kind::PipelineRun,
@@ -351,7 +368,7 @@ async fn rerun(
     };
     let run = new_run(&state.store, &org, &spec.pipeline, spec.snapshot, start).await?;
     state.runs.queued();
-    Ok((StatusCode::CREATED, Json(run)).into_response())
+    Ok(run)
 }
 
 async fn cancel_run(
@@ -359,19 +376,29 @@ async fn cancel_run(
     principal: Principal,
     Path((org, name)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    let access = rbac::org_access(&state, &principal, &org).await?;
+    Ok(Json(cancel(&state, &principal, &org, &name).await?).into_response())
+}
+
+/// Cancels run `name` (a queued one ends at once); answers it.
+pub(crate) async fn cancel(
+    state: &AppState,
+    principal: &Principal,
+    org: &str,
+    name: &str,
+) -> ApiResult<Resource> {
+    let access = rbac::org_access(state, principal, org).await?;
     access.check(
         Verb::Update,
         Kind::PipelineRun,
         None,
         &format!("run {name}"),
     )?;
-    let key = org_key(Kind::PipelineRun, &org, &name);
+    let key = org_key(Kind::PipelineRun, org, name);
     loop {
         let mut run = state.store.get(&key).await?;
         let phase = jobs::phase(&run);
         if phase.is_final() {
-            return Ok(Json(run).into_response());
+            return Ok(run);
         }
         if run.spec.get("cancel").and_then(Value::as_bool) != Some(true) {
             run.spec["cancel"] = json!(true);
@@ -405,24 +432,26 @@ async fn cancel_run(
                 .update_status(&key, Value::Object(status), rv.as_deref())
                 .await
             {
-                Ok(r) => return Ok(Json(r).into_response()),
+                Ok(r) => return Ok(r),
                 // A runner claimed it meanwhile: it sees the cancel at its next renewal.
                 Err(StoreError::Conflict { .. }) => run = state.store.get(&key).await?,
                 Err(e) => return Err(e.into()),
             }
         }
-        return Ok(Json(run).into_response());
+        return Ok(run);
     }
 }
 
 /// What `POST …/pipelineruns/{name}/approve` takes.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ApproveRequest {
+pub(crate) struct ApproveRequest {
+    /// The approval step (default: the one that waits).
     #[serde(default)]
-    step: Option<String>,
+    pub step: Option<String>,
+    /// Reject instead: the step fails.
     #[serde(default)]
-    reject: bool,
+    pub reject: bool,
 }
 
 async fn approve(
@@ -431,8 +460,8 @@ async fn approve(
     Path((org, name)): Path<(String, String)>,
     body: axum::body::Body,
 ) -> ApiResult<Response> {
-    let access = rbac::org_access(&state, &principal, &org).await?;
-    access.check(
+    // Access first: a caller who may not approve learns nothing from the body's errors.
+    rbac::org_access(&state, &principal, &org).await?.check(
         Verb::Update,
         Kind::PipelineRun,
         None,
@@ -444,7 +473,25 @@ async fn approve(
     } else {
         crate::resources::decode_json(&bytes)?
     };
-    let key = org_key(Kind::PipelineRun, &org, &name);
+    Ok(Json(approve_run(&state, &principal, &org, &name, req).await?).into_response())
+}
+
+/// Approves (or rejects) an approval step of run `name`; answers the run as written.
+pub(crate) async fn approve_run(
+    state: &AppState,
+    principal: &Principal,
+    org: &str,
+    name: &str,
+    req: ApproveRequest,
+) -> ApiResult<Resource> {
+    let access = rbac::org_access(state, principal, org).await?;
+    access.check(
+        Verb::Update,
+        Kind::PipelineRun,
+        None,
+        &format!("run {name}"),
+    )?;
+    let key = org_key(Kind::PipelineRun, org, name);
     loop {
         let mut run = state.store.get(&key).await?;
         let phase = jobs::phase(&run);
@@ -520,7 +567,7 @@ async fn approve(
                         vec![LogLine::now("queue", line)],
                     )
                     .await?;
-                return Ok(Json(written).into_response());
+                return Ok(written);
             }
             Err(StoreError::Conflict { .. }) => continue,
             Err(e) => return Err(e.into()),

@@ -318,6 +318,10 @@ async fn every_non_public_route_requires_authentication() {
         "/api/v1/provisioner/jobs/{org}/{name}/logs",
         "/api/v1/provisioner/jobs/{org}/{name}/renew",
         "/api/v1/provisioner/jobs/{org}/{name}/complete",
+        // The runner queue: authenticated with a runner token, not a user's.
+        "/api/v1/runner/acquire",
+        "/api/v1/runner/runs/{org}/{name}/{op}",
+        "/api/v1/runner/runs/{org}/{name}/artifacts/{*path}",
         // Webhook deliveries: verified by the trigger's signature or token, not a user's.
         "/api/v1/hooks/{org}/{pipeline}/{trigger}",
     ];
@@ -416,20 +420,18 @@ fn kind_of_path(path: &str) -> Option<Kind> {
     })
 }
 
-/// The provisioner key `fixture` of an organization, made (again) by the server's admin.
-async fn provisioner_key_fixture(e: &Env, org: &str) {
+/// The key `fixture` of an organization in `collection` (`provisionerkeys`, `runnertokens`), made (again) by
+/// the server's admin.
+async fn key_fixture(e: &Env, org: &str, collection: &str) {
     let (s, b) = call(
         &e.app,
         Method::POST,
-        &format!("/api/v1/orgs/{org}/provisionerkeys"),
+        &format!("/api/v1/orgs/{org}/{collection}"),
         Some(&e.admin),
         Some(json!({"name": "fixture"})),
     )
     .await;
-    assert!(
-        s.is_success(),
-        "making provisioner key fixture in {org}: {b}"
-    );
+    assert!(s.is_success(), "making {collection} fixture in {org}: {b}");
 }
 
 #[tokio::test]
@@ -437,8 +439,16 @@ async fn rbac_every_route_by_role_and_organization() {
     let e = env().await;
     seed_org(&e, "alpha").await;
     seed_org(&e, "beta").await;
-    provisioner_key_fixture(&e, "alpha").await;
-    provisioner_key_fixture(&e, "beta").await;
+    for org in ["alpha", "beta"] {
+        key_fixture(&e, org, "provisionerkeys").await;
+        key_fixture(&e, org, "runnertokens").await;
+    }
+    // An artifact of each organization's fixture run, for the artifact route.
+    for org in ["alpha", "beta"] {
+        let dir = e._tmp.path().join(format!("artifacts/{org}/fixture/dist"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("out.txt"), "fixture\n").unwrap();
+    }
     let roles = ["owner", "admin", "developer", "viewer"];
     let mut tokens = BTreeMap::new();
     for r in roles {
@@ -485,19 +495,32 @@ async fn rbac_every_route_by_role_and_organization() {
                         .await;
                         (s, b, "forbidden")
                     }
-                    (p, _) if p.contains("/provisionerkeys") || p.ends_with("/provisioners") => {
-                        // Keys are the administrators'; the live provisioners are readable like templates.
+                    (p, _)
+                        if p.contains("/provisionerkeys")
+                            || p.ends_with("/provisioners")
+                            || p.contains("/runnertokens")
+                            || p.ends_with("/runners") =>
+                    {
+                        // Keys are the administrators'; the live provisioners are readable like templates,
+                        // the live runners like pipelines.
                         let req_path = p.replace("{org}", org).replace("{name}", "fixture");
                         let body = (op.method == Method::POST)
                             .then(|| json!({"name": format!("by-{role}"), "tags": {"site": "a"}}));
                         let (s, b) =
                             call(&e.app, op.method.clone(), &req_path, Some(token), body).await;
                         if s.is_success() && op.method == Method::DELETE {
-                            provisioner_key_fixture(&e, org).await;
+                            let collection = if p.contains("/runnertokens") {
+                                "runnertokens"
+                            } else {
+                                "provisionerkeys"
+                            };
+                            key_fixture(&e, org, collection).await;
                         }
                         let expect = if !same {
                             "hidden"
-                        } else if p.ends_with("/provisioners") || matches!(role, "owner" | "admin")
+                        } else if p.ends_with("/provisioners")
+                            || p.ends_with("/runners")
+                            || matches!(role, "owner" | "admin")
                         {
                             "allowed"
                         } else {
@@ -519,7 +542,8 @@ async fn rbac_every_route_by_role_and_organization() {
                         let concrete = p
                             .replace("{org}", org)
                             .replace("{project}", "shop")
-                            .replace("{name}", &name);
+                            .replace("{name}", &name)
+                            .replace("{*path}", "dist/out.txt");
                         let concrete = if kind == Kind::Organization {
                             concrete
                         } else {

@@ -843,6 +843,16 @@ spec:
         - echo before-the-page
         - while [ ! -e "{gate}" ]; do sleep 0.1; done
         - echo while-watching
+    - name: pack
+      dependsOn: [wait]
+      artifacts: [out.txt]
+      commands: ["echo packed > out.txt"]
+    - name: release
+      dependsOn: [pack]
+      approval: {{message: ship it?}}
+    - name: after
+      dependsOn: [release]
+      commands: ["echo after-approval"]
 "#,
         gate = gate.display()
     );
@@ -865,6 +875,7 @@ spec:
         b.click("#sign-in").await;
         b.wait_path("/").await;
         b.goto(&format!("{base}/orgs/default")).await;
+        wait_text(b, "#runners + table", "built-in").await;
         b.click("#pipelinerun-watched-1 a").await;
         b.wait_path("/orgs/default/pipelineruns/watched-1").await;
         assert_eq!(b.text("h1").await, "Run watched #1");
@@ -872,14 +883,40 @@ spec:
         wait_text(b, "#live-status", "Live").await;
         std::fs::write(&gate, "").unwrap();
         wait_text(b, "#run-logs", "while-watching").await;
-        // The run ends; the page shows its final status.
+        // The approval step waits; its Approve button lets the run go on.
+        let deadline = Instant::now() + WAIT;
+        while !crate::pipelines::run_status(&server, "watched-1")["status"]["steps"]
+            .as_array()
+            .is_some_and(|s| {
+                s.iter()
+                    .any(|s| s["name"] == "release" && s["phase"] == "Waiting")
+            })
+        {
+            assert!(Instant::now() < deadline, "the approval step never waited");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        b.goto(&format!("{base}/orgs/default/pipelineruns/watched-1"))
+            .await;
+        save_png("console-pipeline-approval.png", &b.screenshot().await);
+        b.click("button.approve").await;
+        b.wait_path("/orgs/default/pipelineruns/watched-1").await;
+        wait_text(b, "#run-logs", "after-approval").await;
+        // The run ends; the page shows its final status, who approved, and the artifact.
         wait_text(b, "#run-phase", "Succeeded").await;
         let steps = b.text("h2 + table").await;
         assert!(
-            steps.contains("wait") && steps.contains("Succeeded"),
+            steps.contains("wait") && steps.contains("Succeeded") && steps.contains("by admin"),
             "{steps}"
         );
+        assert_eq!(b.text("a.artifact").await, "out.txt");
         save_png("console-pipeline-run.png", &b.screenshot().await);
+        // Rerun makes the next run; Cancel stops it while it waits for approval.
+        b.click("#rerun").await;
+        b.wait_path("/orgs/default/pipelineruns/watched-2").await;
+        assert_eq!(b.text("h1").await, "Run watched #2");
+        b.click("#cancel-run").await;
+        b.wait_path("/orgs/default/pipelineruns/watched-2").await;
+        wait_text(b, "#run-phase", "Canceled").await;
     });
     let outcome = futures_util::FutureExt::catch_unwind(flow).await;
     session.close().await;

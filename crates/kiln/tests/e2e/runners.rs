@@ -45,7 +45,10 @@ fn wait_run(s: &Server, run: &str, what: &str, secs: u64, cond: impl Fn(&Value) 
         if cond(&r) {
             return r;
         }
-        assert!(Instant::now() < deadline, "{what}: {r:#}");
+        if Instant::now() >= deadline {
+            let log = stdout(&s.kiln(&["logs", "run", run]));
+            panic!("{what}: {r:#}\nits log:\n{log}");
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
 }

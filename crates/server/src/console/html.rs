@@ -38,6 +38,11 @@ nav.tabs a.current{background:#fff;border-color:#e3ddd8;color:#1d1d1f;font-weigh
 .card.login{max-width:360px;margin:3em auto}
 .card.login h1{margin-top:0}
 form.login{display:grid;gap:.8em}
+form.inline{display:inline;margin:0 0 0 .4em}
+form.inline button{border:1px solid #8a5a2b;background:#fff;color:#8a5a2b;border-radius:4px;cursor:pointer;padding:.15em .7em;font:inherit;font-size:.9em}
+form.inline button:hover{background:#8a5a2b;color:#fff}
+form.inline button.reject{border-color:#b3261e;color:#b3261e}
+p.actions form.inline:first-child{margin-left:0}
 form.login label{display:grid;gap:.25em;font-weight:600;font-size:.9em}
 form.login input{padding:.5em;font:inherit;font-weight:400;border:1px solid #cfc6bf;border-radius:4px}
 form.login button{padding:.55em;font:inherit;font-weight:600;background:#9a3b0c;color:#fff;border:none;border-radius:4px;cursor:pointer}

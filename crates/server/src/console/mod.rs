@@ -37,6 +37,10 @@ pub fn routes() -> Router<AppState> {
         .route("/orgs/{org}/projects/{project}", get(project_page))
         .route("/orgs/{org}/pipelineruns/{name}", get(runs::run_page))
         .route(
+            "/orgs/{org}/pipelineruns/{name}/{action}",
+            axum::routing::post(runs::run_action),
+        )
+        .route(
             "/orgs/{org}/projects/{project}/components/{component}/logs",
             get(logs_page),
         )
@@ -267,6 +271,35 @@ async fn org_page(
             let rows: Vec<Vec<String>> = items.iter().map(|r| html::row(kind, &org, r)).collect();
             body.push_str(&format!("<h2 id=\"{}\">{title}</h2>", kind.plural()));
             body.push_str(&html::table(headers, &rows));
+        }
+        if acc.allows(Verb::List, Kind::Pipeline, None) {
+            let rows: Vec<Vec<String>> = state
+                .runs
+                .live()
+                .into_iter()
+                .filter(|r| r.organization.as_deref().is_none_or(|o| o == org))
+                .map(|r| {
+                    let labels: Vec<String> =
+                        r.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    vec![
+                        format!("<span class=\"runner\">{}</span>", esc(&r.name)),
+                        if r.organization.is_none() {
+                            "built-in"
+                        } else {
+                            "external"
+                        }
+                        .into(),
+                        esc(&labels.join(", ")),
+                        if r.docker { "yes" } else { "no" }.into(),
+                        r.capacity.to_string(),
+                    ]
+                })
+                .collect();
+            body.push_str("<h2 id=\"runners\">Runners</h2>");
+            body.push_str(&html::table(
+                &["Name", "Kind", "Labels", "Docker", "Runs at once"],
+                &rows,
+            ));
         }
         Ok(body)
     }

@@ -1,8 +1,12 @@
-//! The console's pipeline run page: the run's trigger, branch and commit, each step's status, and its log,
-//! followed live (Server-Sent Events, resumed by line number) while the run is going.
+//! The console's pipeline run page: the run's trigger, branch and commit, each step's status (with Approve and
+//! Reject for a waiting approval step), its artifacts, Cancel and Rerun, and its log, followed live
+//! (Server-Sent Events, resumed by line number) while the run is going. The buttons post forms to
+//! `/orgs/{org}/pipelineruns/{name}/{approve|reject|cancel|rerun}`, which act with the signed-in user's rights
+//! and answer with a redirect; a post from another origin is refused.
 
-use axum::extract::{Path, State};
-use axum::response::{IntoResponse, Response};
+use axum::extract::{Form, Path, State};
+use axum::http::{header, HeaderMap};
+use axum::response::{IntoResponse, Redirect, Response};
 use model::Kind;
 use serde_json::Value;
 
@@ -95,6 +99,7 @@ pub async fn run_page(
             ],
         ];
         body.push_str(&html::table(&["", ""], &rows));
+        let live = !phase.is_final();
         body.push_str("<h2>Steps</h2>");
         let steps: Vec<Vec<String>> = status
             .get("steps")
@@ -108,6 +113,24 @@ pub async fn run_page(
                             .map(|ms| format!("{:.1}s", ms as f64 / 1000.0))
                             .unwrap_or_else(|| "-".into());
                         let step_phase = text(st, "phase");
+                        let mut reason = esc(&text(st, "reason"));
+                        if step_phase == "Waiting" && live {
+                            let step = text(st, "name");
+                            reason.push_str(&format!(
+                                "<form method=\"post\" class=\"inline\" action=\"/orgs/{o}/pipelineruns/{n}/approve\">\
+                                 <input type=\"hidden\" name=\"step\" value=\"{s}\">\
+                                 <button type=\"submit\" class=\"approve\">Approve</button></form>\
+                                 <form method=\"post\" class=\"inline\" action=\"/orgs/{o}/pipelineruns/{n}/reject\">\
+                                 <input type=\"hidden\" name=\"step\" value=\"{s}\">\
+                                 <button type=\"submit\" class=\"reject\">Reject</button></form>",
+                                o = esc(&org),
+                                n = esc(&name),
+                                s = esc(&step),
+                            ));
+                        }
+                        if let Some(by) = st.get("approvedBy").and_then(Value::as_str) {
+                            reason.push_str(&format!(" <span class=\"muted\">by {}</span>", esc(by)));
+                        }
                         vec![
                             esc(&text(st, "name")),
                             format!(
@@ -118,7 +141,7 @@ pub async fn run_page(
                             esc(&text(st, "exitCode")),
                             esc(&text(st, "attempts")),
                             duration,
-                            esc(&text(st, "reason")),
+                            reason,
                         ]
                     })
                     .collect()
@@ -128,7 +151,37 @@ pub async fn run_page(
             &["Step", "Phase", "Exit", "Attempts", "Duration", "Reason"],
             &steps,
         ));
-        let live = !phase.is_final();
+        let dir = crate::runners::artifacts_dir(&state.config.data_dir, &org, &name);
+        let artifacts = crate::runners::list_artifacts(&dir).await;
+        if !artifacts.is_empty() {
+            body.push_str("<h2>Artifacts</h2>");
+            let rows: Vec<Vec<String>> = artifacts
+                .iter()
+                .map(|(path, size)| {
+                    let href = format!("/api/v1/orgs/{org}/pipelineruns/{name}/artifacts/{path}");
+                    vec![
+                        format!("<a class=\"artifact\" href=\"{}\">{}</a>", esc(&href), esc(path)),
+                        size.to_string(),
+                    ]
+                })
+                .collect();
+            body.push_str(&html::table(&["Path", "Bytes"], &rows));
+        }
+        body.push_str("<p class=\"actions\">");
+        if live {
+            body.push_str(&format!(
+                "<form method=\"post\" class=\"inline\" action=\"/orgs/{o}/pipelineruns/{n}/cancel\">\
+                 <button id=\"cancel-run\" type=\"submit\">Cancel</button></form>",
+                o = esc(&org),
+                n = esc(&name)
+            ));
+        }
+        body.push_str(&format!(
+            "<form method=\"post\" class=\"inline\" action=\"/orgs/{o}/pipelineruns/{n}/rerun\">\
+             <button id=\"rerun\" type=\"submit\">Rerun</button></form></p>",
+            o = esc(&org),
+            n = esc(&name)
+        ));
         body.push_str(&format!(
             "<h2>Log</h2><p id=\"live-status\" class=\"muted\" data-live=\"{}\">{}</p>",
             if live { "static" } else { "ended" },
@@ -160,6 +213,75 @@ pub async fn run_page(
     .await;
     match result {
         Ok(body) => page(&format!("Run {name}"), Some(&p.user.name), &body).into_response(),
+        Err(e) => error_page(Some(&p.user.name), e, &[org_link(&org)]),
+    }
+}
+
+/// What the run page's buttons post.
+#[derive(serde::Deserialize, Default)]
+pub struct ActionForm {
+    /// The approval step (approve, reject).
+    #[serde(default)]
+    step: Option<String>,
+}
+
+/// Whether a form post comes from this server's own pages: its `Origin` (when the browser sent one) names the
+/// host the request was sent to.
+fn same_origin(headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) else {
+        return true;
+    };
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default();
+    let origin_host = origin.split_once("://").map_or(origin, |(_, rest)| rest);
+    !host.is_empty() && origin_host == host
+}
+
+/// `POST /orgs/{org}/pipelineruns/{name}/{approve|reject|cancel|rerun}`: the run page's buttons.
+pub async fn run_action(
+    State(state): State<AppState>,
+    p: MaybePrincipal,
+    headers: HeaderMap,
+    Path((org, name, action)): Path<(String, String, String)>,
+    Form(form): Form<ActionForm>,
+) -> Response {
+    let p = match require(p) {
+        Ok(p) => p,
+        Err(r) => return r.into_response(),
+    };
+    let back = |run: &str| Redirect::to(&format!("/orgs/{org}/pipelineruns/{run}")).into_response();
+    if !same_origin(&headers) {
+        let e = ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "forbidden",
+            "this form was posted from another site",
+        );
+        return error_page(Some(&p.user.name), e, &[org_link(&org)]);
+    }
+    let done = match action.as_str() {
+        "approve" | "reject" => {
+            let req = crate::pipelines::ApproveRequest {
+                step: form.step,
+                reject: action == "reject",
+            };
+            crate::pipelines::approve_run(&state, &p, &org, &name, req)
+                .await
+                .map(|_| name.clone())
+        }
+        "cancel" => crate::pipelines::cancel(&state, &p, &org, &name)
+            .await
+            .map(|_| name.clone()),
+        "rerun" => crate::pipelines::rerun_run(&state, &p, &org, &name)
+            .await
+            .map(|r| r.metadata.name),
+        other => Err(ApiError::not_found(format!(
+            "no run action {other:?}; the actions are approve, reject, cancel and rerun"
+        ))),
+    };
+    match done {
+        Ok(run) => back(&run),
         Err(e) => error_page(Some(&p.user.name), e, &[org_link(&org)]),
     }
 }
