@@ -9,11 +9,10 @@
 //! completed; an [`QueueError::Unavailable`] one is retried at the next turn.
 
 use std::future::Future;
-use std::path::Path;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::stream::{FuturesUnordered, StreamExt as _};
 use model::kinds::StepApproval;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -96,18 +95,18 @@ pub trait Queue: Send + Sync {
     }
 }
 
-/// Acquires and runs runs, at most `slots` at once, until `stop` flips; then waits for the runs under way
-/// (which `cancel` stops when it flips).
-pub async fn serve<Q: Queue>(
-    queue: &Q,
-    runner: &Runner,
-    dir: &Path,
+/// Acquires and runs runs, at most `slots` at once (each in a task of its own), until `stop` flips; then waits
+/// for the runs under way (which `cancel` stops when it flips).
+pub async fn serve<Q: Queue + 'static>(
+    queue: Arc<Q>,
+    runner: Arc<Runner>,
+    dir: PathBuf,
     slots: usize,
     mut stop: watch::Receiver<bool>,
     cancel: watch::Receiver<bool>,
 ) {
-    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(slots.max(1)));
-    let mut under_way = FuturesUnordered::new();
+    let permits = Arc::new(tokio::sync::Semaphore::new(slots.max(1)));
+    let mut under_way = tokio::task::JoinSet::new();
     let mut failures = 0u32;
     loop {
         if *stop.borrow() {
@@ -115,29 +114,27 @@ pub async fn serve<Q: Queue>(
         }
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            Some(()) = under_way.next(), if !under_way.is_empty() => continue,
             _ = stop.changed() => break,
         };
-        // The acquire is never abandoned for a run that ends meanwhile: dropped after its claim was written,
-        // the claimed run would wait for its lease to expire.
-        let acquire = queue.acquire();
-        tokio::pin!(acquire);
-        let acquired = loop {
-            tokio::select! {
-                r = &mut acquire => break Some(r),
-                Some(()) = under_way.next(), if !under_way.is_empty() => {}
-                _ = stop.changed() => break None,
+        // Runs that ended are reaped; a panic in one is logged, never the end of the runner.
+        while let Some(done) = under_way.try_join_next() {
+            if let Err(e) = done {
+                tracing::error!(error = %e, "a run's task failed");
             }
+        }
+        let acquired = tokio::select! {
+            r = queue.acquire() => r,
+            _ = stop.changed() => break,
         };
-        let Some(acquired) = acquired else { break };
         match acquired {
             Ok(Some(job)) => {
                 failures = 0;
-                let cancel = cancel.clone();
-                under_way.push(Box::pin(async move {
-                    hold(queue, runner, dir, job, cancel).await;
+                let (queue, runner, dir, cancel) =
+                    (queue.clone(), runner.clone(), dir.clone(), cancel.clone());
+                under_way.spawn(async move {
+                    hold(queue.as_ref(), &runner, &dir, job, cancel).await;
                     drop(permit);
-                }));
+                });
             }
             Ok(None) => failures = 0,
             Err(e) => {
@@ -152,7 +149,7 @@ pub async fn serve<Q: Queue>(
             }
         }
     }
-    while under_way.next().await.is_some() {}
+    while under_way.join_next().await.is_some() {}
 }
 
 /// Carries a run's progress to the queue: log lines in batches, step status as it changes, artifacts.

@@ -111,8 +111,12 @@ impl RunQueue {
         self.inner.queued.notify_waiters();
     }
 
-    async fn wait_queued(&self, timeout: Duration) {
-        let _ = tokio::time::timeout(timeout, self.inner.queued.notified()).await;
+    /// A wake-up for the next queued run, registered now: a run queued between this call and the wait
+    /// still wakes it.
+    fn next_queued(&self) -> std::pin::Pin<Box<tokio::sync::futures::Notified<'_>>> {
+        let mut n = Box::pin(self.inner.queued.notified());
+        n.as_mut().enable();
+        n
     }
 
     fn seen(&self, info: &RunnerInfo) {
@@ -704,6 +708,7 @@ fn lost(e: JobError) -> QueueError {
 impl ci::worker::Queue for StoreQueue {
     async fn acquire(&self) -> Result<Option<RunJob>, QueueError> {
         self.queue.seen(&self.info);
+        let queued = self.queue.next_queued();
         let claimed = claim(&self.store, &self.sealer, &self.info)
             .await
             .map_err(|e| QueueError::Unavailable(e.to_string()))?;
@@ -715,7 +720,8 @@ impl ci::worker::Queue for StoreQueue {
         }
         let mut shutdown = self.shutdown.clone();
         tokio::select! {
-            () = self.queue.wait_queued(Duration::from_secs(1)) => {}
+            () = queued => {}
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = shutdown.changed() => {}
         }
         Ok(None)
@@ -809,19 +815,18 @@ pub fn spawn_builtin(
             cache_dir: Some(data_dir.join("cache")),
             docker,
         };
-        let q = StoreQueue {
+        let q = Arc::new(StoreQueue {
             store,
             sealer,
             queue,
             info,
             data_dir: data_dir.clone(),
             shutdown: shutdown.clone(),
-        };
-        let runs_dir = data_dir.join("runs");
+        });
         let work = ci::worker::serve(
-            &q,
-            &runner,
-            &runs_dir,
+            q,
+            Arc::new(runner),
+            data_dir.join("runs"),
             RUNS,
             shutdown.clone(),
             shutdown.clone(),
@@ -887,6 +892,7 @@ async fn acquire(
     let mut shutdown = state.shutdown.clone();
     loop {
         state.runs.seen(&info);
+        let queued = state.runs.next_queued();
         if let Some(job) = claim(&state.store, &state.sealer, &info).await? {
             return Ok(Json(job).into_response());
         }
@@ -895,7 +901,8 @@ async fn acquire(
             return Ok(StatusCode::NO_CONTENT.into_response());
         }
         tokio::select! {
-            () = state.runs.wait_queued(left.min(Duration::from_secs(2))) => {}
+            () = queued => {}
+            () = tokio::time::sleep(left.min(Duration::from_secs(2))) => {}
             _ = shutdown.changed() => {}
         }
     }

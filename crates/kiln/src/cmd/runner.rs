@@ -139,13 +139,13 @@ async fn serve(url: String, token: &str, args: &RunnerArgs) -> anyhow::Result<()
             }
         }
     };
-    let runner = ci::Runner {
+    let runner = std::sync::Arc::new(ci::Runner {
         name: name.clone(),
         capacity: args.steps.max(1),
         cache_dir: Some(dir.join("cache")),
         docker,
-    };
-    let queue = HttpQueue {
+    });
+    let queue = std::sync::Arc::new(HttpQueue {
         client,
         hello: json!({
             "name": name,
@@ -153,7 +153,7 @@ async fn serve(url: String, token: &str, args: &RunnerArgs) -> anyhow::Result<()
             "docker": runner.docker.is_some(),
             "capacity": args.capacity.max(1),
         }),
-    };
+    });
     // One short poll first, so that a wrong token or URL fails here and now rather than in a retry loop.
     let first = queue
         .client
@@ -182,14 +182,14 @@ async fn serve(url: String, token: &str, args: &RunnerArgs) -> anyhow::Result<()
         if let Some(job) = first {
             // A run was waiting: run it now (not running it would leave it claimed until its lease expired).
             let job: RunJob = serde_json::from_value(job).context("decoding a run")?;
-            ci::worker::hold(&queue, &runner, &runs, job, cancel_rx.clone()).await;
+            ci::worker::hold(queue.as_ref(), &runner, &runs, job, cancel_rx.clone()).await;
         }
         anyhow::Ok(())
     };
     let rest = ci::worker::serve(
-        &queue,
-        &runner,
-        &runs,
+        queue.clone(),
+        runner.clone(),
+        runs.clone(),
         args.capacity.max(1),
         stop_rx,
         cancel_rx.clone(),
