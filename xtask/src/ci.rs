@@ -203,30 +203,9 @@ spec:
         repo = repo.display(),
         gate = gate.display(),
     );
-    let file = scratch.join("pipelines.yaml");
-    std::fs::write(&file, manifest)?;
-    let out = Command::new(&env.kiln)
-        .args(["apply", "-f", file.to_str().unwrap_or("")])
-        .env("KILN_URL", server.url())
-        .env("KILN_TOKEN", &token)
-        .env("KILN_CONFIG", scratch.join("cli.json"))
-        .env_remove("KILN_ORG")
-        .output()?;
-    if !out.status.success() {
-        bail!("kiln apply: {}", String::from_utf8_lossy(&out.stderr));
-    }
-
-    // A container step needs an image on the Engine; without one the row says why.
-    let busybox = testsvc::busybox_image();
-    if let Ok(image) = &busybox {
-        let boxed = format!(
-            "apiVersion: kiln.dev/v1\nkind: Pipeline\nmetadata: {{name: boxed}}\nspec:\n  source: {{repository: \"{}\"}}\n  \
-             steps: [{{name: t, image: \"{}\", commands: [\"true\"]}}]\n",
-            repo.display(),
-            image.tag
-        );
-        let file = scratch.join("boxed.yaml");
-        std::fs::write(&file, boxed)?;
+    let apply = |name: &str, manifest: String| -> Result<()> {
+        let file = scratch.join(name);
+        std::fs::write(&file, manifest)?;
         let out = Command::new(&env.kiln)
             .args(["apply", "-f", file.to_str().unwrap_or("")])
             .env("KILN_URL", server.url())
@@ -237,6 +216,20 @@ spec:
         if !out.status.success() {
             bail!("kiln apply: {}", String::from_utf8_lossy(&out.stderr));
         }
+        Ok(())
+    };
+    apply("pipelines.yaml", manifest)?;
+
+    // A container step needs an image on the Engine; without one the row says why.
+    let busybox = testsvc::busybox_image();
+    if let Ok(image) = &busybox {
+        let boxed = format!(
+            "apiVersion: kiln.dev/v1\nkind: Pipeline\nmetadata: {{name: boxed}}\nspec:\n  source: {{repository: \"{}\"}}\n  \
+             steps: [{{name: t, image: \"{}\", commands: [\"true\"]}}]\n",
+            repo.display(),
+            image.tag
+        );
+        apply("boxed.yaml", boxed)?;
     }
 
     let rt = tokio::runtime::Runtime::new()?;
