@@ -690,7 +690,7 @@ async fn save_artifacts<R: Report>(step: &Step, src: &Path, report: &R) -> Resul
 }
 
 /// The regular files under `dir` (symbolic links are not followed), sorted.
-fn files_under(dir: &Path) -> Vec<PathBuf> {
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut todo = vec![dir.to_path_buf()];
     while let Some(d) = todo.pop() {

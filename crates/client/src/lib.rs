@@ -640,12 +640,11 @@ impl Client {
         executable: bool,
         file: impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static,
     ) -> Result<()> {
-        let parts: Vec<String> = path.split('/').map(enc).collect();
         let url = format!(
             "/api/v1/runner/runs/{}/{}/artifacts/{}",
             enc(org),
             enc(run),
-            parts.join("/")
+            enc_path(path)
         );
         let body = reqwest::Body::wrap_stream(file);
         let rb = self
@@ -665,12 +664,11 @@ impl Client {
         run: &str,
         path: &str,
     ) -> Result<reqwest::Response> {
-        let parts: Vec<String> = path.split('/').map(enc).collect();
         let url = format!(
             "/api/v1/orgs/{}/pipelineruns/{}/artifacts/{}",
             enc(org),
             enc(run),
-            parts.join("/")
+            enc_path(path)
         );
         self.send(self.request(Method::GET, &url)).await
     }
@@ -712,6 +710,11 @@ fn kind_of(r: &Resource) -> Result<Kind> {
 }
 
 /// Percent-encodes one path segment.
+/// A `/`-separated path with each part percent-encoded.
+fn enc_path(path: &str) -> String {
+    path.split('/').map(enc).collect::<Vec<_>>().join("/")
+}
+
 fn enc(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {

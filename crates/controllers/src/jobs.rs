@@ -233,7 +233,8 @@ fn stamp(t: Timestamp) -> String {
     t.to_string()
 }
 
-fn lease_expired(job: &Resource, now: Timestamp) -> bool {
+/// Whether a job's lease ran out by `now` (a job without a readable lease counts as expired).
+pub fn lease_expired(job: &Resource, now: Timestamp) -> bool {
     job.status
         .get("leaseExpires")
         .and_then(Value::as_str)

@@ -379,6 +379,21 @@ async fn cancel_run(
     Ok(Json(cancel(&state, &principal, &org, &name).await?).into_response())
 }
 
+/// Checks that the caller may act on run `name` (cancel, approve).
+async fn may_update(
+    state: &AppState,
+    principal: &Principal,
+    org: &str,
+    name: &str,
+) -> ApiResult<()> {
+    rbac::org_access(state, principal, org).await?.check(
+        Verb::Update,
+        Kind::PipelineRun,
+        None,
+        &format!("run {name}"),
+    )
+}
+
 /// Cancels run `name` (a queued one ends at once); answers it.
 pub(crate) async fn cancel(
     state: &AppState,
@@ -386,13 +401,7 @@ pub(crate) async fn cancel(
     org: &str,
     name: &str,
 ) -> ApiResult<Resource> {
-    let access = rbac::org_access(state, principal, org).await?;
-    access.check(
-        Verb::Update,
-        Kind::PipelineRun,
-        None,
-        &format!("run {name}"),
-    )?;
+    may_update(state, principal, org, name).await?;
     let key = org_key(Kind::PipelineRun, org, name);
     loop {
         let mut run = state.store.get(&key).await?;
@@ -461,12 +470,7 @@ async fn approve(
     body: axum::body::Body,
 ) -> ApiResult<Response> {
     // Access first: a caller who may not approve learns nothing from the body's errors.
-    rbac::org_access(&state, &principal, &org).await?.check(
-        Verb::Update,
-        Kind::PipelineRun,
-        None,
-        &format!("run {name}"),
-    )?;
+    may_update(&state, &principal, &org, &name).await?;
     let bytes = crate::resources::read_body(&state, body).await?;
     let req: ApproveRequest = if bytes.is_empty() {
         ApproveRequest::default()
@@ -484,13 +488,7 @@ pub(crate) async fn approve_run(
     name: &str,
     req: ApproveRequest,
 ) -> ApiResult<Resource> {
-    let access = rbac::org_access(state, principal, org).await?;
-    access.check(
-        Verb::Update,
-        Kind::PipelineRun,
-        None,
-        &format!("run {name}"),
-    )?;
+    may_update(state, principal, org, name).await?;
     let key = org_key(Kind::PipelineRun, org, name);
     loop {
         let mut run = state.store.get(&key).await?;

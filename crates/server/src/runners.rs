@@ -304,12 +304,7 @@ async fn fail_lost_runs(store: &Store) -> Result<(), StoreError> {
         if jobs::phase(&run) != Phase::Running {
             continue;
         }
-        let expired = run
-            .status
-            .get("leaseExpires")
-            .and_then(Value::as_str)
-            .and_then(|s| s.parse::<jiff::Timestamp>().ok())
-            .is_some_and(|t| t <= now);
+        let expired = jobs::lease_expired(&run, now);
         let Some(key) = Key::of(&run) else { continue };
         let Ok(spec) = model::typed_spec::<PipelineRunSpec>(&run) else {
             continue;
@@ -585,34 +580,24 @@ pub fn artifacts_dir(data_dir: &FsPath, org: &str, run: &str) -> PathBuf {
     data_dir.join("artifacts").join(org).join(run)
 }
 
-/// The artifact files under `dir` (path relative to it, size), sorted; at most 10,000.
+/// The artifact files under `dir` (path relative to it, size), sorted; at most 10,000. Files being written
+/// (`.<name>.part`) are left out.
 pub(crate) async fn list_artifacts(dir: &FsPath) -> Vec<(String, u64)> {
     let dir = dir.to_path_buf();
     tokio::task::spawn_blocking(move || {
-        let mut out = Vec::new();
-        let mut todo = vec![dir.clone()];
-        while let Some(d) = todo.pop() {
-            let Ok(entries) = std::fs::read_dir(&d) else {
-                continue;
-            };
-            for e in entries.flatten() {
-                let (p, Ok(meta)) = (e.path(), e.metadata()) else {
-                    continue;
-                };
-                if meta.is_dir() {
-                    todo.push(p);
-                } else if !e.file_name().to_string_lossy().starts_with('.') && out.len() < 10_000 {
-                    let rel = p
-                        .strip_prefix(&dir)
-                        .unwrap_or(&p)
-                        .to_string_lossy()
-                        .into_owned();
-                    out.push((rel, meta.len()));
-                }
-            }
-        }
-        out.sort();
-        out
+        ci::files_under(&dir)
+            .into_iter()
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| !n.to_string_lossy().starts_with('.'))
+            })
+            .take(10_000)
+            .filter_map(|p| {
+                let size = std::fs::metadata(&p).ok()?.len();
+                let rel = p.strip_prefix(&dir).ok()?.to_string_lossy().into_owned();
+                Some((rel, size))
+            })
+            .collect()
     })
     .await
     .unwrap_or_default()
