@@ -3,6 +3,7 @@
 //! a target is missed. See docs/benchmarks.md.
 
 mod ci;
+mod connect;
 mod deploy;
 mod load;
 mod server;
@@ -26,7 +27,8 @@ options:
   --only NAME[,NAME]   run only these: startup, rss, get, create, watch (API and store, both backends);
                        gateway, components, reconcile, promote (delivery, SQLite only);
                        workspaces (SQLite only; needs OpenSSH's ssh and sshd);
-                       ci (pipelines on the built-in runner, SQLite only; needs git)
+                       ci (pipelines on the built-in runner, SQLite only; needs git);
+                       connect (kiln connect: DNS, consume, serve; needs dnsperf and dnsmasq)
   --backend B          sqlite, postgres or both (default: both)
   --runs N             server starts per startup case (default: 10)
   --get-secs S         length of the fixed-rate GET run (default: 10)
@@ -40,7 +42,7 @@ oha: $OHA, target/tools/bin/oha, or oha on PATH
      (cargo install oha --locked --root target/tools).
 nginx (gateway comparison): Debian's nginx package, run as a child process.";
 
-const SCENARIOS: [&str; 11] = [
+const SCENARIOS: [&str; 12] = [
     "startup",
     "rss",
     "get",
@@ -52,6 +54,7 @@ const SCENARIOS: [&str; 11] = [
     "promote",
     "workspaces",
     "ci",
+    "connect",
 ];
 /// The delivery scenarios: run once, on SQLite, whatever `--backend` says.
 const DELIVERY: [&str; 4] = ["gateway", "components", "reconcile", "promote"];
@@ -603,7 +606,7 @@ fn bench(o: Opts) -> Result<bool> {
     let wants = |s: &str| o.only.iter().any(|x| x == s);
     let api_scenarios = SCENARIOS
         .iter()
-        .any(|s| !DELIVERY.contains(s) && !["workspaces", "ci"].contains(s) && wants(s));
+        .any(|s| !DELIVERY.contains(s) && !["workspaces", "ci", "connect"].contains(s) && wants(s));
     let pg_admin = if api_scenarios && o.backends.contains(&Backend::Postgres) {
         Some(postgres_admin_url(&root)?)
     } else {
@@ -644,6 +647,7 @@ fn bench(o: Opts) -> Result<bool> {
     let started = Instant::now();
     let mut workspace_rows = Vec::new();
     let mut ci_rows = Vec::new();
+    let mut connect_rows = Vec::new();
     let outcome = (|| -> Result<()> {
         if api_scenarios {
             for &b in &o.backends {
@@ -675,6 +679,10 @@ fn bench(o: Opts) -> Result<bool> {
         if wants("ci") {
             ci_rows = ci::run(&mut env)?;
         }
+        if wants("connect") {
+            let testsvc = testsvc_binary(o.build, &root, &env)?;
+            connect_rows = connect::run(&mut env, &testsvc)?;
+        }
         Ok(())
     })();
     env.cleanup();
@@ -692,6 +700,7 @@ fn bench(o: Opts) -> Result<bool> {
     for (title, rows) in [
         ("Workspaces (process provider, SQLite)", &workspace_rows),
         ("Pipelines (built-in runner, SQLite)", &ci_rows),
+        ("Laptops (kiln connect, SQLite)", &connect_rows),
     ] {
         if rows.is_empty() {
             continue;
@@ -927,24 +936,9 @@ fn run_backend(
     Ok(())
 }
 
-/// The delivery scenarios, on SQLite: gateway vs nginx, promotion and 1,000 components on one server with the
-/// process driver; 10,000 components on another started with `--noop-data-planes`. Every replica process this
-/// run starts is a copy of `kiln-testsvc` in the scratch directory; all of them are gone when this returns.
-fn run_delivery(
-    o: &Opts,
-    root: &Path,
-    env: &mut Env,
-    rt: &tokio::runtime::Runtime,
-    oha: Option<&Path>,
-    results: &mut Results,
-    notes: &mut Vec<String>,
-) -> Result<()> {
-    let wants = |s: &str| o.only.iter().any(|x| x == s);
-    let label = Backend::Sqlite.label();
-    let mut put = |k: &'static str, v: f64| {
-        results.insert((k, label), v);
-    };
-    if o.build {
+/// A release `kiln-testsvc` (built unless `build` is false), copied into the scratch directory.
+fn testsvc_binary(build: bool, root: &Path, env: &Env) -> Result<PathBuf> {
+    if build {
         eprintln!("building kiln-testsvc (release)...");
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let st = Command::new(cargo)
@@ -968,6 +962,27 @@ fn run_delivery(
     std::fs::create_dir_all(env.scratch.join("bin"))?;
     std::fs::copy(&built, &testsvc)
         .with_context(|| format!("copying {} (drop --no-build)", built.display()))?;
+    Ok(testsvc)
+}
+
+/// The delivery scenarios, on SQLite: gateway vs nginx, promotion and 1,000 components on one server with the
+/// process driver; 10,000 components on another started with `--noop-data-planes`. Every replica process this
+/// run starts is a copy of `kiln-testsvc` in the scratch directory; all of them are gone when this returns.
+fn run_delivery(
+    o: &Opts,
+    root: &Path,
+    env: &mut Env,
+    rt: &tokio::runtime::Runtime,
+    oha: Option<&Path>,
+    results: &mut Results,
+    notes: &mut Vec<String>,
+) -> Result<()> {
+    let wants = |s: &str| o.only.iter().any(|x| x == s);
+    let label = Backend::Sqlite.label();
+    let mut put = |k: &'static str, v: f64| {
+        results.insert((k, label), v);
+    };
+    let testsvc = testsvc_binary(o.build, root, env)?;
     let kiln = env.kiln.clone();
     let scratch = env.scratch.clone();
 

@@ -476,6 +476,25 @@ impl Client {
         Ok(ndjson(resp.bytes_stream()))
     }
 
+    /// The laptops connected to an organization's environments (`query`: project, environment), once; with
+    /// `watch`, the whole list again at each change, until the caller drops the stream.
+    pub async fn connections(
+        &self,
+        org: &str,
+        query: &[(&str, String)],
+        watch: bool,
+    ) -> Result<impl Stream<Item = Result<Value>>> {
+        let mut query = query.to_vec();
+        if watch {
+            query.push(("watch", "true".to_string()));
+        }
+        let path = format!("/api/v1/orgs/{org}/connections");
+        let resp = self
+            .send(self.request(Method::GET, &path).query(&query))
+            .await?;
+        Ok(ndjson(resp.bytes_stream()))
+    }
+
     pub async fn events(&self, kind: Kind, s: &Scoped<'_>, name: &str) -> Result<Vec<Value>> {
         let mut q = vec![
             ("kind", kind.as_str().to_string()),
@@ -765,7 +784,9 @@ fn ndjson<T: DeserializeOwned>(
                             (bytes, buf),
                         ))
                     }
-                    None => return None,
+                    // The last line may lack its newline.
+                    None if buf.iter().all(u8::is_ascii_whitespace) => return None,
+                    None => buf.push(b'\n'),
                 }
             }
         },

@@ -139,6 +139,24 @@ pub enum Command {
         #[arg(long, env = "KILN_AGENT_TOKEN", hide_env_values = true)]
         token: String,
     },
+    /// The laptop daemon: tunnel to environments, split DNS, serves (`run` in the foreground, or `install`
+    /// it as a system service run by `kiln supervisor`).
+    #[command(subcommand)]
+    Daemon(DaemonCommand),
+    /// Run the daemon and keep it running: restart it with backoff when it dies, and undo its system changes
+    /// (resolver configuration, hosts entries) after a crash and on exit.
+    Supervisor(DaemonArgs),
+    /// Wire this laptop into an environment: its components answer at `<component>.<project>.<env>.kiln`
+    /// (`kiln connect PROJECT/ENV`), or see who is connected (`kiln connect status`).
+    Connect(ConnectArgs),
+    /// Leave an environment (or, with none named, every one).
+    Disconnect {
+        /// PROJECT/ENV.
+        environment: Option<String>,
+    },
+    /// Route an environment's traffic for a component to a port on this laptop: requests carrying your header
+    /// (default `kiln-serve: <you>`), the given header, or with --all every request.
+    Serve(ServeArgs),
     /// Organizations.
     #[command(subcommand)]
     Org(OrgCommand),
@@ -634,4 +652,107 @@ pub struct PortForwardArgs {
     /// The local address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     pub address: std::net::IpAddr,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DaemonCommand {
+    /// Run the daemon in the foreground.
+    Run(DaemonArgs),
+    /// Install the daemon as a systemd service (`kiln supervisor` with these flags), enable and start it.
+    Install {
+        #[command(flatten)]
+        daemon: DaemonArgs,
+        /// Where the unit goes.
+        #[arg(long, default_value = "/etc/systemd/system")]
+        unit_dir: PathBuf,
+        /// Write the unit only; do not ask systemd to start it.
+        #[arg(long)]
+        no_start: bool,
+    },
+    /// Stop and remove the service `install` made.
+    Uninstall {
+        #[arg(long, default_value = "/etc/systemd/system")]
+        unit_dir: PathBuf,
+    },
+}
+
+/// How a daemon runs (also what `kiln supervisor` passes to the daemon it runs).
+#[derive(Debug, Clone, Args)]
+pub struct DaemonArgs {
+    /// The control socket (default: /run/kiln/daemon.sock for root, else under $XDG_RUNTIME_DIR).
+    #[arg(long, env = "KILN_DAEMON_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// Where the daemon keeps its state and its journal of system changes.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// The user (uid) allowed on the socket besides root (default: $SUDO_UID, else the daemon's own).
+    #[arg(long)]
+    pub owner: Option<u32>,
+    /// Where the DNS server listens.
+    #[arg(long, default_value = "127.77.0.1:53")]
+    pub dns: SocketAddr,
+    /// split: the daemon's DNS server becomes the first resolver; hosts: a marked block in the hosts file;
+    /// off: no system change.
+    #[arg(long, default_value = "split")]
+    pub dns_mode: connect::system::Mode,
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    pub resolv_conf: PathBuf,
+    #[arg(long, default_value = "/etc/hosts")]
+    pub hosts_file: PathBuf,
+    /// Resolvers for every other name (default: those of the resolver configuration).
+    #[arg(long, value_delimiter = ',')]
+    pub upstream: Vec<SocketAddr>,
+    /// The names' suffix.
+    #[arg(long, default_value = "kiln")]
+    pub suffix: String,
+    /// Service addresses come from this /16.
+    #[arg(long, default_value = "127.77.0.0")]
+    pub addresses: std::net::Ipv4Addr,
+    /// This machine's name, as others see it (default: the host name).
+    #[arg(long)]
+    pub device: Option<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct ConnectArgs {
+    /// PROJECT/ENV.
+    pub environment: Option<String>,
+    #[command(subcommand)]
+    pub command: Option<ConnectCommand>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConnectCommand {
+    /// This laptop's connections and names, and who else is connected to them and what they serve.
+    Status {
+        /// Keep showing changes.
+        #[arg(long, short = 'w')]
+        watch: bool,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: OutputFormat,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    pub component: String,
+    /// The local port requests go to.
+    #[arg(long, required_unless_present = "stop")]
+    pub port: Option<u16>,
+    /// The endpoint (default: the component's only one).
+    #[arg(long)]
+    pub endpoint: Option<String>,
+    /// Only requests with this header: NAME=VALUE.
+    #[arg(long, conflicts_with = "all")]
+    pub header: Option<String>,
+    /// Every request of the component in the environment.
+    #[arg(long)]
+    pub all: bool,
+    /// PROJECT/ENV (default: the environment connected last).
+    #[arg(long = "env")]
+    pub environment: Option<String>,
+    /// End the serve instead.
+    #[arg(long)]
+    pub stop: bool,
 }

@@ -10,6 +10,7 @@
 mod audit;
 pub mod auth;
 pub mod bootstrap;
+pub mod connections;
 mod console;
 mod ctrl;
 mod delivery;
@@ -115,6 +116,8 @@ pub struct AppState {
     pub(crate) drivers: controllers::Drivers,
     /// Connected workspace agents.
     pub hub: Arc<workspaces::Hub>,
+    /// Connected laptop daemons and the intercepts of their serves (see [`connections`]).
+    pub connections: Arc<connections::Connections>,
     /// Provisioners asking for workspace builds.
     pub provisioners: controllers::jobs::Provisioners,
     /// Wakes the built-in runner when a pipeline run is queued.
@@ -141,6 +144,7 @@ impl AppState {
             gateway: Arc::default(),
             drivers: controllers::Drivers::default(),
             hub: Arc::default(),
+            connections: Arc::default(),
             provisioners: Default::default(),
             runs: Default::default(),
             bound_url: Arc::default(),
@@ -262,6 +266,7 @@ pub fn api() -> Api {
     let api = pipelines::register(api);
     let api = runners::register(api);
     let api = triggers::register(api);
+    let api = connections::register(api);
     logs::register(api)
 }
 
@@ -491,7 +496,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let state = state.with_drivers(drivers.clone());
     let _ = state.bound_url.set(access_url(&config, addr));
     // Dependency addresses for the process data plane, on loopback (see `mesh`).
-    let mesh = mesh::Mesh::new(std::net::Ipv4Addr::LOCALHOST.into());
+    let mesh = mesh::Mesh::new(std::net::Ipv4Addr::LOCALHOST.into())
+        .with_connections(state.connections.clone());
     let mesh_table = mesh::spawn_table(mesh.clone(), store.clone(), shutdown_rx.clone());
     let handle = ctrl::start(
         store.clone(),

@@ -10,6 +10,8 @@
 //! still free. Each accepted connection is
 //! forwarded at layer 4 — bytes both ways, so HTTP, gRPC and WebSocket all pass — to a ready replica of the
 //! dependency's binding in the consumer's environment, round-robin, trying the next replica when one refuses.
+//! While a laptop serves the dependency (see [`crate::connections`]), connections are carried by its routing
+//! instead: by request to the laptop or a replica.
 //!
 //! Backends come from an in-memory table kept by [`spawn_table`] from a list+watch of ReleaseBindings
 //! (`status.endpoints`, written by the controller from what the data plane reports); a connection costs no store
@@ -28,6 +30,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use controllers::{MeshRoute, MeshTarget};
+
+use crate::connections::{self, Connections};
 use dataplane::{HostAddress, WorkloadId};
 use model::kinds::{BindingState, ReleaseBindingSpec};
 use model::{Kind, Resource};
@@ -55,6 +59,8 @@ struct Inner {
     loaded: AtomicBool,
     /// Consumer workload → dependency name → its listener.
     listeners: Mutex<HashMap<WorkloadId, HashMap<String, Listener>>>,
+    /// The serves that may take a dependency's traffic.
+    connections: Option<Arc<Connections>>,
 }
 
 /// What a listener forwards to, updated in place by the controller.
@@ -94,7 +100,19 @@ impl Mesh {
                 backends: RwLock::default(),
                 loaded: AtomicBool::new(false),
                 listeners: Mutex::default(),
+                connections: None,
             }),
+        }
+    }
+
+    /// The same mesh, routing by the serves of connected laptops.
+    pub fn with_connections(self, connections: Arc<Connections>) -> Self {
+        let mut inner = Arc::try_unwrap(self.inner).unwrap_or_else(|_| {
+            panic!("Mesh::with_connections is called before the mesh is shared")
+        });
+        inner.connections = Some(connections);
+        Mesh {
+            inner: Arc::new(inner),
         }
     }
 
@@ -235,6 +253,22 @@ async fn accept(listener: TcpListener, state: Arc<RwLock<RouteState>>, inner: Ar
             drop(conn);
             continue;
         }
+        if let Some(c) = inner.connections.as_ref() {
+            let key = connections::route_key(
+                &target.organization,
+                &target.project,
+                &target.environment,
+                &target.component,
+                &target.endpoint,
+            );
+            if c.intercepted(&key) {
+                let (c, me) = (c.clone(), inner.clone());
+                let backends: connections::Backends = Arc::new(move || me.backends_of(&target));
+                let _ = conn.set_nodelay(true);
+                tokio::spawn(connections::carry(c, conn, key, peer, backends));
+                continue;
+            }
+        }
         tokio::spawn(forward(conn, target, inner.clone(), next.clone()));
     }
 }
@@ -259,7 +293,26 @@ async fn forward(
                 {
                     let _ = conn.set_nodelay(true);
                     let _ = upstream.set_nodelay(true);
-                    let _ = tokio::io::copy_bidirectional(&mut conn, &mut upstream).await;
+                    let relay = tokio::io::copy_bidirectional(&mut conn, &mut upstream);
+                    match inner.connections.as_ref() {
+                        // A serve starting ends the relay, so the consumer's next connection is routed by it.
+                        Some(c) => {
+                            let key = connections::route_key(
+                                &target.organization,
+                                &target.project,
+                                &target.environment,
+                                &target.component,
+                                &target.endpoint,
+                            );
+                            tokio::select! {
+                                _ = relay => {}
+                                _ = c.until_intercepted(&key) => {}
+                            }
+                        }
+                        None => {
+                            let _ = relay.await;
+                        }
+                    }
                     return;
                 }
             }

@@ -5,10 +5,12 @@
 //! - `GET /` — `hello from <SERVICE_NAME> (release <KILN_RELEASE>, replica <KILN_REPLICA>)`;
 //! - `GET /healthz` — 200, or 503 while the file named by `$UNHEALTHY_FILE` exists;
 //! - `GET /env/<NAME>` — the value of an environment variable (404 if unset);
+//! - `GET /bytes/<N>` — N bytes of body (throughput measurements);
 //! - `GET /exit/<CODE>` — exits the process with that code after answering;
 //! - `GET /get/<HOST:PORT>/<PATH>` — makes `GET /<PATH>` to `HOST:PORT` (or, for `$NAME`, to the address in
 //!   `$NAME_HOST` and `$NAME_PORT`: a dependency's variables) and answers 200 with the status line and body it
 //!   got, or 502 naming what failed (to test what a workload can reach);
+//!   (headers named in `$PROPAGATE`, comma-separated, are passed on, as a service propagates a routing header);
 //! - anything else — 404.
 //!
 //! Connections are HTTP/1.1 keep-alive: requests are answered in turn until the client closes, sends
@@ -67,6 +69,8 @@ struct Request {
     keep_alive: bool,
     content_length: u64,
     chunked: bool,
+    /// `Name: value` of the headers to pass on (`$PROPAGATE`).
+    propagate: Vec<String>,
 }
 
 fn read_request(reader: &mut impl BufRead) -> Option<Request> {
@@ -86,6 +90,8 @@ fn read_request(reader: &mut impl BufRead) -> Option<Request> {
     let mut content_length = 0;
     let mut chunked = false;
     let mut headers = 0;
+    let wanted = env("PROPAGATE", "");
+    let mut propagate = Vec::new();
     loop {
         read_line(reader, &mut line)?;
         let l = line.trim_end();
@@ -100,6 +106,12 @@ fn read_request(reader: &mut impl BufRead) -> Option<Request> {
             continue;
         };
         let value = value.trim();
+        if wanted
+            .split(',')
+            .any(|w| !w.is_empty() && w.trim().eq_ignore_ascii_case(name.trim()))
+        {
+            propagate.push(format!("{}: {value}", name.trim()));
+        }
         if name.eq_ignore_ascii_case("connection") {
             for token in value.split(',').map(str::trim) {
                 if token.eq_ignore_ascii_case("close") {
@@ -120,6 +132,7 @@ fn read_request(reader: &mut impl BufRead) -> Option<Request> {
         keep_alive,
         content_length,
         chunked,
+        propagate,
     })
 }
 
@@ -150,14 +163,14 @@ fn handle(stream: TcpStream, quiet: bool) {
         if !quiet {
             println!("{} {}", req.method, req.path);
         }
-        if !answer(&mut out, &req.path, keep_alive) || !keep_alive {
+        if !answer(&mut out, &req.path, &req.propagate, keep_alive) || !keep_alive {
             return;
         }
     }
 }
 
 /// Answers one request; false when the answer could not be written.
-fn answer(out: &mut impl Write, path: &str, keep_alive: bool) -> bool {
+fn answer(out: &mut impl Write, path: &str, propagate: &[String], keep_alive: bool) -> bool {
     let name = env("SERVICE_NAME", "testsvc");
     match path {
         "/" => {
@@ -182,9 +195,18 @@ fn answer(out: &mut impl Write, path: &str, keep_alive: bool) -> bool {
             Ok(v) => respond(out, "200 OK", &format!("{v}\n"), keep_alive),
             Err(_) => respond(out, "404 Not Found", "unset\n", keep_alive),
         },
-        p if p.starts_with("/get/") => match fetch(&p[5..]) {
+        p if p.starts_with("/get/") => match fetch(&p[5..], propagate) {
             Ok(got) => respond(out, "200 OK", &got, keep_alive),
             Err(e) => respond(out, "502 Bad Gateway", &format!("{e}\n"), keep_alive),
+        },
+        p if p.starts_with("/bytes/") => match p[7..].parse::<u64>() {
+            Ok(n) => send_bytes(out, n, keep_alive),
+            Err(_) => respond(
+                out,
+                "400 Bad Request",
+                "expected /bytes/<count>\n",
+                keep_alive,
+            ),
         },
         p if p.starts_with("/exit/") => {
             let code: i32 = p[6..].parse().unwrap_or(1);
@@ -196,9 +218,34 @@ fn answer(out: &mut impl Write, path: &str, keep_alive: bool) -> bool {
     }
 }
 
+/// Answers with `n` bytes of body (for throughput measurements).
+fn send_bytes(out: &mut impl Write, n: u64, keep_alive: bool) -> bool {
+    let connection = if keep_alive { "keep-alive" } else { "close" };
+    if write!(
+        out,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {n}\r\nConnection: {connection}\r\n\r\n"
+    )
+    .is_err()
+    {
+        return false;
+    }
+    // Not on the stack: a static build's threads have small ones.
+    static CHUNK: [u8; 64 * 1024] = [b'k'; 64 * 1024];
+    let chunk = &CHUNK;
+    let mut left = n;
+    while left > 0 {
+        let take = left.min(chunk.len() as u64) as usize;
+        if out.write_all(&chunk[..take]).is_err() {
+            return false;
+        }
+        left -= take as u64;
+    }
+    out.flush().is_ok()
+}
+
 /// `HOST:PORT/PATH` (or `$NAME/PATH`, where `$NAME_HOST` and `$NAME_PORT` give the address): one HTTP/1.0 GET,
 /// answered as `<status line>\n<body>`.
-fn fetch(spec: &str) -> Result<String, String> {
+fn fetch(spec: &str, propagate: &[String]) -> Result<String, String> {
     let (addr, path) = spec.split_once('/').unwrap_or((spec, ""));
     let addr = match addr.strip_prefix('$') {
         Some(name) => {
@@ -217,7 +264,8 @@ fn fetch(spec: &str) -> Result<String, String> {
     let mut conn = TcpStream::connect_timeout(&sock, Duration::from_secs(3))
         .map_err(|e| format!("connect {addr}: {e}"))?;
     let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
-    write!(conn, "GET /{path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")
+    let extra: String = propagate.iter().map(|h| format!("{h}\r\n")).collect();
+    write!(conn, "GET /{path} HTTP/1.0\r\nHost: {addr}\r\n{extra}\r\n")
         .map_err(|e| format!("send to {addr}: {e}"))?;
     let mut raw = Vec::new();
     conn.read_to_end(&mut raw)

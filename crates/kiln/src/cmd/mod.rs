@@ -1,5 +1,6 @@
 //! Command implementations.
 
+mod connect;
 mod logs;
 mod manifests;
 mod pipeline;
@@ -130,6 +131,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             .await;
             Ok(())
         }
+        Command::Daemon(c) => connect::daemon(c).await,
+        Command::Supervisor(a) => connect::supervisor(a).await,
+        Command::Connect(a) => connect::connect(&ctx(&cli)?, a).await,
+        Command::Disconnect { environment } => {
+            connect::disconnect(&ctx(&cli)?, environment.as_deref()).await
+        }
+        Command::Serve(a) => connect::serve(&ctx(&cli)?, a).await,
         Command::Apply(args) => resources::apply(&ctx(&cli)?, args).await,
         Command::Get(args) => resources::get(&ctx(&cli)?, args).await,
         Command::Describe(args) => resources::describe(&ctx(&cli)?, args).await,

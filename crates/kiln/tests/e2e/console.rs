@@ -925,3 +925,84 @@ spec:
         std::panic::resume_unwind(panic);
     }
 }
+
+/// The connected-laptops page: a laptop that connects while the page is open appears without a reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_shows_connected_laptops_live_in_chromium() {
+    let Some((chromium, chromedriver)) =
+        browser_tools("console_shows_connected_laptops_live_in_chromium")
+    else {
+        return;
+    };
+    let server = Server::start();
+    let envs = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/local-environments.yaml"
+    );
+    ok(server.kiln(&["apply", "-f", envs]));
+    let dir = tempfile::tempdir().unwrap();
+    let project = dir.path().join("shop.yaml");
+    std::fs::write(
+        &project,
+        "apiVersion: kiln.dev/v1\nkind: Project\nmetadata: {name: shop}\n",
+    )
+    .unwrap();
+    ok(server.kiln(&["apply", "-f", project.to_str().unwrap()]));
+    // A daemon that changes nothing on this machine: its own DNS port, no resolver change.
+    let socket = dir.path().join("daemon.sock");
+    let dns = format!("127.0.0.1:{}", free_port());
+    let _daemon = KillOnDrop(
+        std::process::Command::new(kiln_bin())
+            .args(["daemon", "run", "--dns-mode", "off", "--dns", &dns])
+            .args(["--addresses", "127.78.0.0", "--device", "console-laptop"])
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .env("KILN_LOG", "warn")
+            .spawn()
+            .unwrap(),
+    );
+    let password = std::fs::read_to_string(server.data_dir.join("admin-password"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let driver = Driver::start(&chromedriver).await;
+    let session = driver.session(&chromium).await;
+    let flow = std::panic::AssertUnwindSafe(async {
+        let b = &session;
+        let base = &server.url;
+        b.goto(&format!("{base}/orgs/default/connections")).await;
+        b.wait_path("/login").await;
+        b.type_into("#username", "admin").await;
+        b.type_into("#password", &password).await;
+        b.click("#sign-in").await;
+        b.wait_path("/").await;
+        b.goto(&format!("{base}/orgs/default/connections")).await;
+        assert_eq!(b.text("h1").await, "Laptops connected to default");
+        wait_text(b, "#live-status", "Live").await;
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let out = std::process::Command::new(kiln_bin())
+                .args(["--url", base, "--token", &server.admin_token()])
+                .args(["connect", "shop/dev"])
+                .env("KILN_DAEMON_SOCKET", &socket)
+                .output()
+                .unwrap();
+            if out.status.success() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{}", stderr(&out));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let row = wait_text(b, "#connections", "console-laptop").await;
+        assert!(row.contains("shop/dev") && row.contains("admin"), "{row}");
+        save_png("console-connections.png", &b.screenshot().await);
+    });
+    let outcome = futures_util::FutureExt::catch_unwind(flow).await;
+    session.close().await;
+    drop(driver);
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}

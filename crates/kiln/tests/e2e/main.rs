@@ -5,6 +5,7 @@ mod harness;
 
 mod apps;
 mod cli;
+mod connect;
 mod console;
 mod delivery;
 mod dependencies;

@@ -179,7 +179,7 @@ pub fn org_tabs(org: &str, current: &str) -> String {
         )
     };
     format!(
-        "<nav class=\"tabs\">{}{}{}</nav>",
+        "<nav class=\"tabs\">{}{}{}{}</nav>",
         tab("overview", format!("/orgs/{org}"), "Overview"),
         tab(
             "environments",
@@ -190,6 +190,11 @@ pub fn org_tabs(org: &str, current: &str) -> String {
             "workspaces",
             format!("/orgs/{org}/workspaces"),
             "Workspaces"
+        ),
+        tab(
+            "connections",
+            format!("/orgs/{org}/connections"),
+            "Connected laptops"
         ),
     )
 }

@@ -1,6 +1,7 @@
 //! The web console: server-rendered HTML pages (no JavaScript framework) over the same store and access rules as
 //! the API. Signed-in state is the session cookie that `/login` sets.
 
+mod connections;
 pub(crate) mod html;
 mod runs;
 mod workspaces;
@@ -30,6 +31,7 @@ pub fn routes() -> Router<AppState> {
         .route("/orgs/{org}", get(org_page))
         .route("/orgs/{org}/environments", get(environments_page))
         .route("/orgs/{org}/workspaces", get(workspaces::list_page))
+        .route("/orgs/{org}/connections", get(connections::page_handler))
         .route(
             "/orgs/{org}/workspaces/{name}",
             get(workspaces::workspace_page),

@@ -16,7 +16,7 @@
 //! endpoint), 503 (no ready replica, with the binding's Ready message), 502 (the backend could not be reached,
 //! after trying one other ready replica).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -75,6 +75,8 @@ pub struct Gateway {
     pool: Arc<Pool>,
     /// Idle connections of the forwarding path ([`forward`]).
     raw: Arc<forward::RawPool>,
+    /// Bumped whenever the table changes.
+    changes: watch::Sender<u64>,
 }
 
 impl Gateway {
@@ -86,6 +88,76 @@ impl Gateway {
     /// How many (organization, project, environment, component, endpoint) routes the table holds.
     pub fn routes(&self) -> usize {
         self.table.read().map(|t| t.routes.len()).unwrap_or(0)
+    }
+
+    /// Resolves each time the table changes.
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// Whether a deployed component has this endpoint (`org/project/env/component/endpoint`).
+    pub(crate) fn has_route(&self, key: &str) -> bool {
+        self.table
+            .read()
+            .is_ok_and(|t| t.routes.get(key).is_some_and(|r| r.active))
+    }
+
+    /// The ready replicas of a route.
+    pub(crate) fn backends(&self, key: &str) -> Vec<SocketAddr> {
+        self.table
+            .read()
+            .ok()
+            .and_then(|t| t.routes.get(key).map(|r| r.backends.clone()))
+            .unwrap_or_default()
+    }
+
+    /// The components deployed in an environment and their endpoints, sorted (what laptops connected to it
+    /// resolve).
+    pub(crate) fn services(
+        &self,
+        org: &str,
+        project: &str,
+        env: &str,
+    ) -> Vec<connect::proto::Service> {
+        let Ok(t) = self.table.read() else {
+            return Vec::new();
+        };
+        let mut by: BTreeMap<&str, Vec<connect::proto::ServiceEndpoint>> = BTreeMap::new();
+        for r in t.routes.values() {
+            if r.active && r.org == org && r.project == project && r.env == env {
+                by.entry(r.component.as_str())
+                    .or_default()
+                    .push(r.service_endpoint());
+            }
+        }
+        by.into_iter()
+            .map(|(component, mut endpoints)| {
+                endpoints.sort_by(|a, b| a.name.cmp(&b.name));
+                connect::proto::Service {
+                    component: component.to_string(),
+                    endpoints,
+                }
+            })
+            .collect()
+    }
+
+    /// The endpoints of one deployed component, sorted by name.
+    pub(crate) fn endpoints_of(
+        &self,
+        org: &str,
+        project: &str,
+        env: &str,
+        component: &str,
+    ) -> Vec<connect::proto::ServiceEndpoint> {
+        self.services(org, project, env)
+            .into_iter()
+            .find(|s| s.component == component)
+            .map(|s| s.endpoints)
+            .unwrap_or_default()
     }
 }
 
@@ -100,6 +172,10 @@ struct Route {
     protocol: EndpointProtocol,
     /// The endpoint's base path on the workload.
     path: String,
+    /// The port it declares.
+    port: u32,
+    /// Deployed (not undeployed, not being deleted).
+    active: bool,
     /// Addresses of the ready replicas.
     backends: Vec<SocketAddr>,
     ready: u64,
@@ -120,6 +196,36 @@ struct Table {
     deployed: HashMap<String, usize>,
     /// `org/project/binding` → what that binding contributed.
     bindings: HashMap<String, Contribution>,
+}
+
+impl Route {
+    /// `org/project/env/component/endpoint`.
+    fn key(&self) -> String {
+        route_key(
+            &self.org,
+            &self.project,
+            &self.env,
+            &self.component,
+            &self.endpoint,
+        )
+    }
+
+    fn service_endpoint(&self) -> connect::proto::ServiceEndpoint {
+        connect::proto::ServiceEndpoint {
+            name: self.endpoint.clone(),
+            port: u16::try_from(self.port).unwrap_or(0),
+            protocol: match self.protocol {
+                EndpointProtocol::Http => "http",
+                EndpointProtocol::Https => "https",
+                EndpointProtocol::Tcp => "tcp",
+                EndpointProtocol::Udp => "udp",
+                EndpointProtocol::Grpc => "grpc",
+                EndpointProtocol::WebSocket => "websocket",
+            }
+            .into(),
+            ready: self.backends.len() as u64,
+        }
+    }
 }
 
 struct Contribution {
@@ -291,6 +397,7 @@ impl Sync {
             *t = table;
         }
         self.gw.loaded.store(true, Ordering::Release);
+        self.gw.changed();
         tracing::debug!(routes = n, revision, "gateway: routing table loaded");
         let mut events = self
             .store
@@ -327,12 +434,14 @@ impl Sync {
             if let Ok(mut t) = self.gw.table.write() {
                 t.remove(&bkey);
             }
+            self.gw.changed();
             return;
         }
         if let Some((bkey, dkey, routes)) = self.routes_of(&obj).await {
             if let Ok(mut t) = self.gw.table.write() {
                 t.insert(bkey, dkey, routes);
             }
+            self.gw.changed();
         }
     }
 
@@ -369,6 +478,7 @@ impl Sync {
         };
         self.pending.remove(&bkey);
         let undeployed = spec.state == BindingState::Undeployed;
+        let active = !undeployed && obj.metadata.deletion_timestamp.is_none();
         let ready = status
             .get("readyReplicas")
             .and_then(Value::as_u64)
@@ -407,6 +517,8 @@ impl Sync {
                     visibility: ep.visibility,
                     protocol: ep.protocol,
                     path: ep.path.clone(),
+                    port: ep.port,
+                    active,
                     backends,
                     ready: if undeployed { 0 } else { ready },
                     total,
@@ -556,10 +668,15 @@ pub(crate) async fn handle(
 }
 
 pub(crate) fn wants_html(headers: &HeaderMap) -> bool {
+    accepts(headers, "text/html")
+}
+
+/// Whether the request's `Accept` names `media`.
+pub(crate) fn accepts(headers: &HeaderMap, media: &str) -> bool {
     headers
         .get(header::ACCEPT)
         .and_then(|a| a.to_str().ok())
-        .is_some_and(|a| a.contains("text/html"))
+        .is_some_and(|a| a.contains(media))
 }
 
 fn path_form(org: &str, project: &str, env: &str, component: &str, endpoint: &str) -> String {
@@ -584,7 +701,7 @@ fn join_path(base: &str, rest: &str, query: Option<&str>) -> String {
     out
 }
 
-async fn serve(state: &AppState, target: Target, req: Request, peer: SocketAddr) -> Response {
+async fn serve(state: &AppState, target: Target, mut req: Request, peer: SocketAddr) -> Response {
     let html = wants_html(req.headers());
     let (path, query) = (req.uri().path(), req.uri().query());
     let found = match resolve(state, target, path, query, html) {
@@ -594,7 +711,63 @@ async fn serve(state: &AppState, target: Target, req: Request, peer: SocketAddr)
     let route = found.route;
     let backend_path = found.backend_path;
     let prefix = found.prefix.map(|p| HeaderValue::from_str(&p));
+    if state.connections.any() {
+        if let Some(laptop) = state.connections.pick(&route.key(), req.headers()) {
+            let prefix = prefix.as_ref().and_then(|p| p.as_ref().ok().cloned());
+            match to_laptop(&laptop, req, peer, &backend_path, prefix).await {
+                Ok(resp) => return resp,
+                Err((e, back)) => {
+                    tracing::debug!(route = %route.key(), error = %e, "gateway: a serving laptop did not take a request");
+                    let Some(back) = back else {
+                        return page(StatusCode::BAD_GATEWAY, "Bad gateway", &[e], html);
+                    };
+                    req = back;
+                }
+            }
+        }
+        if route.backends.is_empty() {
+            return no_ready_replica(&route, html);
+        }
+    }
     proxy(state, &route, req, peer, backend_path, prefix, html).await
+}
+
+/// Sends a gateway request to the laptop serving its route. When the laptop cannot be reached the request
+/// comes back unsent, for a replica.
+async fn to_laptop(
+    laptop: &crate::connections::Intercept,
+    mut req: Request,
+    peer: SocketAddr,
+    path: &str,
+    prefix: Option<HeaderValue>,
+) -> Result<Response, (String, Option<Request>)> {
+    let stream = match laptop.open().await {
+        Ok(s) => s,
+        Err(e) => return Err((e, Some(req))),
+    };
+    let upgrade = is_upgrade(req.headers());
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (parts, body) = req.into_parts();
+    let headers = forwarded_headers(
+        parts.headers,
+        upgrade,
+        peer,
+        prefix,
+        &[crate::auth::SESSION_COOKIE],
+    );
+    let mut out = axum::http::Request::builder()
+        .method(parts.method)
+        .uri(path)
+        .version(Version::HTTP_11)
+        .body(body)
+        .map_err(|e| (format!("the request cannot be forwarded: {e}"), None))?;
+    *out.headers_mut() = headers;
+    let resp = crate::connections::exchange(Box::new(stream), out)
+        .await
+        .map_err(|e| (e, None))?;
+    let mut resp = crate::connections::finish(resp, client_upgrade);
+    strip_set_cookies(resp.headers_mut(), &[crate::auth::SESSION_COOKIE]);
+    Ok(resp)
 }
 
 /// Where a gateway request goes: the route, the backend's path and query, and (path form) the prefix stripped.
@@ -787,25 +960,29 @@ fn resolve(
             html,
         )));
     }
-    if route.backends.is_empty() {
-        return Err(Box::new(page(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "No ready replica",
-            &[
-                format!(
-                    "{}/{} replicas of {} in {} are ready.",
-                    route.ready, route.total, route.component, route.env
-                ),
-                route.message.clone(),
-            ],
-            html,
-        )));
+    if route.backends.is_empty() && !state.connections.intercepted(&route.key()) {
+        return Err(Box::new(no_ready_replica(&route, html)));
     }
     Ok(Resolved {
         route,
         backend_path,
         prefix,
     })
+}
+
+fn no_ready_replica(route: &Route, html: bool) -> Response {
+    page(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "No ready replica",
+        &[
+            format!(
+                "{}/{} replicas of {} in {} are ready.",
+                route.ready, route.total, route.component, route.env
+            ),
+            route.message.clone(),
+        ],
+        html,
+    )
 }
 
 fn not_found(

@@ -7,7 +7,7 @@ pub mod apps;
 pub mod builtin;
 pub mod hub;
 pub mod provisioners;
-mod ws;
+pub(crate) mod ws;
 
 use std::collections::HashMap;
 use std::convert::Infallible;

@@ -1,0 +1,336 @@
+//! The changes the daemon makes to the machine, and undoing them.
+//!
+//! Before a file is changed, the journal (`<state dir>/system.json`) records what to undo: for the resolver
+//! configuration its whole original content, for the hosts file only that a marked block was added. Undoing
+//! ([`restore`]) is idempotent and safe to run from another process: the supervisor runs it after the daemon
+//! died without cleaning up, and the daemon runs it when it starts (a crash without a supervisor) and stops.
+//! A file that no longer carries Kiln's marker was rewritten by someone else since, and is left alone.
+//!
+//! Files are rewritten in place (not renamed over): `/etc/resolv.conf` and `/etc/hosts` are often bind mounts
+//! (containers, `ip netns exec`), which a rename cannot replace.
+
+use std::io::{self, Write as _};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The first line of every block Kiln writes.
+pub const BEGIN: &str = "# BEGIN kiln daemon: managed by `kiln daemon`, removed when it stops";
+/// The last line.
+pub const END: &str = "# END kiln daemon";
+/// The prefix of an original line the block stands in for (a `search` or `domain` line, merged into Kiln's).
+const DISABLED: &str = "#kiln# ";
+
+/// How the daemon makes its names resolvable on this machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// The daemon's DNS server becomes the first resolver (a `resolv.conf`-managed setup), forwarding every
+    /// name not its own to the resolvers configured before.
+    Split,
+    /// A marked block in the hosts file (for machines where a VPN owns DNS); the DNS server still runs.
+    Hosts,
+    /// No system change; the DNS server answers whoever asks it.
+    Off,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Mode, String> {
+        match s {
+            "split" => Ok(Mode::Split),
+            "hosts" => Ok(Mode::Hosts),
+            "off" => Ok(Mode::Off),
+            other => Err(format!("DNS mode {other:?}: expected split, hosts or off")),
+        }
+    }
+}
+
+/// Where the files are (flags, so tests and unusual systems can point elsewhere).
+#[derive(Debug, Clone)]
+pub struct Files {
+    pub resolv_conf: PathBuf,
+    pub hosts: PathBuf,
+    pub journal: PathBuf,
+}
+
+impl Files {
+    pub fn new(state_dir: &Path, resolv_conf: PathBuf, hosts: PathBuf) -> Files {
+        Files {
+            resolv_conf,
+            hosts,
+            journal: state_dir.join("system.json"),
+        }
+    }
+}
+
+/// What is to be undone.
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Journal {
+    /// The resolver configuration as it was, and where.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolv_conf: Option<Original>,
+    /// A hosts file carrying Kiln's block.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hosts: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Original {
+    pub path: PathBuf,
+    pub content: String,
+}
+
+fn read_journal(path: &Path) -> io::Result<Journal> {
+    match std::fs::read(path) {
+        Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.display()),
+            )
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Journal::default()),
+        Err(e) => Err(e),
+    }
+}
+
+fn write_journal(path: &Path, j: &Journal) -> io::Result<()> {
+    if j == &Journal::default() {
+        return match std::fs::remove_file(path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        };
+    }
+    let tmp = path.with_extension("json.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&serde_json::to_vec_pretty(j).unwrap_or_default())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Rewrites a file in place.
+fn rewrite(path: &Path, content: &str) -> io::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .create(true)
+        .open(path)?;
+    f.write_all(content.as_bytes())?;
+    f.sync_all()
+}
+
+fn read_or_empty(path: &Path) -> io::Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => Ok(s),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(String::new()),
+        Err(e) => Err(e),
+    }
+}
+
+/// `content` without Kiln's block (and with the lines it disabled enabled again).
+pub fn without_block(content: &str) -> String {
+    let mut out = String::with_capacity(content.len());
+    let mut inside = false;
+    for line in content.lines() {
+        if line == BEGIN {
+            inside = true;
+            continue;
+        }
+        if inside {
+            inside = line != END;
+            continue;
+        }
+        out.push_str(line.strip_prefix(DISABLED).unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+/// The resolvers `resolv.conf` content names, except `own` (the daemon's), port 53.
+pub fn nameservers(content: &str, own: Ipv4Addr) -> Vec<SocketAddr> {
+    content
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|rest| rest.trim().parse::<std::net::IpAddr>().ok())
+        .filter(|ip| *ip != std::net::IpAddr::V4(own))
+        .map(|ip| SocketAddr::new(ip, 53))
+        .collect()
+}
+
+/// The resolver configuration as it was before Kiln's change: the journal's copy, or the file.
+pub fn original_resolv_conf(files: &Files) -> io::Result<String> {
+    if let Some(o) = read_journal(&files.journal)?.resolv_conf {
+        if o.path == files.resolv_conf {
+            return Ok(o.content);
+        }
+    }
+    Ok(without_block(&read_or_empty(&files.resolv_conf)?))
+}
+
+/// Makes `dns` the first resolver, with `search` domains ahead of the original ones (merged into one line:
+/// the resolver library reads only the last `search`).
+pub fn set_resolver(files: &Files, dns: Ipv4Addr, search: &[String]) -> io::Result<()> {
+    let mut j = read_journal(&files.journal)?;
+    let original = match &j.resolv_conf {
+        Some(o) if o.path == files.resolv_conf => o.content.clone(),
+        _ => {
+            let content = without_block(&read_or_empty(&files.resolv_conf)?);
+            j.resolv_conf = Some(Original {
+                path: files.resolv_conf.clone(),
+                content: content.clone(),
+            });
+            write_journal(&files.journal, &j)?;
+            content
+        }
+    };
+    let mut domains: Vec<String> = search.to_vec();
+    let mut rest = String::new();
+    for line in original.lines() {
+        let t = line.trim_start();
+        let words = t
+            .strip_prefix("search")
+            .or_else(|| t.strip_prefix("domain"));
+        match words {
+            Some(w) if w.starts_with([' ', '\t']) => {
+                domains.extend(w.split_whitespace().map(str::to_string));
+                rest.push_str(DISABLED);
+            }
+            _ => {}
+        }
+        rest.push_str(line);
+        rest.push('\n');
+    }
+    domains.dedup();
+    let mut content = format!("{BEGIN}\nnameserver {dns}\n");
+    if !domains.is_empty() {
+        content.push_str(&format!("search {}\n", domains.join(" ")));
+    }
+    content.push_str(END);
+    content.push('\n');
+    content.push_str(&rest);
+    if read_or_empty(&files.resolv_conf)? != content {
+        rewrite(&files.resolv_conf, &content)?;
+    }
+    Ok(())
+}
+
+/// Writes Kiln's block of `names` into the hosts file (replacing the previous one).
+pub fn set_hosts(files: &Files, names: &[(String, Ipv4Addr)]) -> io::Result<()> {
+    let mut j = read_journal(&files.journal)?;
+    if j.hosts.as_deref() != Some(files.hosts.as_path()) {
+        j.hosts = Some(files.hosts.clone());
+        write_journal(&files.journal, &j)?;
+    }
+    let current = read_or_empty(&files.hosts)?;
+    let mut content = without_block(&current);
+    content.push_str(BEGIN);
+    content.push('\n');
+    for (name, ip) in names {
+        content.push_str(&format!("{ip}\t{name}\n"));
+    }
+    content.push_str(END);
+    content.push('\n');
+    if current != content {
+        rewrite(&files.hosts, &content)?;
+    }
+    Ok(())
+}
+
+/// Undoes every change the journal in `state_dir` records; returns what it restored (for logs).
+pub fn restore(journal: &Path) -> io::Result<Vec<String>> {
+    let j = read_journal(journal)?;
+    let mut done = Vec::new();
+    if let Some(o) = &j.resolv_conf {
+        let now = read_or_empty(&o.path)?;
+        if now.lines().any(|l| l == BEGIN) {
+            rewrite(&o.path, &o.content)?;
+            done.push(format!("{} restored", o.path.display()));
+        }
+    }
+    if let Some(h) = &j.hosts {
+        let now = read_or_empty(h)?;
+        if now.lines().any(|l| l == BEGIN) {
+            rewrite(h, &without_block(&now))?;
+            done.push(format!("Kiln's block removed from {}", h.display()));
+        }
+    }
+    write_journal(journal, &Journal::default())?;
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolver_and_hosts_changes_are_undone_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = Files::new(
+            dir.path(),
+            dir.path().join("resolv.conf"),
+            dir.path().join("hosts"),
+        );
+        let resolv = "# from dhcp\nnameserver 10.0.0.1\nsearch corp.example\noptions edns0\n";
+        let hosts = "127.0.0.1\tlocalhost\n";
+        std::fs::write(&files.resolv_conf, resolv).unwrap();
+        std::fs::write(&files.hosts, hosts).unwrap();
+        let dns = Ipv4Addr::new(127, 77, 0, 1);
+        for _ in 0..2 {
+            set_resolver(&files, dns, &["shop.dev.kiln".into()]).unwrap();
+        }
+        let now = std::fs::read_to_string(&files.resolv_conf).unwrap();
+        assert!(
+            now.starts_with(&format!(
+                "{BEGIN}\nnameserver 127.77.0.1\nsearch shop.dev.kiln corp.example\n"
+            )),
+            "{now}"
+        );
+        assert_eq!(now.matches(BEGIN).count(), 1);
+        assert!(now.contains("#kiln# search corp.example"));
+        assert_eq!(nameservers(&now, dns), vec!["10.0.0.1:53".parse().unwrap()]);
+        assert_eq!(original_resolv_conf(&files).unwrap(), resolv);
+        set_hosts(
+            &files,
+            &[("api.shop.dev.kiln".into(), Ipv4Addr::new(127, 77, 1, 1))],
+        )
+        .unwrap();
+        set_hosts(
+            &files,
+            &[("web.shop.dev.kiln".into(), Ipv4Addr::new(127, 77, 1, 2))],
+        )
+        .unwrap();
+        let h = std::fs::read_to_string(&files.hosts).unwrap();
+        assert!(
+            h.contains("127.77.1.2\tweb.shop.dev.kiln") && !h.contains("api.shop"),
+            "{h}"
+        );
+
+        let done = restore(&files.journal).unwrap();
+        assert_eq!(done.len(), 2, "{done:?}");
+        assert_eq!(std::fs::read_to_string(&files.resolv_conf).unwrap(), resolv);
+        assert_eq!(std::fs::read_to_string(&files.hosts).unwrap(), hosts);
+        assert!(!files.journal.exists());
+        assert!(restore(&files.journal).unwrap().is_empty(), "idempotent");
+    }
+
+    #[test]
+    fn a_file_rewritten_by_someone_else_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = Files::new(
+            dir.path(),
+            dir.path().join("resolv.conf"),
+            dir.path().join("hosts"),
+        );
+        std::fs::write(&files.resolv_conf, "nameserver 10.0.0.1\n").unwrap();
+        set_resolver(&files, Ipv4Addr::new(127, 77, 0, 1), &[]).unwrap();
+        std::fs::write(&files.resolv_conf, "nameserver 10.9.9.9\n").unwrap();
+        restore(&files.journal).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&files.resolv_conf).unwrap(),
+            "nameserver 10.9.9.9\n"
+        );
+    }
+}
