@@ -112,6 +112,8 @@ struct Saved {
 struct Daemon {
     opts: Options,
     files: Files,
+    /// How `split` mode reaches the machine's resolver.
+    hook: system::Hook,
     upstream: Vec<SocketAddr>,
     zone: RwLock<Zone>,
     inner: Mutex<Inner>,
@@ -214,7 +216,9 @@ pub async fn run(
         .await
         .with_context(|| format!("the DNS server cannot listen on {} (TCP)", opts.dns))?;
     let control = bind_control(&opts.socket)?;
+    let hook = system::detect(&files);
     let d = Arc::new(Daemon {
+        hook,
         zone: RwLock::new(Zone::new(&opts.suffix)),
         opts,
         files,
@@ -224,7 +228,7 @@ pub async fn run(
             ..Default::default()
         }),
     });
-    tracing::info!(dns = %d.opts.dns, mode = ?d.opts.mode, upstream = ?d.upstream, socket = %d.opts.socket.display(), "kiln daemon started");
+    tracing::info!(dns = %d.opts.dns, mode = ?d.opts.mode, hook = ?d.hook, upstream = ?d.upstream, socket = %d.opts.socket.display(), "kiln daemon started");
     let _udp = AbortOnDrop(tokio::spawn(serve_udp(d.clone(), Arc::new(udp))));
     let _tcp = AbortOnDrop(tokio::spawn(serve_dns_tcp(d.clone(), tcp)));
     let _control = AbortOnDrop(tokio::spawn(serve_control(d.clone(), control)));
@@ -410,11 +414,13 @@ impl Daemon {
                     .and_then(|p| p.split_once('/'))
                     .map(|(_, pe)| format!("{}.{suffix}", pe.replace('/', ".")));
                 if inner.resolver_set != search {
-                    let dns = match self.opts.dns.ip() {
-                        std::net::IpAddr::V4(ip) => ip,
-                        std::net::IpAddr::V6(_) => Ipv4Addr::LOCALHOST,
-                    };
-                    let r = system::set_resolver(&self.files, dns, search.as_slice());
+                    let r = system::split(
+                        &self.files,
+                        &self.hook,
+                        self.opts.dns,
+                        &suffix,
+                        search.as_slice(),
+                    );
                     if r.is_ok() {
                         inner.resolver_set = search;
                     }
@@ -1005,6 +1011,7 @@ fn status(d: &Arc<Daemon>) -> Value {
         "dns": {
             "address": d.opts.dns.to_string(),
             "mode": d.opts.mode,
+            "hook": d.hook,
             "suffix": d.opts.suffix,
             "upstream": d.upstream.iter().map(ToString::to_string).collect::<Vec<_>>(),
         },

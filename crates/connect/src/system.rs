@@ -76,6 +76,143 @@ pub struct Journal {
     /// A hosts file carrying Kiln's block.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hosts: Option<PathBuf>,
+    /// A network link made for systemd-resolved (removing it drops its DNS settings).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
+    /// A per-domain resolver file (macOS's `/etc/resolver/<suffix>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolver_file: Option<PathBuf>,
+}
+
+/// How `split` mode hooks into the machine's resolver.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Hook {
+    /// The daemon's server goes first in the resolver configuration file.
+    ResolvConf,
+    /// systemd-resolved owns DNS: a dummy link (`kiln0`) carries the daemon's server, `~<suffix>` as a routing
+    /// domain and the primary environment as a search domain, set with `resolvectl`.
+    Resolved,
+    /// macOS: a file per domain in this directory (`/etc/resolver/<suffix>`).
+    ResolverDir(PathBuf),
+}
+
+/// The link made for systemd-resolved.
+pub const LINK: &str = "kiln0";
+
+/// How `split` reaches this machine's resolver: macOS's resolver directory; systemd-resolved when the
+/// configuration file is its stub (a link into `/run/systemd/resolve`, or `nameserver 127.0.0.53`); else the file.
+pub fn detect(files: &Files) -> Hook {
+    if cfg!(target_os = "macos") {
+        return Hook::ResolverDir(PathBuf::from("/etc/resolver"));
+    }
+    let linked = std::fs::read_link(&files.resolv_conf)
+        .is_ok_and(|t| t.to_string_lossy().contains("systemd/resolve"));
+    let stub = read_or_empty(&files.resolv_conf).is_ok_and(|c| {
+        c.lines()
+            .any(|l| l.split_whitespace().eq(["nameserver", "127.0.0.53"]))
+    });
+    if linked || stub {
+        Hook::Resolved
+    } else {
+        Hook::ResolvConf
+    }
+}
+
+/// Routes the suffix's names (and with `search`, the primary environment's short names) to `dns`.
+pub fn split(
+    files: &Files,
+    hook: &Hook,
+    dns: SocketAddr,
+    suffix: &str,
+    search: &[String],
+) -> io::Result<()> {
+    let ip = match dns.ip() {
+        std::net::IpAddr::V4(ip) => ip,
+        std::net::IpAddr::V6(_) => Ipv4Addr::LOCALHOST,
+    };
+    match hook {
+        Hook::ResolvConf => set_resolver(files, ip, search),
+        Hook::Resolved => set_resolved(files, dns, suffix, search),
+        Hook::ResolverDir(dir) => set_resolver_file(files, dir, dns, suffix),
+    }
+}
+
+/// The commands that point systemd-resolved's link `link` at `dns` for `~suffix` and `search`.
+pub fn resolved_commands(
+    link: &str,
+    dns: SocketAddr,
+    suffix: &str,
+    search: &[String],
+) -> Vec<Vec<String>> {
+    let server = if dns.port() == 53 {
+        dns.ip().to_string()
+    } else {
+        dns.to_string()
+    };
+    let mut domains = vec![format!("~{suffix}")];
+    domains.extend(search.iter().cloned());
+    let mut domain_cmd = vec!["resolvectl".to_string(), "domain".into(), link.into()];
+    domain_cmd.extend(domains);
+    vec![
+        vec!["resolvectl".into(), "dns".into(), link.into(), server],
+        domain_cmd,
+        vec![
+            "resolvectl".into(),
+            "default-route".into(),
+            link.into(),
+            "false".into(),
+        ],
+    ]
+}
+
+fn run(cmd: &[String]) -> io::Result<()> {
+    let out = std::process::Command::new(&cmd[0])
+        .args(&cmd[1..])
+        .output()?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(io::Error::other(format!(
+        "{}: {}",
+        cmd.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    )))
+}
+
+fn set_resolved(files: &Files, dns: SocketAddr, suffix: &str, search: &[String]) -> io::Result<()> {
+    let mut j = read_journal(&files.journal)?;
+    if j.link.is_none() {
+        j.link = Some(LINK.into());
+        write_journal(&files.journal, &j)?;
+    }
+    let exists = std::path::Path::new("/sys/class/net").join(LINK).exists();
+    if !exists {
+        run(&["ip", "link", "add", LINK, "type", "dummy"].map(String::from))?;
+    }
+    run(&["ip", "link", "set", LINK, "up"].map(String::from))?;
+    for cmd in resolved_commands(LINK, dns, suffix, search) {
+        run(&cmd)?;
+    }
+    Ok(())
+}
+
+fn set_resolver_file(files: &Files, dir: &Path, dns: SocketAddr, suffix: &str) -> io::Result<()> {
+    let path = dir.join(suffix);
+    let mut j = read_journal(&files.journal)?;
+    if j.resolver_file.as_deref() != Some(path.as_path()) {
+        j.resolver_file = Some(path.clone());
+        write_journal(&files.journal, &j)?;
+    }
+    std::fs::create_dir_all(dir)?;
+    rewrite(
+        &path,
+        &format!(
+            "{BEGIN}\nnameserver {}\nport {}\n{END}\n",
+            dns.ip(),
+            dns.port()
+        ),
+    )
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -257,6 +394,20 @@ pub fn restore(journal: &Path) -> io::Result<Vec<String>> {
             done.push(format!("Kiln's block removed from {}", h.display()));
         }
     }
+    if let Some(link) = &j.link {
+        if Path::new("/sys/class/net").join(link).exists() {
+            run(&["ip", "link", "del", link].map(String::from))?;
+            done.push(format!(
+                "link {link} (systemd-resolved's route to the daemon) removed"
+            ));
+        }
+    }
+    if let Some(f) = &j.resolver_file {
+        if read_or_empty(f)?.lines().any(|l| l == BEGIN) {
+            std::fs::remove_file(f)?;
+            done.push(format!("{} removed", f.display()));
+        }
+    }
     write_journal(journal, &Journal::default())?;
     Ok(done)
 }
@@ -314,6 +465,52 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&files.hosts).unwrap(), hosts);
         assert!(!files.journal.exists());
         assert!(restore(&files.journal).unwrap().is_empty(), "idempotent");
+    }
+
+    #[test]
+    fn split_mode_finds_the_resolver_and_drives_each_hook() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = Files::new(
+            dir.path(),
+            dir.path().join("resolv.conf"),
+            dir.path().join("hosts"),
+        );
+        std::fs::write(&files.resolv_conf, "nameserver 10.0.0.1\n").unwrap();
+        assert_eq!(detect(&files), Hook::ResolvConf);
+        std::fs::write(
+            &files.resolv_conf,
+            "# stub\nnameserver 127.0.0.53\noptions edns0\n",
+        )
+        .unwrap();
+        assert_eq!(detect(&files), Hook::Resolved);
+        assert_eq!(
+            resolved_commands(
+                "kiln0",
+                "127.77.0.1:53".parse().unwrap(),
+                "kiln",
+                &["shop.dev.kiln".into()]
+            ),
+            vec![
+                vec!["resolvectl", "dns", "kiln0", "127.77.0.1"],
+                vec!["resolvectl", "domain", "kiln0", "~kiln", "shop.dev.kiln"],
+                vec!["resolvectl", "default-route", "kiln0", "false"],
+            ]
+        );
+        assert_eq!(
+            resolved_commands("kiln0", "127.77.0.1:5353".parse().unwrap(), "kiln", &[])[0][3],
+            "127.77.0.1:5353"
+        );
+        // macOS's per-domain resolver file, made and removed.
+        let resolver = dir.path().join("resolver");
+        let hook = Hook::ResolverDir(resolver.clone());
+        split(&files, &hook, "127.77.0.1:53".parse().unwrap(), "kiln", &[]).unwrap();
+        let written = std::fs::read_to_string(resolver.join("kiln")).unwrap();
+        assert!(
+            written.contains("nameserver 127.77.0.1\nport 53\n"),
+            "{written}"
+        );
+        restore(&files.journal).unwrap();
+        assert!(!resolver.join("kiln").exists());
     }
 
     #[test]

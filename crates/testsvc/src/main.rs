@@ -6,6 +6,8 @@
 //! - `GET /healthz` — 200, or 503 while the file named by `$UNHEALTHY_FILE` exists;
 //! - `GET /env/<NAME>` — the value of an environment variable (404 if unset);
 //! - `GET /bytes/<N>` — N bytes of body (throughput measurements);
+//! - `GET /upgrade` with `Upgrade: P` — `101 Switching Protocols` to P, then every byte echoed back (a stand-in for
+//!   a WebSocket echo server, framing aside);
 //! - `GET /exit/<CODE>` — exits the process with that code after answering;
 //! - `GET /get/<HOST:PORT>/<PATH>` — makes `GET /<PATH>` to `HOST:PORT` (or, for `$NAME`, to the address in
 //!   `$NAME_HOST` and `$NAME_PORT`: a dependency's variables) and answers 200 with the status line and body it
@@ -71,6 +73,8 @@ struct Request {
     chunked: bool,
     /// `Name: value` of the headers to pass on (`$PROPAGATE`).
     propagate: Vec<String>,
+    /// The protocol an `Upgrade` header asks for.
+    upgrade: Option<String>,
 }
 
 fn read_request(reader: &mut impl BufRead) -> Option<Request> {
@@ -92,6 +96,7 @@ fn read_request(reader: &mut impl BufRead) -> Option<Request> {
     let mut headers = 0;
     let wanted = env("PROPAGATE", "");
     let mut propagate = Vec::new();
+    let mut upgrade = None;
     loop {
         read_line(reader, &mut line)?;
         let l = line.trim_end();
@@ -111,6 +116,9 @@ fn read_request(reader: &mut impl BufRead) -> Option<Request> {
             .any(|w| !w.is_empty() && w.trim().eq_ignore_ascii_case(name.trim()))
         {
             propagate.push(format!("{}: {value}", name.trim()));
+        }
+        if name.eq_ignore_ascii_case("upgrade") {
+            upgrade = Some(value.to_string());
         }
         if name.eq_ignore_ascii_case("connection") {
             for token in value.split(',').map(str::trim) {
@@ -133,6 +141,7 @@ fn read_request(reader: &mut impl BufRead) -> Option<Request> {
         content_length,
         chunked,
         propagate,
+        upgrade,
     })
 }
 
@@ -157,6 +166,10 @@ fn handle(stream: TcpStream, quiet: bool) {
             .ok()
                 != Some(req.content_length)
         {
+            return;
+        }
+        if let (Some(proto), "/upgrade") = (&req.upgrade, req.path.as_str()) {
+            upgraded(reader, out, proto);
             return;
         }
         let keep_alive = req.keep_alive && !req.chunked && served < MAX_REQUESTS_PER_CONNECTION;
@@ -215,6 +228,34 @@ fn answer(out: &mut impl Write, path: &str, propagate: &[String], keep_alive: bo
             std::process::exit(code);
         }
         _ => respond(out, "404 Not Found", "not found\n", keep_alive),
+    }
+}
+
+/// Switches to the protocol asked for and echoes every byte back until the client closes (what a WebSocket echo
+/// server does, without the framing: proxies only need to pass the upgrade and the bytes).
+fn upgraded(mut reader: BufReader<TcpStream>, mut out: BufWriter<TcpStream>, proto: &str) {
+    let name = env("SERVICE_NAME", "testsvc");
+    let head = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: {proto}\r\nX-Served-By: {name}\r\n\r\n"
+    );
+    if out
+        .write_all(head.as_bytes())
+        .and_then(|()| out.flush())
+        .is_err()
+    {
+        return;
+    }
+    let _ = reader.get_ref().set_read_timeout(None);
+    let mut buf = [0u8; 4096];
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if out.write_all(&buf[..n]).and_then(|()| out.flush()).is_err() {
+                    return;
+                }
+            }
+        }
     }
 }
 

@@ -153,6 +153,58 @@ impl Drop for DumpLogs {
     }
 }
 
+/// Runs `f` on a thread inside network namespace `ns`.
+fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        use std::os::fd::AsFd as _;
+        let file = std::fs::File::open(&path).unwrap();
+        rustix::thread::move_into_link_name_space(
+            file.as_fd(),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        )
+        .unwrap();
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+/// An upgrade to `kiln-echo` at `addr` (`GET <path>` with `header`): the `X-Served-By` of the `101`, after
+/// checking that bytes go both ways through it.
+fn upgrade_echo(addr: std::net::SocketAddr, path: &str, header: Option<&str>) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let extra = header.map(|h| format!("{h}\r\n")).unwrap_or_default();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: api\r\nConnection: upgrade\r\nUpgrade: kiln-echo\r\n{extra}\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut b).unwrap(), 1, "the head ended early: {head:?}");
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    for msg in ["ping", "and a second message"] {
+        s.write_all(msg.as_bytes()).unwrap();
+        let mut got = vec![0u8; msg.len()];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(got, msg.as_bytes());
+    }
+    head.lines()
+        .find_map(|l| {
+            l.strip_prefix("X-Served-By: ")
+                .or_else(|| l.strip_prefix("x-served-by: "))
+        })
+        .unwrap_or("")
+        .to_string()
+}
+
 /// Polls `f` until it returns true.
 fn eventually(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -462,6 +514,30 @@ fn laptops_consume_and_serve_an_environment_across_network_namespaces() {
     assert!(alice
         .curl("http://api.shop.dev.kiln/", Some("kiln-serve: bob"))
         .contains("hello from bob-laptop"));
+    // Upgrades (WebSocket and the like) pass both ways: consumed as bytes, and routed to a laptop by header.
+    let api: std::net::SocketAddr = format!("{api_ip}:8080").parse().unwrap();
+    assert_eq!(
+        in_netns(&alice.ns, move || upgrade_echo(api, "/upgrade", None)),
+        "api"
+    );
+    assert_eq!(
+        in_netns(&alice.ns, move || upgrade_echo(
+            api,
+            "/upgrade",
+            Some("kiln-serve: bob")
+        )),
+        "bob-laptop"
+    );
+    let gw: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let via_gateway = "/x/default/shop/dev/api/http/upgrade";
+    assert_eq!(
+        in_netns(&srv, move || upgrade_echo(
+            gw,
+            via_gateway,
+            Some("kiln-serve: alice")
+        )),
+        "alice-laptop"
+    );
     // A taken header is refused, naming who has it.
     let taken = bob.kiln(&[
         "serve",
@@ -552,6 +628,28 @@ fn laptops_consume_and_serve_an_environment_across_network_namespaces() {
     assert_eq!(resolv.matches("BEGIN kiln daemon").count(), 1, "{resolv}");
 
     // Disconnect and stop: everything goes back as it was.
+    // A viewer may connect and consume, but not serve.
+    ok(admin_kiln(&["user", "create", "carol", "--role", "viewer"]));
+    let carol_token = ok(admin_kiln(&["token", "create", "--user", "carol"]))
+        .trim()
+        .to_string();
+    let carol = |args: &[&str]| -> Output {
+        let bin = kiln_bin().display().to_string();
+        let mut all = vec![bin.as_str(), "--url", &bob.url, "--token", &carol_token];
+        all.extend_from_slice(args);
+        bob.run(&all)
+    };
+    ok(carol(&["connect", "shop/dev"]));
+    assert!(bob
+        .curl("http://api.shop.dev.kiln/", None)
+        .contains("hello from api"));
+    let refused = carol(&["serve", "api", "--port", "3000"]);
+    assert!(
+        !refused.status.success() && stderr(&refused).contains("needs the developer role"),
+        "{}",
+        stderr(&refused)
+    );
+
     ok(bob.kiln(&["disconnect"]));
     eventually("bob's hosts block goes", 5, || {
         !std::fs::read_to_string(&bob.hosts)
