@@ -20,7 +20,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 use crate::server::{Backend, Env};
-use crate::workspaces::Row;
+use crate::workspaces::{row, Row};
 
 const RUNS: usize = 15;
 const CONTAINER_RUNS: usize = 10;
@@ -75,15 +75,6 @@ fn now_secs() -> f64 {
 fn p50(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
-}
-
-fn row(name: &str, value: String, target: &str, pass: Option<bool>) -> Row {
-    Row {
-        name: name.into(),
-        value,
-        target: target.into(),
-        pass,
-    }
 }
 
 struct Api {

@@ -14,13 +14,13 @@
 use std::io::{Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
 use crate::server::{free_port, Backend, Env};
-use crate::workspaces::Row;
+use crate::workspaces::{row, Bg, Row};
 
 const ROUNDS: usize = 10;
 const DNS_ROUNDS: usize = 3;
@@ -28,25 +28,6 @@ const DNS_SECS: u64 = 8;
 const BULK: u64 = 1 << 30;
 const BULK_ROUNDS: usize = 3;
 const NAME: &str = "api.shop.dev.kiln";
-
-fn row(name: &str, value: String, target: &str, pass: Option<bool>) -> Row {
-    Row {
-        name: name.into(),
-        value,
-        target: target.into(),
-        pass,
-    }
-}
-
-/// Kills a child process on drop.
-struct Bg(Child);
-
-impl Drop for Bg {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));

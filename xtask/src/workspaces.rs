@@ -33,7 +33,8 @@ pub struct Row {
     pub pass: Option<bool>,
 }
 
-fn row(name: &str, value: String, target: &str, pass: Option<bool>) -> Row {
+/// A row of the table.
+pub fn row(name: &str, value: String, target: &str, pass: Option<bool>) -> Row {
     Row {
         name: name.into(),
         value,
@@ -43,7 +44,7 @@ fn row(name: &str, value: String, target: &str, pass: Option<bool>) -> Row {
 }
 
 /// Kills a child process on drop (its own pid only).
-struct Bg(Child);
+pub struct Bg(pub Child);
 
 impl Drop for Bg {
     fn drop(&mut self) {

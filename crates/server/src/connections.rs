@@ -815,16 +815,19 @@ async fn serve(
             s.component, info.project, info.environment
         ));
     }
+    let names = || {
+        endpoints
+            .iter()
+            .map(|x| x.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let ep = match &s.endpoint {
         Some(e) => endpoints.iter().find(|x| x.name == *e).ok_or_else(|| {
             format!(
                 "component {} has no endpoint {e}; it has {}",
                 s.component,
-                endpoints
-                    .iter()
-                    .map(|x| x.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                names()
             )
         })?,
         None if endpoints.len() == 1 => &endpoints[0],
@@ -832,11 +835,7 @@ async fn serve(
             return Err(format!(
                 "component {} has several endpoints ({}); name one with --endpoint",
                 s.component,
-                endpoints
-                    .iter()
-                    .map(|x| x.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                names()
             ))
         }
     };

@@ -736,7 +736,7 @@ async fn serve(state: &AppState, target: Target, mut req: Request, peer: SocketA
 /// comes back unsent, for a replica.
 async fn to_laptop(
     laptop: &crate::connections::Intercept,
-    mut req: Request,
+    req: Request,
     peer: SocketAddr,
     path: &str,
     prefix: Option<HeaderValue>,
@@ -745,23 +745,8 @@ async fn to_laptop(
         Ok(s) => s,
         Err(e) => return Err((e, Some(req))),
     };
-    let upgrade = is_upgrade(req.headers());
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let (parts, body) = req.into_parts();
-    let headers = forwarded_headers(
-        parts.headers,
-        upgrade,
-        peer,
-        prefix,
-        &[crate::auth::SESSION_COOKIE],
-    );
-    let mut out = axum::http::Request::builder()
-        .method(parts.method)
-        .uri(path)
-        .version(Version::HTTP_11)
-        .body(body)
-        .map_err(|e| (format!("the request cannot be forwarded: {e}"), None))?;
-    *out.headers_mut() = headers;
+    let (out, client_upgrade) =
+        outgoing(req, peer, path.to_string(), prefix).map_err(|e| (e, None))?;
     let resp = crate::connections::exchange(Box::new(stream), out)
         .await
         .map_err(|e| (e, None))?;
@@ -1167,40 +1152,18 @@ pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
 async fn proxy(
     state: &AppState,
     route: &Route,
-    mut req: Request,
+    req: Request,
     peer: SocketAddr,
     path: String,
     prefix: Option<Result<HeaderValue, InvalidHeaderValue>>,
     html: bool,
 ) -> Response {
     let upgrade = is_upgrade(req.headers());
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let (parts, body) = req.into_parts();
-    let headers = forwarded_headers(
-        parts.headers,
-        upgrade,
-        peer,
-        prefix.and_then(Result::ok),
-        &[crate::auth::SESSION_COOKIE],
-    );
-    let mut out = match axum::http::Request::builder()
-        .method(parts.method)
-        .uri(path)
-        .version(Version::HTTP_11)
-        .body(body)
-    {
-        Ok(r) => r,
-        Err(e) => {
-            return page(
-                StatusCode::BAD_REQUEST,
-                "Bad request",
-                &[format!("the request cannot be forwarded: {e}")],
-                html,
-            )
-        }
+    let (mut out, client_upgrade) = match outgoing(req, peer, path, prefix.and_then(Result::ok)) {
+        Ok(o) => o,
+        Err(e) => return page(StatusCode::BAD_REQUEST, "Bad request", &[e], html),
     };
-    let no_host = !headers.contains_key(header::HOST);
-    *out.headers_mut() = headers;
+    let no_host = !out.headers().contains_key(header::HOST);
 
     let n = route.backends.len();
     let first = route.next.fetch_add(1, Ordering::Relaxed) % n;
@@ -1254,6 +1217,34 @@ fn upstream_error(state: &AppState) {
         .metrics
         .gateway_upstream_errors
         .fetch_add(1, Ordering::Relaxed);
+}
+
+/// A client's request as a proxy sends it on: `path` as its target, HTTP/1.1, the headers
+/// [`forwarded_headers`] makes; and, for an upgrade, the client side of it.
+fn outgoing(
+    mut req: Request,
+    peer: SocketAddr,
+    path: String,
+    prefix: Option<HeaderValue>,
+) -> Result<(Request, Option<hyper::upgrade::OnUpgrade>), String> {
+    let upgrade = is_upgrade(req.headers());
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (parts, body) = req.into_parts();
+    let headers = forwarded_headers(
+        parts.headers,
+        upgrade,
+        peer,
+        prefix,
+        &[crate::auth::SESSION_COOKIE],
+    );
+    let mut out = axum::http::Request::builder()
+        .method(parts.method)
+        .uri(path)
+        .version(Version::HTTP_11)
+        .body(body)
+        .map_err(|e| format!("the request cannot be forwarded: {e}"))?;
+    *out.headers_mut() = headers;
+    Ok((out, client_upgrade))
 }
 
 /// The 502 page's lines when no replica could be reached (`failures`: one line per replica tried).
