@@ -626,6 +626,16 @@ fn laptops_consume_and_serve_an_environment_across_network_namespaces() {
     });
     let resolv = std::fs::read_to_string(&alice.resolv).unwrap();
     assert_eq!(resolv.matches("BEGIN kiln daemon").count(), 1, "{resolv}");
+    // Between the two daemons the supervisor put the file back as it was.
+    let log = std::fs::read_to_string(dir.join("alice-supervisor.log")).unwrap();
+    let exited = log
+        .find("the daemon exited")
+        .expect("the supervisor saw the daemon die");
+    assert!(
+        log[exited..].contains(&format!("{} restored", alice.resolv.display()))
+            || log[exited..].contains("/etc/resolv.conf restored"),
+        "{log}"
+    );
 
     // Disconnect and stop: everything goes back as it was.
     // A viewer may connect and consume, but not serve.
