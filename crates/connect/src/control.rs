@@ -109,3 +109,47 @@ pub async fn call(socket: &Path, path: &str, body: Option<&Value>) -> Result<Val
     }
     Ok(v)
 }
+
+/// Follows a streaming call (`GET` of `path`, NDJSON): `each` gets every line's document until it returns false
+/// or the daemon ends the stream.
+pub async fn follow(
+    socket: &Path,
+    path: &str,
+    mut each: impl FnMut(Value) -> bool,
+) -> Result<(), CallError> {
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|e| CallError::NoDaemon(socket.to_path_buf(), e))?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| CallError::Other(format!("the daemon's socket: {e}")))?;
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .uri(path)
+        .header(hyper::header::HOST, "kiln-daemon")
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| CallError::Other(e.to_string()))?;
+    let mut body = send
+        .send_request(req)
+        .await
+        .map_err(|e| CallError::Other(format!("the daemon did not answer: {e}")))?
+        .into_body();
+    let mut buf = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame =
+            frame.map_err(|e| CallError::Other(format!("reading the daemon's answer: {e}")))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        buf.extend_from_slice(&data);
+        while let Some(at) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=at).collect();
+            if let Ok(v) = serde_json::from_slice::<Value>(&line) {
+                if !each(v) {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    Ok(())
+}

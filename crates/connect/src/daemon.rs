@@ -110,6 +110,8 @@ struct Saved {
 }
 
 struct Daemon {
+    /// Bumped on every change [`status`] shows.
+    changes: tokio::sync::watch::Sender<u64>,
     opts: Options,
     files: Files,
     /// How `split` mode reaches the machine's resolver.
@@ -159,6 +161,8 @@ struct Conn {
     user: Option<String>,
     id: Option<u64>,
     services: Vec<Service>,
+    /// The server's view of the laptops connected to the environment.
+    peers: Vec<Value>,
     /// Serve id → how the server routed it, or why not.
     serves: HashMap<String, ServeAnswer>,
     task: Option<AbortOnDrop>,
@@ -218,6 +222,7 @@ pub async fn run(
     let control = bind_control(&opts.socket)?;
     let hook = system::detect(&files);
     let d = Arc::new(Daemon {
+        changes: tokio::sync::watch::channel(0).0,
         hook,
         zone: RwLock::new(Zone::new(&opts.suffix)),
         opts,
@@ -306,6 +311,11 @@ fn bind_control(path: &Path) -> anyhow::Result<UnixListener> {
 }
 
 impl Daemon {
+    /// Tells status watchers that something changed.
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
     /// Recomputes names, listeners and the system configuration from the connections' services.
     fn refresh(self: &Arc<Self>) {
         let mut inner = lock(&self.inner);
@@ -433,6 +443,7 @@ impl Daemon {
         if let Err(e) = sys {
             tracing::warn!(error = %e, "cannot update the system's name resolution");
         }
+        self.changed();
     }
 
     fn session(&self, connection: &str) -> Option<Session> {
@@ -591,18 +602,20 @@ async fn hold(d: Arc<Daemon>, c: Connection) {
                     }
                     serves
                 };
+                d.changed();
                 for s in serves {
                     send(&session, &ToServer::Serve(s));
                 }
                 run_session(&d, &key, &session, events).await;
                 let reason = session.closed().await;
                 tracing::info!(connection = %key, reason, "disconnected");
-                let mut inner = lock(&d.inner);
-                if let Some(conn) = inner.conns.get_mut(&key) {
+                if let Some(conn) = lock(&d.inner).conns.get_mut(&key) {
                     conn.session = None;
                     conn.state = "disconnected";
                     conn.error = Some(reason);
+                    conn.peers.clear();
                 }
+                d.changed();
             }
             Err(e) => {
                 let transient = e.is_transient();
@@ -616,6 +629,7 @@ async fn hold(d: Arc<Daemon>, c: Connection) {
                         conn.first.take()
                     })
                 };
+                d.changed();
                 if let Some(tx) = first {
                     // `kiln connect` reports a refusal instead of retrying for ever.
                     if !transient {
@@ -706,6 +720,12 @@ fn on_message(d: &Arc<Daemon>, key: &str, m: ToDaemon) {
             }
             d.refresh();
         }
+        ToDaemon::Peers { connections } => {
+            if let Some(c) = lock(&d.inner).conns.get_mut(key) {
+                c.peers = connections;
+            }
+            d.changed();
+        }
         ToDaemon::Served {
             id,
             endpoint,
@@ -727,6 +747,8 @@ fn on_message(d: &Arc<Daemon>, key: &str, m: ToDaemon) {
             if let Some(tx) = inner.pending.remove(&id) {
                 let _ = tx.send(answer);
             }
+            drop(inner);
+            d.changed();
         }
     }
 }
@@ -892,8 +914,11 @@ async fn serve_control(d: Arc<Daemon>, listener: UnixListener) {
     }
 }
 
-fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+/// A control API response body: one JSON document, or NDJSON lines as things change.
+type Body = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
+
+fn reply(status: StatusCode, body: Value) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())).boxed());
     *r.status_mut() = status;
     r.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
@@ -902,13 +927,13 @@ fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
     r
 }
 
-fn bad(status: StatusCode, msg: impl Into<String>) -> Response<Full<Bytes>> {
+fn bad(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
     reply(status, json!({"error": msg.into()}))
 }
 
 async fn body<T: serde::de::DeserializeOwned>(
     req: Request<HyperBody>,
-) -> Result<T, Response<Full<Bytes>>> {
+) -> Result<T, Response<Body>> {
     let bytes = http_body_util::Limited::new(req.into_body(), 64 * 1024)
         .collect()
         .await
@@ -918,8 +943,9 @@ async fn body<T: serde::de::DeserializeOwned>(
         .map_err(|e| bad(StatusCode::BAD_REQUEST, format!("the request body: {e}")))
 }
 
-async fn control(d: &Arc<Daemon>, req: Request<HyperBody>) -> Response<Full<Bytes>> {
+async fn control(d: &Arc<Daemon>, req: Request<HyperBody>) -> Response<Body> {
     let r = match (req.method().clone(), req.uri().path()) {
+        (Method::GET, "/v1/status") if req.uri().query() == Some("watch=true") => Ok(watch(d)),
         (Method::GET, "/v1/status") => Ok(reply(StatusCode::OK, status(d))),
         (Method::POST, "/v1/connect") => match body(req).await {
             Ok(c) => Ok(connect(d, c).await),
@@ -943,6 +969,34 @@ async fn control(d: &Arc<Daemon>, req: Request<HyperBody>) -> Response<Full<Byte
         )),
     };
     r.unwrap_or_else(|e| e)
+}
+
+/// `GET /v1/status?watch=true`: the status as NDJSON, a line now and one after each change (at most one per
+/// 100 ms), until the caller goes.
+fn watch(d: &Arc<Daemon>) -> Response<Body> {
+    let d = d.clone();
+    let mut rx = d.changes.subscribe();
+    rx.mark_unchanged();
+    let lines =
+        futures_util::stream::unfold((d, rx, None::<String>), |(d, mut rx, last)| async move {
+            loop {
+                if last.is_some() {
+                    rx.changed().await.ok()?;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                let now = status(&d).to_string();
+                if last.as_ref() != Some(&now) {
+                    let frame = hyper::body::Frame::data(Bytes::from(format!("{now}\n")));
+                    return Some((Ok(frame), (d, rx, Some(now))));
+                }
+            }
+        });
+    let mut r = Response::new(http_body_util::StreamBody::new(lines).boxed());
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/x-ndjson"),
+    );
+    r
 }
 
 fn status(d: &Arc<Daemon>) -> Value {
@@ -979,6 +1033,7 @@ fn status(d: &Arc<Daemon>) -> Value {
                 "user": live.and_then(|l| l.user.clone()),
                 "connection": live.and_then(|l| l.id),
                 "services": services,
+                "peers": live.map(|l| l.peers.clone()).unwrap_or_default(),
             })
         })
         .collect();
@@ -1020,7 +1075,7 @@ fn status(d: &Arc<Daemon>) -> Value {
     })
 }
 
-async fn connect(d: &Arc<Daemon>, c: Connection) -> Response<Full<Bytes>> {
+async fn connect(d: &Arc<Daemon>, c: Connection) -> Response<Body> {
     for (what, v) in [
         ("organization", &c.organization),
         ("project", &c.project),
@@ -1150,7 +1205,7 @@ impl Select {
     }
 }
 
-fn disconnect(d: &Arc<Daemon>, s: Select) -> Response<Full<Bytes>> {
+fn disconnect(d: &Arc<Daemon>, s: Select) -> Response<Body> {
     let removed: Vec<String> = {
         let mut inner = lock(&d.inner);
         let removed: Vec<String> = inner
@@ -1211,7 +1266,7 @@ fn new_id() -> String {
         .collect()
 }
 
-async fn serve(d: &Arc<Daemon>, r: ServeRequest) -> Response<Full<Bytes>> {
+async fn serve(d: &Arc<Daemon>, r: ServeRequest) -> Response<Body> {
     if r.port == 0 {
         return bad(StatusCode::BAD_REQUEST, "port: must be 1 to 65535");
     }
@@ -1324,7 +1379,7 @@ struct UnserveRequest {
     component: Option<String>,
 }
 
-fn unserve(d: &Arc<Daemon>, r: UnserveRequest) -> Response<Full<Bytes>> {
+fn unserve(d: &Arc<Daemon>, r: UnserveRequest) -> Response<Body> {
     let mut inner = lock(&d.inner);
     let key = match r.select.one(&inner) {
         Ok(k) => k,

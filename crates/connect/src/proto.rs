@@ -75,6 +75,9 @@ pub enum ToDaemon {
     Welcome { user: String, connection: u64 },
     /// The environment's deployed components and their endpoints, whole, each time they change.
     Services { services: Vec<Service> },
+    /// Every laptop connected to the environment (this one included), as the server's orchestrator view shows
+    /// them (`user`, `device`, `connectedAt`, `serves`, `consumes`), whole, each time it changes.
+    Peers { connections: Vec<serde_json::Value> },
     /// The answer to [`ToServer::Serve`]: the serve as routed (endpoint and header resolved), or why not.
     Served {
         id: String,

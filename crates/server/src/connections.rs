@@ -55,6 +55,8 @@ use crate::AppState;
 
 /// How long opening a stream to a serving laptop may take before the request goes to a replica instead.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a daemon is told of the other laptops in its environment, at most.
+const PEERS_EVERY: Duration = Duration::from_millis(250);
 /// How long connecting to a replica may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -623,7 +625,30 @@ async fn run_daemon(state: AppState, socket: AxumWs, info: ConnInfo, principal: 
     );
     let mut table = state.gateway.subscribe();
     let mut last: Option<Vec<Service>> = None;
+    let mut peers_changed = state.connections.changed.subscribe();
+    let mut last_peers: Option<Vec<serde_json::Value>> = None;
+    let mut peers_due = Some(tokio::time::Instant::now());
     loop {
+        // The orchestrator view of this environment, at most every PEERS_EVERY (consumes change it often).
+        if peers_due.is_some_and(|at| at <= tokio::time::Instant::now()) {
+            peers_due = None;
+            let peers: Vec<serde_json::Value> = state
+                .connections
+                .list()
+                .into_iter()
+                .filter(|c| c.organization == org && c.project == project && c.environment == env)
+                .filter_map(|c| serde_json::to_value(c).ok())
+                .collect();
+            if last_peers.as_ref() != Some(&peers) {
+                send(
+                    &session,
+                    &ToDaemon::Peers {
+                        connections: peers.clone(),
+                    },
+                );
+                last_peers = Some(peers);
+            }
+        }
         let services = state.gateway.services(&org, &project, &env);
         if last.as_ref() != Some(&services) {
             send(
@@ -644,6 +669,10 @@ async fn run_daemon(state: AppState, socket: AxumWs, info: ConnInfo, principal: 
                 Some(Event::Stream(incoming)) => on_stream(&state, &info, incoming),
             },
             r = table.changed() => if r.is_err() { break },
+            _ = peers_changed.changed(), if peers_due.is_none() => {
+                peers_due = Some(tokio::time::Instant::now() + PEERS_EVERY);
+            }
+            _ = tokio::time::sleep_until(peers_due.unwrap_or_else(tokio::time::Instant::now)), if peers_due.is_some() => {}
         }
     }
     let reason = session.closed().await;

@@ -366,59 +366,62 @@ fn print_orchestrator(items: &[Value]) {
     );
 }
 
+/// The laptops connected to the daemon's environments (of the context's organization), as the server told the
+/// daemon.
+fn peers(c: &Ctx, l: &Value) -> Vec<Value> {
+    l["connections"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|x| x["organization"].as_str() == Some(c.org.as_str()))
+        .flat_map(|x| x["peers"].as_array().cloned().unwrap_or_default())
+        .collect()
+}
+
+fn show(c: &Ctx, l: &Value, output: OutputFormat) {
+    let items = peers(c, l);
+    if matches!(output, OutputFormat::Json) {
+        println!("{}", json!({"laptop": l, "connections": items}));
+        return;
+    }
+    print_local(l);
+    println!("\nConnected laptops:");
+    print_orchestrator(&items);
+}
+
+/// This laptop's state and the other laptops, from the daemon (the server's view reaches it through its
+/// sessions); without a daemon, the server's view asked directly.
 async fn status(c: &Ctx, watch: bool, output: OutputFormat) -> anyhow::Result<()> {
-    let local = match control::call(&socket(), "/v1/status", None).await {
-        Ok(v) => Some(v),
+    match control::call(&socket(), "/v1/status", None).await {
+        Ok(l) if !watch => {
+            show(c, &l, output);
+            return Ok(());
+        }
+        Ok(_) => {
+            control::follow(&socket(), "/v1/status?watch=true", |l| {
+                show(c, &l, output);
+                true
+            })
+            .await?;
+            return Ok(());
+        }
         Err(control::CallError::NoDaemon(p, e)) => {
             eprintln!(
                 "No daemon answers on {} ({e}): this laptop is not connected.",
                 p.display()
             );
-            None
         }
         Err(e) => return Err(e.into()),
-    };
-    let envs: Vec<(String, String)> = local
-        .as_ref()
-        .and_then(|l| l["connections"].as_array().cloned())
-        .unwrap_or_default()
-        .iter()
-        .filter(|x| x["organization"].as_str() == Some(c.org.as_str()))
-        .map(|x| {
-            (
-                x["project"].as_str().unwrap_or("").to_string(),
-                x["environment"].as_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect();
-    let query: Vec<(&str, String)> = match envs.as_slice() {
-        [(p, e)] => vec![("project", p.clone()), ("environment", e.clone())],
-        _ => Vec::new(),
-    };
-    let mut stream = Box::pin(c.client.connections(&c.org, &query, watch).await?);
-    let mut first = true;
+    }
+    let mut stream = Box::pin(c.client.connections(&c.org, &[], watch).await?);
     while let Some(list) = stream.next().await {
-        let list = list?;
-        let items = list["items"].as_array().cloned().unwrap_or_default();
+        let items = list?["items"].as_array().cloned().unwrap_or_default();
         if matches!(output, OutputFormat::Json) {
-            println!("{}", json!({"laptop": local, "connections": items}));
+            println!("{}", json!({"laptop": null, "connections": items}));
         } else {
-            if first {
-                if let Some(l) = &local {
-                    print_local(l);
-                }
-            }
-            println!(
-                "\nConnected laptops ({}):",
-                if query.is_empty() {
-                    format!("organization {}", c.org)
-                } else {
-                    format!("{}/{}", query[0].1, query[1].1)
-                }
-            );
+            println!("\nConnected laptops (organization {}):", c.org);
             print_orchestrator(&items);
         }
-        first = false;
         if !watch {
             break;
         }

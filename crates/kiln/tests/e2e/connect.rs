@@ -554,6 +554,14 @@ fn laptops_consume_and_serve_an_environment_across_network_namespaces() {
     );
 
     // The orchestrator's view.
+    // (The server tells each daemon of the others at most every 250 ms.)
+    eventually("both laptops and their serves in alice's view", 5, || {
+        let st = alice.status();
+        let c = st["connections"].as_array().cloned().unwrap_or_default();
+        c.len() == 2
+            && c.iter()
+                .all(|c| c["serves"].as_array().is_some_and(|s| !s.is_empty()))
+    });
     let st = alice.status();
     let conns = st["connections"].as_array().unwrap();
     assert_eq!(conns.len(), 2, "{st}");
@@ -589,10 +597,48 @@ fn laptops_consume_and_serve_an_environment_across_network_namespaces() {
     eventually("alice's serve is back once her laptop is", 20, || {
         gateway("api/http/", Some("kiln-serve: alice")).contains("hello from alice-laptop")
     });
-    assert!(alice_serves(&bob.status()));
+    eventually("bob's laptop sees alice's serve again", 5, || {
+        alice_serves(&bob.status())
+    });
 
-    // --all: every request without another developer's header goes to bob.
+    // --all: every request without another developer's header goes to bob. Alice's `kiln connect status -w`
+    // shows the change as it happens.
+    let mut watch = Command::new("ip")
+        .args(["netns", "exec", &alice.ns])
+        .arg(kiln_bin())
+        .args(["--url", &alice.url, "--token", &alice.token])
+        .args(["connect", "status", "-w", "-o", "json"])
+        .env("KILN_DAEMON_SOCKET", &alice.socket)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let out = watch.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let _watch = KillOnDrop(watch);
+    let first = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("a first status");
+    assert!(!first.contains("\"all\":true"), "{first}");
     ok(bob.kiln(&["serve", "api", "--port", "3000", "--all"]));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .expect("a status showing bob's --all serve");
+        if line.contains("\"all\":true") {
+            break;
+        }
+    }
+    drop(_watch);
     assert!(gateway("api/http/", None).contains("hello from bob-laptop"));
     assert!(gateway("api/http/", Some("kiln-serve: alice")).contains("hello from alice-laptop"));
     ok(bob.kiln(&["serve", "api", "--stop"]));
