@@ -40,6 +40,26 @@ pub fn default_state_dir() -> PathBuf {
         .join("kiln/daemon")
 }
 
+/// Connects to the daemon's socket, and makes sure the daemon is this user's or root's before anything (a
+/// token) is sent to it.
+async fn dial(socket: &Path) -> Result<UnixStream, CallError> {
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|e| CallError::NoDaemon(socket.to_path_buf(), e))?;
+    let me = rustix::process::getuid().as_raw();
+    match stream.peer_cred().map(|c| c.uid()) {
+        Ok(uid) if uid == 0 || uid == me => Ok(stream),
+        Ok(uid) => Err(CallError::Other(format!(
+            "the process on {} runs as uid {uid}, neither root nor this user: not a daemon to trust",
+            socket.display()
+        ))),
+        Err(e) => Err(CallError::Other(format!(
+            "cannot tell who answers on {}: {e}",
+            socket.display()
+        ))),
+    }
+}
+
 /// Why a call failed.
 #[derive(Debug)]
 pub enum CallError {
@@ -68,9 +88,7 @@ impl std::error::Error for CallError {}
 
 /// Calls the daemon: `GET` when `body` is `None`, else `POST` with it.
 pub async fn call(socket: &Path, path: &str, body: Option<&Value>) -> Result<Value, CallError> {
-    let stream = UnixStream::connect(socket)
-        .await
-        .map_err(|e| CallError::NoDaemon(socket.to_path_buf(), e))?;
+    let stream = dial(socket).await?;
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| CallError::Other(format!("the daemon's socket: {e}")))?;
@@ -117,9 +135,7 @@ pub async fn follow(
     path: &str,
     mut each: impl FnMut(Value) -> bool,
 ) -> Result<(), CallError> {
-    let stream = UnixStream::connect(socket)
-        .await
-        .map_err(|e| CallError::NoDaemon(socket.to_path_buf(), e))?;
+    let stream = dial(socket).await?;
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| CallError::Other(format!("the daemon's socket: {e}")))?;

@@ -109,14 +109,100 @@ struct Saved {
     primary: Option<String>,
 }
 
+/// What the machine's name resolution should carry.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+enum SysWant {
+    /// Nothing of the daemon's (no connection).
+    #[default]
+    Nothing,
+    /// These names in the hosts file.
+    Hosts(Vec<(String, Ipv4Addr)>),
+    /// The daemon as resolver, with these search domains.
+    Split(Vec<String>),
+}
+
+/// How often the system task checks that its changes are still in place (a DHCP client may rewrite
+/// `resolv.conf`, dropping the daemon's block).
+const SYSTEM_RECHECK: Duration = Duration::from_secs(5);
+
+/// Applies what [`Daemon::refresh`] wants of the system, one change at a time on the blocking pool, until told
+/// to stop; then undoes everything.
+async fn system_task(d: Arc<Daemon>, mut stop: oneshot::Receiver<()>) {
+    let mut rx = d.sys.subscribe();
+    let mut tick = tokio::time::interval(SYSTEM_RECHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let changed = tokio::select! {
+            r = rx.changed() => r.is_ok(),
+            _ = tick.tick() => false,
+            _ = &mut stop => break,
+        };
+        let want = rx.borrow_and_update().clone();
+        // systemd-resolved keeps what it was told: it is told again only when something changed.
+        if !changed && d.hook == system::Hook::Resolved && want != SysWant::Nothing {
+            continue;
+        }
+        let (files, hook, dns, suffix) = (
+            d.files.clone(),
+            d.hook.clone(),
+            d.opts.dns,
+            d.opts.suffix.clone(),
+        );
+        let applied = tokio::task::spawn_blocking(move || -> std::io::Result<Option<String>> {
+            match want {
+                SysWant::Nothing => system::restore(&files.journal).map(|_| None),
+                SysWant::Hosts(names) => system::set_hosts(&files, &names).map(|()| None),
+                SysWant::Split(search) => {
+                    system::split(&files, &hook, dns, &suffix, &search)?;
+                    system::original_resolv_conf(&files).map(Some)
+                }
+            }
+        })
+        .await;
+        match applied {
+            Ok(Ok(original)) => {
+                if let (Some(o), false) = (original, d.upstream_fixed) {
+                    let found = system::nameservers(&o, dns_v4(d.opts.dns));
+                    if !found.is_empty() {
+                        let mut up = d.upstream.write().unwrap_or_else(|p| p.into_inner());
+                        if *up != found {
+                            tracing::info!(upstream = ?found, "the system's resolvers changed");
+                            *up = found;
+                        }
+                    }
+                }
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot update the system's name resolution"),
+            Err(e) => tracing::warn!(error = %e, "the system update stopped"),
+        }
+    }
+    let files = d.files.clone();
+    match tokio::task::spawn_blocking(move || system::restore(&files.journal)).await {
+        Ok(Ok(done)) => done.iter().for_each(|x| tracing::info!("{x}")),
+        Ok(Err(e)) => tracing::error!(error = %e, "cannot undo the daemon's system changes"),
+        Err(e) => tracing::error!(error = %e, "cannot undo the daemon's system changes"),
+    }
+}
+
+fn dns_v4(a: SocketAddr) -> Ipv4Addr {
+    match a.ip() {
+        std::net::IpAddr::V4(ip) => ip,
+        std::net::IpAddr::V6(_) => Ipv4Addr::LOCALHOST,
+    }
+}
+
 struct Daemon {
+    /// What the system should carry (see [`system_task`]).
+    sys: tokio::sync::watch::Sender<SysWant>,
     /// Bumped on every change [`status`] shows.
     changes: tokio::sync::watch::Sender<u64>,
     opts: Options,
     files: Files,
     /// How `split` mode reaches the machine's resolver.
     hook: system::Hook,
-    upstream: Vec<SocketAddr>,
+    /// Where names not the daemon's go: the `--upstream` flag, else the resolvers the system names.
+    upstream: RwLock<Vec<SocketAddr>>,
+    upstream_fixed: bool,
     zone: RwLock<Zone>,
     inner: Mutex<Inner>,
 }
@@ -129,8 +215,8 @@ struct Inner {
     listeners: HashMap<(Ipv4Addr, u16), Listening>,
     /// Serves waiting for the server's answer.
     pending: HashMap<String, oneshot::Sender<ServeAnswer>>,
-    /// Whether the resolver configuration carries the daemon's block.
-    resolver_set: Option<String>,
+    /// Their local ports.
+    pending_ports: HashMap<String, u16>,
 }
 
 struct Listening {
@@ -222,21 +308,25 @@ pub async fn run(
     let control = bind_control(&opts.socket)?;
     let hook = system::detect(&files);
     let d = Arc::new(Daemon {
+        sys: tokio::sync::watch::channel(SysWant::Nothing).0,
+        upstream_fixed: !opts.upstream.is_empty(),
         changes: tokio::sync::watch::channel(0).0,
         hook,
         zone: RwLock::new(Zone::new(&opts.suffix)),
         opts,
         files,
-        upstream,
+        upstream: RwLock::new(upstream),
         inner: Mutex::new(Inner {
             saved: saved.clone(),
             ..Default::default()
         }),
     });
-    tracing::info!(dns = %d.opts.dns, mode = ?d.opts.mode, hook = ?d.hook, upstream = ?d.upstream, socket = %d.opts.socket.display(), "kiln daemon started");
+    tracing::info!(dns = %d.opts.dns, mode = ?d.opts.mode, hook = ?d.hook, upstream = ?d.upstream(), socket = %d.opts.socket.display(), "kiln daemon started");
     let _udp = AbortOnDrop(tokio::spawn(serve_udp(d.clone(), Arc::new(udp))));
     let _tcp = AbortOnDrop(tokio::spawn(serve_dns_tcp(d.clone(), tcp)));
     let _control = AbortOnDrop(tokio::spawn(serve_control(d.clone(), control)));
+    let (stop_system, stop_rx) = oneshot::channel();
+    let system = tokio::spawn(system_task(d.clone(), stop_rx));
     for c in saved.connections {
         start_connection(&d, c, None);
     }
@@ -254,9 +344,9 @@ pub async fn run(
         inner.listeners.clear();
     }
     let _ = std::fs::remove_file(&d.opts.socket);
-    for done in system::restore(&d.files.journal)? {
-        tracing::info!("{done}");
-    }
+    // The system task finishes what it is applying, then undoes everything.
+    let _ = stop_system.send(());
+    let _ = system.await;
     Ok(())
 }
 
@@ -293,9 +383,23 @@ fn save(dir: &Path, s: &Saved) {
 }
 
 fn bind_control(path: &Path) -> anyhow::Result<UnixListener> {
-    use std::os::unix::fs::PermissionsExt as _;
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+        }
+        // Nobody else may be able to put a socket (or a link) where the CLI looks for this one.
+        let meta =
+            std::fs::symlink_metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+        let me = rustix::process::getuid().as_raw();
+        if !meta.is_dir() || (meta.uid() != me && meta.uid() != 0) || meta.mode() & 0o022 != 0 {
+            anyhow::bail!(
+                "{} must be a directory of this user's (or root's) that nobody else can write to; \
+                 pass another --socket",
+                dir.display()
+            );
+        }
     }
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
         anyhow::bail!(
@@ -311,6 +415,13 @@ fn bind_control(path: &Path) -> anyhow::Result<UnixListener> {
 }
 
 impl Daemon {
+    fn upstream(&self) -> Vec<SocketAddr> {
+        self.upstream
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Tells status watchers that something changed.
     fn changed(&self) {
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
@@ -411,38 +522,25 @@ impl Daemon {
             z.set(names);
             z.names()
         };
-        let sys = match self.opts.mode {
-            Mode::Off => Ok(()),
-            _ if inner.conns.is_empty() => {
-                inner.resolver_set = None;
-                system::restore(&self.files.journal).map(|_| ())
-            }
-            Mode::Hosts => system::set_hosts(&self.files, &zone_names),
-            Mode::Split => {
-                let search = primary
+        let want = match self.opts.mode {
+            _ if inner.conns.is_empty() => SysWant::Nothing,
+            Mode::Off => SysWant::Nothing,
+            Mode::Hosts => SysWant::Hosts(zone_names),
+            Mode::Split => SysWant::Split(
+                primary
                     .as_deref()
                     .and_then(|p| p.split_once('/'))
-                    .map(|(_, pe)| format!("{}.{suffix}", pe.replace('/', ".")));
-                if inner.resolver_set != search {
-                    let r = system::split(
-                        &self.files,
-                        &self.hook,
-                        self.opts.dns,
-                        &suffix,
-                        search.as_slice(),
-                    );
-                    if r.is_ok() {
-                        inner.resolver_set = search;
-                    }
-                    r
-                } else {
-                    Ok(())
-                }
-            }
+                    .map(|(_, pe)| format!("{}.{suffix}", pe.replace('/', ".")))
+                    .into_iter()
+                    .collect(),
+            ),
         };
-        if let Err(e) = sys {
-            tracing::warn!(error = %e, "cannot update the system's name resolution");
-        }
+        // Applied by the system task, off this thread (it may run commands and sync files).
+        self.sys.send_if_modified(|cur| {
+            let changed = *cur != want;
+            *cur = want;
+            changed
+        });
         self.changed();
     }
 
@@ -455,12 +553,14 @@ impl Daemon {
     }
 
     fn serve_port(&self, id: &str) -> Option<u16> {
-        lock(&self.inner)
+        let inner = lock(&self.inner);
+        inner
             .saved
             .serves
             .iter()
             .find(|s| s.serve.id == id)
             .map(|s| s.serve.port)
+            .or_else(|| inner.pending_ports.get(id).copied())
     }
 }
 
@@ -678,7 +778,14 @@ async fn run_session(
                     continue;
                 };
                 tokio::spawn(async move {
-                    match TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await {
+                    // `localhost` may be either loopback (Node binds ::1 by default).
+                    let local = match TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await {
+                        Ok(c) => Ok(c),
+                        Err(e) => TcpStream::connect((std::net::Ipv6Addr::LOCALHOST, port))
+                            .await
+                            .map_err(|_| e),
+                    };
+                    match local {
                         Ok(mut local) => {
                             let _ = local.set_nodelay(true);
                             if let Ok(mut stream) = incoming.accept() {
@@ -773,7 +880,7 @@ async fn serve_udp(d: Arc<Daemon>, socket: Arc<UdpSocket>) {
             Handled::Forward => {
                 let (d, socket, query) = (d.clone(), socket.clone(), buf[..n].to_vec());
                 tokio::spawn(async move {
-                    let answer = forward_udp(&d.upstream, &query).await;
+                    let answer = forward_udp(&d.upstream(), &query).await;
                     if let Some(a) = answer.or_else(|| dns::error_response(&query, dns::SERVFAIL)) {
                         let _ = socket.send_to(&a, peer).await;
                     }
@@ -843,7 +950,7 @@ async fn dns_tcp_conn(d: Arc<Daemon>, mut conn: TcpStream) {
         };
         let answer = match handled {
             Handled::Answer => Some(out.clone()),
-            Handled::Forward => forward_tcp(&d.upstream, &query)
+            Handled::Forward => forward_tcp(&d.upstream(), &query)
                 .await
                 .or_else(|| dns::error_response(&query, dns::SERVFAIL)),
             Handled::Drop => return,
@@ -1068,7 +1175,7 @@ fn status(d: &Arc<Daemon>) -> Value {
             "mode": d.opts.mode,
             "hook": d.hook,
             "suffix": d.opts.suffix,
-            "upstream": d.upstream.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "upstream": d.upstream().iter().map(ToString::to_string).collect::<Vec<_>>(),
         },
         "connections": conns,
         "serves": serves,
@@ -1138,6 +1245,8 @@ async fn connect(d: &Arc<Daemon>, c: Connection) -> Response<Body> {
             }
             inner.conns.remove(&key);
             save(&d.opts.state_dir, &inner.saved);
+            drop(inner);
+            d.refresh();
             bad(StatusCode::BAD_GATEWAY, e)
         }
         Ok(Ok(Err(e))) => bad(StatusCode::BAD_GATEWAY, e),
@@ -1148,8 +1257,8 @@ async fn connect(d: &Arc<Daemon>, c: Connection) -> Response<Body> {
     }
 }
 
-/// Which connections a request means: `organization`/`project`/`environment` narrow; none given: the primary
-/// (or, with `all`, every one).
+/// Which connections a request means: `organization`/`project`/`environment` narrow. With none given, a
+/// serve means the primary connection and a disconnect means every one.
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct Select {
@@ -1288,7 +1397,7 @@ async fn serve(d: &Arc<Daemon>, r: ServeRequest) -> Response<Body> {
         all: r.all,
     };
     let (tx, rx) = oneshot::channel();
-    let (key, session, replaced) = {
+    let (key, session) = {
         let mut inner = lock(&d.inner);
         let key = match r.select.one(&inner) {
             Ok(k) => k,
@@ -1305,26 +1414,19 @@ async fn serve(d: &Arc<Daemon>, r: ServeRequest) -> Response<Body> {
                 format!("{key} is not connected right now; see `kiln connect status`"),
             );
         };
-        // One serve per component and endpoint from a laptop: a new one replaces it once the server took it.
-        let replaced: Vec<String> = inner
-            .saved
-            .serves
-            .iter()
-            .filter(|s| {
-                s.connection == key
-                    && s.serve.component == r.component
-                    && s.serve.endpoint == r.endpoint
-            })
-            .map(|s| s.serve.id.clone())
-            .collect();
         inner.pending.insert(id.clone(), tx);
-        (key, session, replaced)
+        // The server may route a request here before it answers.
+        inner.pending_ports.insert(id.clone(), r.port);
+        (key, session)
     };
     send(&session, &ToServer::Serve(serve.clone()));
     let answer = match tokio::time::timeout(ANSWER_TIMEOUT, rx).await {
         Ok(Ok(a)) => a,
         _ => {
-            lock(&d.inner).pending.remove(&id);
+            let mut inner = lock(&d.inner);
+            inner.pending.remove(&id);
+            inner.pending_ports.remove(&id);
+            drop(inner);
             send(&session, &ToServer::Unserve { id: id.clone() });
             return bad(
                 StatusCode::GATEWAY_TIMEOUT,
@@ -1333,13 +1435,37 @@ async fn serve(d: &Arc<Daemon>, r: ServeRequest) -> Response<Body> {
         }
     };
     if let Some(e) = answer.error {
+        lock(&d.inner).pending_ports.remove(&id);
         return bad(StatusCode::UNPROCESSABLE_ENTITY, e);
-    }
-    for old in &replaced {
-        send(&session, &ToServer::Unserve { id: old.clone() });
     }
     {
         let mut inner = lock(&d.inner);
+        inner.pending_ports.remove(&id);
+        // One serve per endpoint from a laptop: the server replaced this laptop's earlier serve of the endpoint
+        // it routed this one to.
+        let routed = |s: &SavedServe| {
+            inner
+                .conns
+                .get(&key)
+                .and_then(|c| c.serves.get(&s.serve.id))
+                .and_then(|a| a.endpoint.clone())
+                .or_else(|| s.serve.endpoint.clone())
+        };
+        let replaced: Vec<String> = inner
+            .saved
+            .serves
+            .iter()
+            .filter(|s| {
+                s.connection == key
+                    && s.serve.component == r.component
+                    && s.serve.id != id
+                    && (routed(s) == answer.endpoint || routed(s).is_none())
+            })
+            .map(|s| s.serve.id.clone())
+            .collect();
+        for old in &replaced {
+            send(&session, &ToServer::Unserve { id: old.clone() });
+        }
         inner
             .saved
             .serves

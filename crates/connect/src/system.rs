@@ -309,20 +309,24 @@ pub fn original_resolv_conf(files: &Files) -> io::Result<String> {
 
 /// Makes `dns` the first resolver, with `search` domains ahead of the original ones (merged into one line:
 /// the resolver library reads only the last `search`).
+///
+/// The file's own content is always the base: what it says without Kiln's block. So a file that someone else
+/// rewrote meanwhile (DHCP, NetworkManager) is taken as it now is, and the journal's copy follows it.
 pub fn set_resolver(files: &Files, dns: Ipv4Addr, search: &[String]) -> io::Result<()> {
     let mut j = read_journal(&files.journal)?;
-    let original = match &j.resolv_conf {
-        Some(o) if o.path == files.resolv_conf => o.content.clone(),
-        _ => {
-            let content = without_block(&read_or_empty(&files.resolv_conf)?);
-            j.resolv_conf = Some(Original {
-                path: files.resolv_conf.clone(),
-                content: content.clone(),
-            });
-            write_journal(&files.journal, &j)?;
-            content
-        }
-    };
+    let current = read_or_empty(&files.resolv_conf)?;
+    let original = without_block(&current);
+    let known = j
+        .resolv_conf
+        .as_ref()
+        .is_some_and(|o| o.path == files.resolv_conf && o.content == original);
+    if !known {
+        j.resolv_conf = Some(Original {
+            path: files.resolv_conf.clone(),
+            content: original.clone(),
+        });
+        write_journal(&files.journal, &j)?;
+    }
     let mut domains: Vec<String> = search.to_vec();
     let mut rest = String::new();
     for line in original.lines() {
@@ -348,7 +352,7 @@ pub fn set_resolver(files: &Files, dns: Ipv4Addr, search: &[String]) -> io::Resu
     content.push_str(END);
     content.push('\n');
     content.push_str(&rest);
-    if read_or_empty(&files.resolv_conf)? != content {
+    if current != content {
         rewrite(&files.resolv_conf, &content)?;
     }
     Ok(())
@@ -381,9 +385,10 @@ pub fn restore(journal: &Path) -> io::Result<Vec<String>> {
     let j = read_journal(journal)?;
     let mut done = Vec::new();
     if let Some(o) = &j.resolv_conf {
+        // What the file says without Kiln's block: the original, with whatever else changed meanwhile.
         let now = read_or_empty(&o.path)?;
         if now.lines().any(|l| l == BEGIN) {
-            rewrite(&o.path, &o.content)?;
+            rewrite(&o.path, &without_block(&now))?;
             done.push(format!("{} restored", o.path.display()));
         }
     }
@@ -511,6 +516,36 @@ mod tests {
         );
         restore(&files.journal).unwrap();
         assert!(!resolver.join("kiln").exists());
+    }
+
+    #[test]
+    fn a_resolver_file_rewritten_meanwhile_is_taken_as_it_now_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = Files::new(
+            dir.path(),
+            dir.path().join("resolv.conf"),
+            dir.path().join("hosts"),
+        );
+        let dns = Ipv4Addr::new(127, 77, 0, 1);
+        std::fs::write(&files.resolv_conf, "nameserver 10.0.0.1\n").unwrap();
+        set_resolver(&files, dns, &[]).unwrap();
+        // DHCP writes a new file: the next application keeps its resolver, not the old one.
+        std::fs::write(&files.resolv_conf, "nameserver 10.9.9.9\n").unwrap();
+        set_resolver(&files, dns, &[]).unwrap();
+        let now = std::fs::read_to_string(&files.resolv_conf).unwrap();
+        assert!(
+            now.contains("nameserver 10.9.9.9") && !now.contains("10.0.0.1"),
+            "{now}"
+        );
+        assert_eq!(
+            nameservers(&original_resolv_conf(&files).unwrap(), dns),
+            vec!["10.9.9.9:53".parse().unwrap()]
+        );
+        restore(&files.journal).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&files.resolv_conf).unwrap(),
+            "nameserver 10.9.9.9\n"
+        );
     }
 
     #[test]

@@ -57,6 +57,8 @@ use crate::AppState;
 const OPEN_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often a daemon is told of the other laptops in its environment, at most.
 const PEERS_EVERY: Duration = Duration::from_millis(250);
+/// The most serves one daemon session may hold.
+const MAX_SERVES: usize = 16;
 /// How long connecting to a replica may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -100,6 +102,8 @@ pub struct Connections {
     active: AtomicUsize,
     /// Bumped on every change to a session, serve or consume count.
     changed: watch::Sender<u64>,
+    /// Bumped when an intercept starts or ends.
+    routing: watch::Sender<u64>,
     next_id: AtomicU64,
 }
 
@@ -110,6 +114,7 @@ impl Default for Connections {
             intercepts: RwLock::default(),
             active: AtomicUsize::new(0),
             changed: watch::channel(0).0,
+            routing: watch::channel(0).0,
             next_id: AtomicU64::new(1),
         }
     }
@@ -257,9 +262,25 @@ impl Connections {
 
     /// Resolves once `key` has an intercept (a relay of it then ends, so the next connection is routed anew).
     pub(crate) async fn until_intercepted(&self, key: &str) {
-        let mut rx = self.changed.subscribe();
+        self.until(|| self.intercepted(key)).await
+    }
+
+    /// Resolves once serve `serve` no longer intercepts `key` (a byte relay to its laptop then ends).
+    async fn until_gone(&self, key: &str, serve: &str) {
+        self.until(|| {
+            !self.intercepts.read().is_ok_and(|m| {
+                m.get(key)
+                    .is_some_and(|l| l.iter().any(|i| i.serve == serve))
+            })
+        })
+        .await
+    }
+
+    /// Resolves once `holds` does, checking it again after each change to the intercepts.
+    async fn until(&self, holds: impl Fn() -> bool) {
+        let mut rx = self.routing.subscribe();
         loop {
-            if self.intercepted(key) {
+            if holds() {
                 return;
             }
             if rx.changed().await.is_err() {
@@ -295,8 +316,24 @@ impl Connections {
         self.bump();
     }
 
-    fn add_intercept(&self, key: String, i: Intercept) {
+    /// Adds an intercept. It replaces the same serve still held by an older session of the same user (a laptop
+    /// that reconnected before the server noticed the old session was gone), and the laptop's other serve of
+    /// the same endpoint; the `(connection, serve)` pairs it replaced.
+    fn add_intercept(&self, key: String, i: Intercept) -> Vec<(u64, String)> {
+        let mut replaced = Vec::new();
         if let Ok(mut m) = self.intercepts.write() {
+            for (k, list) in m.iter_mut() {
+                list.retain(|x| {
+                    let stale = x.user == i.user && x.serve == i.serve && x.conn != i.conn;
+                    let same_endpoint = *k == key && x.conn == i.conn;
+                    if stale || same_endpoint {
+                        replaced.push((x.conn, x.serve.clone()));
+                    }
+                    !(stale || same_endpoint)
+                });
+            }
+            m.retain(|_, l| !l.is_empty());
+            self.active.fetch_sub(replaced.len(), Ordering::AcqRel);
             let list = m.entry(key).or_default();
             if i.header.is_some() {
                 let at = list
@@ -309,6 +346,8 @@ impl Connections {
             }
             self.active.fetch_add(1, Ordering::AcqRel);
         }
+        self.routing.send_modify(|n| *n = n.wrapping_add(1));
+        replaced
     }
 
     /// Removes the intercepts of `conn` (only serve `serve` when given).
@@ -323,19 +362,23 @@ impl Connections {
             });
             self.active.fetch_sub(removed, Ordering::AcqRel);
         }
+        self.routing.send_modify(|n| *n = n.wrapping_add(1));
     }
 
-    /// Who serves `key` with this header already (another connection), or `all`.
+    /// Who serves `key` with this header already (another laptop), or `all`. The same serve of an older session
+    /// of the same user is not a conflict: it is replaced.
     fn conflict(
         &self,
         key: &str,
         conn: u64,
+        user: &str,
+        serve: &str,
         header: Option<&(HeaderName, HeaderValue)>,
     ) -> Option<String> {
         let m = self.intercepts.read().ok()?;
         m.get(key)?
             .iter()
-            .filter(|i| i.conn != conn)
+            .filter(|i| i.conn != conn && !(i.user == user && i.serve == serve))
             .find(|i| match (&i.header, header) {
                 (None, None) => true,
                 (Some(a), Some(b)) => a == b,
@@ -374,7 +417,10 @@ pub(crate) async fn carry(
         }
         Mode::All(i) => match i.open().await {
             Ok(mut s) => {
-                let _ = tunnel_io::relay(&mut io, &mut s).await;
+                tokio::select! {
+                    _ = tunnel_io::relay(&mut io, &mut s) => {}
+                    _ = conns.until_gone(&key, &i.serve) => {}
+                }
             }
             Err(e) => {
                 tracing::debug!(route = %key, error = %e, "connect: the serving laptop is unreachable; using a replica");
@@ -432,13 +478,15 @@ async fn route_request(
     backends: &Backends,
     mut req: hyper::Request<Incoming>,
 ) -> Response {
+    // Picked on the headers as sent, as the gateway does.
+    let laptop = conns.pick(key, req.headers());
     let upgrade = crate::gateway::is_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     parts.headers = crate::gateway::forwarded_headers(parts.headers, upgrade, peer, None, &[]);
     let req = hyper::Request::from_parts(parts, body);
     let mut failure = None;
-    let upstream: Box<dyn Io> = match conns.pick(key, req.headers()) {
+    let upstream: Box<dyn Io> = match laptop {
         Some(i) => match i.open().await {
             Ok(s) => Box::new(s),
             Err(e) => {
@@ -623,6 +671,11 @@ async fn run_daemon(state: AppState, socket: AxumWs, info: ConnInfo, principal: 
         &project,
         format!("connect {project}/{env} from {}", info.device),
     );
+    // However this task ends (its session closed, a panic, the server stopping), the session's intercepts go.
+    let forget = Forget {
+        connections: state.connections.clone(),
+        id,
+    };
     let mut table = state.gateway.subscribe();
     let mut last: Option<Vec<Service>> = None;
     let mut peers_changed = state.connections.changed.subscribe();
@@ -676,14 +729,7 @@ async fn run_daemon(state: AppState, socket: AxumWs, info: ConnInfo, principal: 
         }
     }
     let reason = session.closed().await;
-    state.connections.remove_intercepts(id, None);
-    state
-        .connections
-        .conns
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&id);
-    state.connections.bump();
+    drop(forget);
     audit(
         &state,
         &info.user,
@@ -692,6 +738,24 @@ async fn run_daemon(state: AppState, socket: AxumWs, info: ConnInfo, principal: 
         format!("disconnect {project}/{env} from {}: {reason}", info.device),
     );
     tracing::info!(id, user = %info.user, reason, "laptop disconnected");
+}
+
+/// Removes a session and its intercepts when dropped.
+struct Forget {
+    connections: Arc<Connections>,
+    id: u64,
+}
+
+impl Drop for Forget {
+    fn drop(&mut self) {
+        let c = &self.connections;
+        c.remove_intercepts(self.id, None);
+        c.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+        c.bump();
+    }
 }
 
 fn audit(state: &AppState, user: &str, org: &str, project: &str, action: String) {
@@ -902,7 +966,17 @@ async fn serve(
         &ep.name,
     );
     let c = &state.connections;
-    if let Some(who) = c.conflict(&key, info.id, parsed.as_ref()) {
+    let held = c
+        .conns
+        .lock()
+        .map(|m| m.get(&info.id).map_or(0, |x| x.info.serves.len()))
+        .unwrap_or(0);
+    if held >= MAX_SERVES {
+        return Err(format!(
+            "this laptop already serves {held} endpoints here, the most one connection may; stop one first"
+        ));
+    }
+    if let Some(who) = c.conflict(&key, info.id, &info.user, &s.id, parsed.as_ref()) {
         return Err(match &header {
             Some(h) => format!(
                 "{who} already serves {} with header {h}; choose another value",
@@ -914,7 +988,7 @@ async fn serve(
             ),
         });
     }
-    c.add_intercept(
+    let replaced = c.add_intercept(
         key,
         Intercept {
             conn: info.id,
@@ -926,6 +1000,11 @@ async fn serve(
         },
     );
     if let Ok(mut conns) = c.conns.lock() {
+        for (conn, serve) in &replaced {
+            if let Some(x) = conns.get_mut(conn) {
+                x.info.serves.retain(|v| v.id != *serve);
+            }
+        }
         if let Some(conn) = conns.get_mut(&info.id) {
             conn.info.serves.push(ServeInfo {
                 id: s.id.clone(),
@@ -1044,4 +1123,86 @@ where
         rx,
         |mut rx| async move { rx.recv().await.map(|s| (Ok(s), rx)) },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn session() -> Session {
+        let (a, b) = tunnel_io::memory_pair();
+        let accept = tokio::spawn(tunnel_io::accept(b, tunnel_io::Config::new("server")));
+        let (s, _) = tunnel_io::dial(a, tunnel_io::Config::new("daemon"))
+            .await
+            .unwrap();
+        let _ = accept.await.unwrap().unwrap();
+        s
+    }
+
+    fn intercept(
+        conn: u64,
+        serve: &str,
+        user: &str,
+        header: Option<&str>,
+        s: &Session,
+    ) -> Intercept {
+        Intercept {
+            conn,
+            serve: serve.into(),
+            user: user.into(),
+            port: 3000,
+            header: header.map(|v| {
+                (
+                    HeaderName::from_static("kiln-serve"),
+                    HeaderValue::from_str(v).unwrap(),
+                )
+            }),
+            session: s.clone(),
+        }
+    }
+
+    #[tokio::test]
+    async fn intercepts_route_by_header_and_replace_what_they_supersede() {
+        let c = Connections::default();
+        let s = session().await;
+        let key = "o/p/e/api/http";
+        let h = |v: &str| {
+            let mut m = HeaderMap::new();
+            m.insert("kiln-serve", HeaderValue::from_str(v).unwrap());
+            m
+        };
+        assert!(c.pick(key, &h("alice")).is_none() && !c.any());
+
+        // Alice and Bob each get their own requests; Bob's --all takes the rest.
+        c.add_intercept(key.into(), intercept(1, "a1", "alice", Some("alice"), &s));
+        c.add_intercept(key.into(), intercept(2, "b1", "bob", None, &s));
+        assert_eq!(c.pick(key, &h("alice")).unwrap().serve, "a1");
+        assert_eq!(c.pick(key, &HeaderMap::new()).unwrap().serve, "b1");
+        assert!(matches!(c.mode(key), Mode::Http));
+        // Another laptop may not take alice's header; alice's own serve sent again from a new session may.
+        let alice = (
+            HeaderName::from_static("kiln-serve"),
+            HeaderValue::from_static("alice"),
+        );
+        assert_eq!(
+            c.conflict(key, 3, "carol", "c1", Some(&alice)).as_deref(),
+            Some("alice")
+        );
+        assert_eq!(c.conflict(key, 3, "alice", "a1", Some(&alice)), None);
+        let replaced = c.add_intercept(key.into(), intercept(3, "a1", "alice", Some("alice"), &s));
+        assert_eq!(replaced, vec![(1, "a1".to_string())]);
+        assert_eq!(c.pick(key, &h("alice")).unwrap().conn, 3);
+        // A laptop's new serve of the endpoint replaces its earlier one.
+        let replaced = c.add_intercept(key.into(), intercept(3, "a2", "alice", Some("al"), &s));
+        assert_eq!(replaced, vec![(3, "a1".to_string())]);
+        assert!(
+            c.pick(key, &h("alice")).unwrap().header.is_none(),
+            "bob's --all"
+        );
+        // A session's end takes its intercepts with it; the count stays exact.
+        c.remove_intercepts(2, None);
+        c.remove_intercepts(3, None);
+        assert!(!c.any() && c.pick(key, &h("al")).is_none());
+        assert!(matches!(c.mode(key), Mode::Replicas));
+    }
 }
