@@ -8,6 +8,8 @@
 //!   server → replica) beside the same request straight to the replica's address;
 //! - `kiln connect shop/dev` to the first successful request by name: from the CLI's start to a 200 for a
 //!   request to the address the daemon's DNS gave for `api.shop.dev.kiln`;
+//! - names following deployments: `kiln apply` of a new component to its name resolving, and `kiln delete` of
+//!   it to the name being gone (NXDOMAIN);
 //! - serve switch-over: from `kiln serve api --port P` starting to the first gateway request carrying the
 //!   user's header answered by the laptop's process on P.
 
@@ -28,6 +30,7 @@ const DNS_SECS: u64 = 8;
 const BULK: u64 = 1 << 30;
 const BULK_ROUNDS: usize = 3;
 const NAME: &str = "api.shop.dev.kiln";
+const NAME_ROUNDS: usize = 5;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -75,6 +78,17 @@ fn bulk(addr: SocketAddr) -> Result<f64> {
         bail!("{addr}: only {total} bytes arrived");
     }
     Ok(BULK as f64 / secs)
+}
+
+/// Polls `f` every millisecond for up to 20 s from `start`.
+fn wait_until(start: Instant, f: impl Fn() -> bool, what: &str) -> Result<()> {
+    while !f() {
+        if start.elapsed() > Duration::from_secs(20) {
+            bail!("{what}: not within 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
 }
 
 /// The A record the server at `dns` gives for `name`, if any.
@@ -235,6 +249,58 @@ pub fn run(env: &mut Env, testsvc: &Path) -> Result<Vec<Row>> {
         "< 1 s",
         Some(p50 < 1000.0),
     ));
+
+    // Names follow deployments: a component applied appears in the laptop's DNS, and goes when its binding does.
+    let (mut appear, mut vanish) = (Vec::new(), Vec::new());
+    for i in 0..NAME_ROUNDS {
+        let name = format!("extra{i}");
+        let fqdn = format!("{name}.shop.dev.kiln");
+        let file = dir.join(format!("{name}.yaml"));
+        std::fs::write(
+            &file,
+            format!(
+                "apiVersion: kiln.dev/v1\nkind: Component\nmetadata: {{name: {name}, project: shop}}\nspec:\n  \
+                 type: service\n  workload:\n    command: [{:?}]\n    env: [{{name: QUIET, value: \"1\"}}]\n  \
+                 endpoints: [{{name: http, port: 8080}}]\n",
+                testsvc.display()
+            ),
+        )?;
+        let start = Instant::now();
+        cli(&["apply", "-f", file.to_str().context("path")?])?;
+        wait_until(
+            start,
+            || resolve(dns, &fqdn).is_some(),
+            "a new component's name",
+        )?;
+        appear.push(start.elapsed().as_secs_f64() * 1e3);
+        let start = Instant::now();
+        cli(&["delete", "component", &name, "-p", "shop"])?;
+        wait_until(
+            start,
+            || resolve(dns, &fqdn).is_none(),
+            "a deleted component's name to go",
+        )?;
+        vanish.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    for (what, v) in [
+        (
+            "a new component's name resolves, from `kiln apply`, p50 (max) of 5",
+            appear,
+        ),
+        (
+            "a deleted component's name is gone, from `kiln delete`, p50 (max) of 5",
+            vanish,
+        ),
+    ] {
+        let max = v.iter().copied().fold(0.0, f64::max);
+        let p50 = median(v);
+        rows.push(row(
+            what,
+            format!("{p50:.0} ms ({max:.0} ms)"),
+            "< 2 s",
+            Some(p50 < 2000.0),
+        ));
+    }
 
     // Consume throughput.
     let ip = resolve(dns, NAME).context("the name no longer resolves")?;
