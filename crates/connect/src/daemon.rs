@@ -299,8 +299,7 @@ pub async fn run(
         );
     }
     let saved = load(&opts.state_dir)?;
-    let udp = UdpSocket::bind(opts.dns)
-        .await
+    let udp = std::net::UdpSocket::bind(opts.dns)
         .with_context(|| format!("the DNS server cannot listen on {} (UDP)", opts.dns))?;
     let tcp = TcpListener::bind(opts.dns)
         .await
@@ -322,7 +321,13 @@ pub async fn run(
         }),
     });
     tracing::info!(dns = %d.opts.dns, mode = ?d.opts.mode, hook = ?d.hook, upstream = ?d.upstream(), socket = %d.opts.socket.display(), "kiln daemon started");
-    let _udp = AbortOnDrop(tokio::spawn(serve_udp(d.clone(), Arc::new(udp))));
+    {
+        let (d, rt) = (d.clone(), tokio::runtime::Handle::current());
+        std::thread::Builder::new()
+            .name("kiln-dns".into())
+            .spawn(move || serve_udp(d, Arc::new(udp), rt))
+            .context("starting the DNS thread")?;
+    }
     let _tcp = AbortOnDrop(tokio::spawn(serve_dns_tcp(d.clone(), tcp)));
     let _control = AbortOnDrop(tokio::spawn(serve_control(d.clone(), control)));
     let (stop_system, stop_rx) = oneshot::channel();
@@ -862,11 +867,14 @@ fn on_message(d: &Arc<Daemon>, key: &str, m: ToDaemon) {
 
 // ---- DNS ----
 
-async fn serve_udp(d: Arc<Daemon>, socket: Arc<UdpSocket>) {
+/// The DNS server's UDP side, on a thread of its own: the daemon's own names are answered right there, with
+/// two system calls per query and nothing else between them; forwarded names become tasks on the runtime.
+/// The thread ends with the process.
+fn serve_udp(d: Arc<Daemon>, socket: Arc<std::net::UdpSocket>, rt: tokio::runtime::Handle) {
     let mut buf = vec![0u8; 4096];
     let mut out = Vec::with_capacity(512);
     loop {
-        let Ok((n, peer)) = socket.recv_from(&mut buf).await else {
+        let Ok((n, peer)) = socket.recv_from(&mut buf) else {
             continue;
         };
         let handled = {
@@ -875,14 +883,15 @@ async fn serve_udp(d: Arc<Daemon>, socket: Arc<UdpSocket>) {
         };
         match handled {
             Handled::Answer => {
-                let _ = socket.send_to(&out, peer).await;
+                let _ = socket.send_to(&out, peer);
             }
             Handled::Forward => {
                 let (d, socket, query) = (d.clone(), socket.clone(), buf[..n].to_vec());
-                tokio::spawn(async move {
+                rt.spawn(async move {
                     let answer = forward_udp(&d.upstream(), &query).await;
                     if let Some(a) = answer.or_else(|| dns::error_response(&query, dns::SERVFAIL)) {
-                        let _ = socket.send_to(&a, peer).await;
+                        // A datagram send hardly ever waits, so it is made from the task.
+                        let _ = socket.send_to(&a, peer);
                     }
                 });
             }
