@@ -12,6 +12,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -46,9 +47,14 @@ pub async fn serve(
     state: AppState,
     signal: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (inboxes, mut receivers): (Vec<_>, Vec<_>) =
+        (0..threads).map(|_| mpsc::unbounded_channel()).unzip();
     let shared = Arc::new(Shared {
         router: crate::app(state.clone()),
         state,
+        load: (0..threads).map(|_| AtomicUsize::new(0)).collect(),
+        inboxes,
     });
     let mut builder = http1::Builder::new();
     builder
@@ -60,9 +66,9 @@ pub async fn serve(
     // Flipped by the signal; dropped (which the threads also take as the signal) if this future is.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let listener = listener.into_std()?;
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    for index in 0..threads {
+    for index in (0..threads).rev() {
         let listener = listener.try_clone()?;
+        let inbox = receivers.pop().expect("one inbox per thread");
         let shared = shared.clone();
         let builder = builder.clone();
         let open = open_tx.clone();
@@ -81,7 +87,7 @@ pub async fn serve(
                     }
                 };
                 forward::set_shard(index);
-                runtime.block_on(accept(listener, shared, builder, stop));
+                runtime.block_on(accept(listener, shared, builder, stop, index, inbox));
                 drop(open);
             })?;
     }
@@ -93,12 +99,21 @@ pub async fn serve(
     Ok(())
 }
 
+/// A connection one listener thread hands another.
+type Handed = (std::net::TcpStream, SocketAddr);
+
 /// One listener thread's loop: accepts until the stop signal, then waits for its connections to close.
+///
+/// The threads share one listening socket, and the first awake takes each connection, so a burst of
+/// connections can land mostly on one thread. A thread that accepts one while another thread holds fewer open
+/// connections hands it to that thread (once, at accept), so the load stays even.
 async fn accept(
     listener: std::net::TcpListener,
     shared: Arc<Shared>,
     builder: http1::Builder,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    index: usize,
+    mut inbox: mpsc::UnboundedReceiver<Handed>,
 ) {
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
@@ -116,8 +131,18 @@ async fn accept(
         let (stream, peer) = tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => break,
+            Some((std, peer)) = inbox.recv() => match TcpStream::from_std(std) {
+                Ok(s) => (s, peer),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot take a connection from another listener thread");
+                    continue;
+                }
+            },
             accepted = listener.accept() => match accepted {
-                Ok(a) => a,
+                Ok((s, peer)) => match shared.hand_off(index, s, peer) {
+                    Some(kept) => kept,
+                    None => continue,
+                },
                 Err(e) => {
                     // Out of descriptors and the like: wait a moment rather than spin.
                     tracing::warn!(error = %e, "accepting a connection failed");
@@ -134,8 +159,11 @@ async fn accept(
         let builder = builder.clone();
         let open = open_tx.clone();
         let stop = local_stop.clone();
+        let counted = shared.clone();
+        counted.load[index].fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
             connection(stream, front, builder, stop).await;
+            counted.load[index].fetch_sub(1, Ordering::Relaxed);
             drop(open);
         });
     }
@@ -184,6 +212,43 @@ async fn connection(
 struct Shared {
     state: AppState,
     router: Router,
+    /// Connections open on each listener thread.
+    load: Vec<AtomicUsize>,
+    /// Each listener thread's inbox of connections handed to it.
+    inboxes: Vec<mpsc::UnboundedSender<Handed>>,
+}
+
+impl Shared {
+    /// A connection thread `index` accepted: kept when no thread holds fewer open connections, else handed to
+    /// the one holding the fewest (`None`).
+    fn hand_off(
+        &self,
+        index: usize,
+        stream: TcpStream,
+        peer: SocketAddr,
+    ) -> Option<(TcpStream, SocketAddr)> {
+        let mine = self.load[index].load(Ordering::Relaxed);
+        let (least, fewest) = self
+            .load
+            .iter()
+            .map(|l| l.load(Ordering::Relaxed))
+            .enumerate()
+            .min_by_key(|(_, n)| *n)?;
+        if least == index || fewest >= mine {
+            return Some((stream, peer));
+        }
+        match stream.into_std() {
+            Ok(std) => match self.inboxes[least].send((std, peer)) {
+                Ok(()) => None,
+                // That thread has stopped: serve it here after all.
+                Err(back) => TcpStream::from_std(back.0 .0).ok().map(|s| (s, peer)),
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot hand a connection to another listener thread");
+                None
+            }
+        }
+    }
 }
 
 /// One connection's service: the gateway or the router.
