@@ -86,8 +86,12 @@ impl std::fmt::Display for CallError {
 
 impl std::error::Error for CallError {}
 
-/// Calls the daemon: `GET` when `body` is `None`, else `POST` with it.
-pub async fn call(socket: &Path, path: &str, body: Option<&Value>) -> Result<Value, CallError> {
+/// Sends one request to the daemon (`GET` when `body` is `None`, else `POST` with it) and returns its response.
+async fn send(
+    socket: &Path,
+    path: &str,
+    body: Option<&Value>,
+) -> Result<hyper::Response<hyper::body::Incoming>, CallError> {
     let stream = dial(socket).await?;
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -106,10 +110,14 @@ pub async fn call(socket: &Path, path: &str, body: Option<&Value>) -> Result<Val
             body.map(Value::to_string).unwrap_or_default(),
         )))
         .map_err(|e| CallError::Other(e.to_string()))?;
-    let resp = send
-        .send_request(req)
+    send.send_request(req)
         .await
-        .map_err(|e| CallError::Other(format!("the daemon did not answer: {e}")))?;
+        .map_err(|e| CallError::Other(format!("the daemon did not answer: {e}")))
+}
+
+/// Calls the daemon: `GET` when `body` is `None`, else `POST` with it.
+pub async fn call(socket: &Path, path: &str, body: Option<&Value>) -> Result<Value, CallError> {
+    let resp = send(socket, path, body).await?;
     let status = resp.status();
     let bytes = resp
         .into_body()
@@ -135,21 +143,7 @@ pub async fn follow(
     path: &str,
     mut each: impl FnMut(Value) -> bool,
 ) -> Result<(), CallError> {
-    let stream = dial(socket).await?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| CallError::Other(format!("the daemon's socket: {e}")))?;
-    tokio::spawn(conn);
-    let req = Request::builder()
-        .uri(path)
-        .header(hyper::header::HOST, "kiln-daemon")
-        .body(Full::new(Bytes::new()))
-        .map_err(|e| CallError::Other(e.to_string()))?;
-    let mut body = send
-        .send_request(req)
-        .await
-        .map_err(|e| CallError::Other(format!("the daemon did not answer: {e}")))?
-        .into_body();
+    let mut body = send(socket, path, None).await?.into_body();
     let mut buf = Vec::new();
     while let Some(frame) = body.frame().await {
         let frame =
