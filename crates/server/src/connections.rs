@@ -625,6 +625,19 @@ async fn connect_daemon(
         .into_response())
 }
 
+/// Sends what `message` makes of `now` unless it equals what was sent `last`.
+fn send_changed<T: PartialEq + Clone>(
+    session: &Session,
+    last: &mut Option<T>,
+    now: T,
+    message: impl FnOnce(T) -> ToDaemon,
+) {
+    if last.as_ref() != Some(&now) {
+        send(session, &message(now.clone()));
+        *last = Some(now);
+    }
+}
+
 fn send(session: &Session, m: &ToDaemon) {
     if let Ok(b) = serde_json::to_vec(m) {
         let _ = session.send_message(Bytes::from(b));
@@ -692,26 +705,14 @@ async fn run_daemon(state: AppState, socket: AxumWs, info: ConnInfo, principal: 
                 .filter(|c| c.organization == org && c.project == project && c.environment == env)
                 .filter_map(|c| serde_json::to_value(c).ok())
                 .collect();
-            if last_peers.as_ref() != Some(&peers) {
-                send(
-                    &session,
-                    &ToDaemon::Peers {
-                        connections: peers.clone(),
-                    },
-                );
-                last_peers = Some(peers);
-            }
+            send_changed(&session, &mut last_peers, peers, |connections| {
+                ToDaemon::Peers { connections }
+            });
         }
         let services = state.gateway.services(&org, &project, &env);
-        if last.as_ref() != Some(&services) {
-            send(
-                &session,
-                &ToDaemon::Services {
-                    services: services.clone(),
-                },
-            );
-            last = Some(services);
-        }
+        send_changed(&session, &mut last, services, |services| {
+            ToDaemon::Services { services }
+        });
         tokio::select! {
             ev = events.recv() => match ev {
                 None => break,

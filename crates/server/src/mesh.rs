@@ -91,6 +91,17 @@ fn target_key(t: &MeshTarget) -> String {
     )
 }
 
+/// The key a target's intercepts are kept under (see [`connections::route_key`]).
+fn intercept_key(t: &MeshTarget) -> String {
+    connections::route_key(
+        &t.organization,
+        &t.project,
+        &t.environment,
+        &t.component,
+        &t.endpoint,
+    )
+}
+
 impl Mesh {
     /// A mesh whose listeners bind on `host`.
     pub fn new(host: IpAddr) -> Self {
@@ -253,14 +264,9 @@ async fn accept(listener: TcpListener, state: Arc<RwLock<RouteState>>, inner: Ar
             drop(conn);
             continue;
         }
-        if let Some(c) = inner.connections.as_ref() {
-            let key = connections::route_key(
-                &target.organization,
-                &target.project,
-                &target.environment,
-                &target.component,
-                &target.endpoint,
-            );
+        // Only while some laptop serves anything is the route looked up (no key is built otherwise).
+        if let Some(c) = inner.connections.as_ref().filter(|c| c.any()) {
+            let key = intercept_key(&target);
             if c.intercepted(&key) {
                 let (c, me) = (c.clone(), inner.clone());
                 let backends: connections::Backends = Arc::new(move || me.backends_of(&target));
@@ -297,13 +303,7 @@ async fn forward(
                     match inner.connections.as_ref() {
                         // A serve starting ends the relay, so the consumer's next connection is routed by it.
                         Some(c) => {
-                            let key = connections::route_key(
-                                &target.organization,
-                                &target.project,
-                                &target.environment,
-                                &target.component,
-                                &target.endpoint,
-                            );
+                            let key = intercept_key(&target);
                             tokio::select! {
                                 _ = relay => {}
                                 _ = c.until_intercepted(&key) => {}

@@ -292,20 +292,18 @@ fn print_services(conn: &Value) {
     crate::output::print_table(&["NAME", "ADDRESS", "ENDPOINTS"], &rows);
 }
 
+/// A serve's header match as the daemon and the server show it (`null` for `--all`).
+fn header_of(v: &Value) -> Option<connect::proto::HeaderMatch> {
+    serde_json::from_value(v.clone()).ok()
+}
+
 fn serves_text(c: &Value) -> String {
     let serves: Vec<String> = c["serves"]
         .as_array()
         .into_iter()
         .flatten()
         .map(|s| {
-            let how = match s["header"].as_object() {
-                Some(h) => format!(
-                    "{}: {}",
-                    h["name"].as_str().unwrap_or(""),
-                    h["value"].as_str().unwrap_or("")
-                ),
-                None => "all".into(),
-            };
+            let how = header_of(&s["header"]).map_or_else(|| "all".into(), |h| h.to_string());
             format!(
                 "{}/{} → :{} ({how})",
                 s["component"].as_str().unwrap_or(""),
@@ -477,14 +475,8 @@ fn print_local(l: &Value) {
                     s["component"].as_str().unwrap_or("").to_string(),
                     s["endpoint"].as_str().unwrap_or("").to_string(),
                     format!("localhost:{}", s["port"]),
-                    match s["header"].as_object() {
-                        Some(h) => format!(
-                            "{}: {}",
-                            h["name"].as_str().unwrap_or(""),
-                            h["value"].as_str().unwrap_or("")
-                        ),
-                        None => "every request".into(),
-                    },
+                    header_of(&s["header"])
+                        .map_or_else(|| "every request".into(), |h| h.to_string()),
                     match s["error"].as_str() {
                         Some(e) => format!("not routed: {e}"),
                         None if s["routed"] == json!(true) => "routed".into(),
@@ -570,11 +562,9 @@ pub async fn serve(c: &Ctx, a: &ServeArgs) -> anyhow::Result<()> {
     let r = call("/v1/serve", Some(&body)).await?;
     let conn = r["connection"].as_str().unwrap_or("");
     let target = format!("{}/{}", a.component, r["endpoint"].as_str().unwrap_or(""));
-    match r["header"].as_object() {
+    match header_of(&r["header"]) {
         Some(h) => println!(
-            "Serving {target} of {conn} from localhost:{port}: requests with header `{}: {}` come here; others go to the environment.",
-            h["name"].as_str().unwrap_or(""),
-            h["value"].as_str().unwrap_or("")
+            "Serving {target} of {conn} from localhost:{port}: requests with header `{h}` come here; others go to the environment."
         ),
         None => println!("Serving {target} of {conn} from localhost:{port}: every request comes here."),
     }

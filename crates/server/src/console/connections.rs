@@ -30,7 +30,7 @@ fn row(c: &ConnInfo) -> Vec<String> {
         .iter()
         .map(|s| {
             let how = match &s.header {
-                Some(h) => format!("{}: {}", h.name, h.value),
+                Some(h) => h.to_string(),
                 None => "every request".into(),
             };
             esc(&format!(
