@@ -5,10 +5,13 @@
 //! - on its first manifest, runs the start scripts (each with its timeout, output streamed as logs), the
 //!   metadata commands on their intervals, and the apps' health checks; on shutdown, the stop scripts;
 //! - serves the streams the server opens: `tcp:<host>:<port>` connects inside the workspace and relays bytes;
-//!   `ssh` is one connection to the agent's SSH server (shells, commands, SFTP, `-L`/`-R` forwarding).
+//!   `ssh` is one connection to the agent's SSH server (shells, commands, SFTP, `-L`/`-R` forwarding). They
+//!   come on the session, or as direct streams: connections of their own that the agent keeps open, idle, for
+//!   the server to hand out (`direct`).
 //!
 //! Messages produced while disconnected wait in a bounded outbox and are sent on the next session.
 
+mod direct;
 pub mod proto;
 mod pty;
 pub mod sftp;
@@ -43,6 +46,11 @@ pub struct Config {
 impl Config {
     /// The WebSocket URL of the agent endpoint.
     pub fn connect_url(&self) -> String {
+        self.ws_url(proto::CONNECT_PATH)
+    }
+
+    /// `path` on the server, with the WebSocket scheme of its access URL.
+    fn ws_url(&self, path: &str) -> String {
         let base = self.url.trim_end_matches('/');
         let ws = if let Some(rest) = base.strip_prefix("https://") {
             format!("wss://{rest}")
@@ -51,7 +59,7 @@ impl Config {
         } else {
             base.to_string()
         };
-        format!("{ws}{}", proto::CONNECT_PATH)
+        format!("{ws}{path}")
     }
 }
 
@@ -143,7 +151,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) {
                 Ok((session, events)) => {
                     redial.connected();
                     tracing::info!(url = %url, "connected to the server");
-                    serve(&shared, session, events).await;
+                    serve(&shared, &config, session, events).await;
                     tracing::warn!("disconnected from the server; reconnecting");
                 }
                 Err(e) => {
@@ -165,7 +173,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) {
 }
 
 /// Serves one session until it ends.
-async fn serve(shared: &Arc<Shared>, session: Session, mut events: mpsc::UnboundedReceiver<Event>) {
+async fn serve(
+    shared: &Arc<Shared>,
+    config: &Config,
+    session: Session,
+    mut events: mpsc::UnboundedReceiver<Event>,
+) {
     // Whatever state it is in goes first, then what waited in the outbox.
     let mut first = vec![shared.lifecycle_message()];
     first.extend(shared.take_outbox());
@@ -184,11 +197,22 @@ async fn serve(shared: &Arc<Shared>, session: Session, mut events: mpsc::Unbound
             }
         }
     };
+    // Direct streams are opened once the server has the session (its manifest says so).
+    let pool = direct::Pool::new(config.ws_url(proto::STREAM_PATH), config.token.clone());
+    let manifest = Notify::new();
+    let keep = async {
+        manifest.notified().await;
+        pool.keep(shared).await;
+    };
     let receive = async {
         while let Some(ev) = events.recv().await {
             match ev {
                 Event::Message(bytes) => match serde_json::from_slice::<ToAgent>(&bytes) {
-                    Ok(ToAgent::Manifest(m)) => start_once(shared, m),
+                    Ok(ToAgent::Manifest(m)) => {
+                        start_once(shared, *m);
+                        manifest.notify_one();
+                    }
+                    Ok(ToAgent::Dial { count }) => pool.add(shared, count),
                     Err(e) => {
                         tracing::warn!(error = %e, "ignoring a message the agent does not understand")
                     }
@@ -202,6 +226,7 @@ async fn serve(shared: &Arc<Shared>, session: Session, mut events: mpsc::Unbound
     tokio::select! {
         () = pump => {}
         () = receive => {}
+        () = keep => {}
         _ = session.closed() => {}
     }
 }
@@ -232,28 +257,46 @@ fn start_once(shared: &Arc<Shared>, manifest: proto::Manifest) {
     });
 }
 
-/// Serves a stream the server opened.
+/// What a stream reaches in the workspace.
+pub(crate) enum Target<'a> {
+    /// The agent's SSH server.
+    Ssh,
+    /// A TCP address.
+    Tcp(&'a str),
+}
+
+impl Target<'_> {
+    pub(crate) fn parse(target: &str) -> Result<Target<'_>, String> {
+        if target == SSH_TARGET {
+            return Ok(Target::Ssh);
+        }
+        match target.strip_prefix(TCP_TARGET) {
+            Some(addr) => Ok(Target::Tcp(addr)),
+            None => Err(format!("the agent does not serve {target:?}")),
+        }
+    }
+}
+
+/// Serves a stream the server opened on the session.
 async fn serve_stream(shared: Arc<Shared>, incoming: Incoming) {
     let target = incoming.target().to_string();
-    if target == SSH_TARGET {
-        if let Ok(stream) = incoming.accept() {
-            let config = shared.ssh.clone();
-            ssh::serve(stream, shared, config).await;
+    match Target::parse(&target) {
+        Err(why) => incoming.refuse(&why),
+        Ok(Target::Ssh) => {
+            if let Ok(stream) = incoming.accept() {
+                let config = shared.ssh.clone();
+                ssh::serve(stream, shared, config).await;
+            }
         }
-        return;
-    }
-    let Some(addr) = target.strip_prefix(TCP_TARGET) else {
-        incoming.refuse(&format!("the agent does not serve {target:?}"));
-        return;
-    };
-    match tokio::net::TcpStream::connect(addr).await {
-        Ok(mut tcp) => {
-            let _ = tcp.set_nodelay(true);
-            let Ok(mut stream) = incoming.accept() else {
-                return;
-            };
-            let _ = tunnel_io::relay(&mut stream, &mut tcp).await;
-        }
-        Err(e) => incoming.refuse(&format!("connecting to {addr} in the workspace: {e}")),
+        Ok(Target::Tcp(addr)) => match tokio::net::TcpStream::connect(addr).await {
+            Ok(mut tcp) => {
+                let _ = tcp.set_nodelay(true);
+                let Ok(mut stream) = incoming.accept() else {
+                    return;
+                };
+                let _ = tunnel_io::relay(&mut stream, &mut tcp).await;
+            }
+            Err(e) => incoming.refuse(&format!("connecting to {addr} in the workspace: {e}")),
+        },
     }
 }

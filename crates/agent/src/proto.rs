@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 
 /// Where an agent dials (`ws://` or `wss://` + this path on the server's access URL).
 pub const CONNECT_PATH: &str = "/api/v1/agent/connect";
+/// Where an agent opens its idle direct streams (`tunnel_io::direct`) for the server to hand out.
+pub const STREAM_PATH: &str = "/api/v1/agent/stream";
 /// The stream target prefix for a TCP connection from the workspace: `tcp:<host>:<port>`.
 pub const TCP_TARGET: &str = "tcp:";
 /// The stream target of the agent's SSH server: the stream is one SSH connection.
@@ -38,7 +40,9 @@ pub enum Lifecycle {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ToAgent {
     /// What to run and offer, sent when a session starts.
-    Manifest(Manifest),
+    Manifest(Box<Manifest>),
+    /// Open this many more direct streams now: a user waits for one and none is idle.
+    Dial { count: u32 },
 }
 
 /// What an agent runs and offers: its template version's `agent` part and the workspace it is in.

@@ -290,6 +290,19 @@ impl hyper::service::Service<hyper::Request<Incoming>> for Front {
     }
 }
 
+/// The TCP connection under a request that switched protocols, and the bytes already read from it past the
+/// request (to be taken before the socket's); the upgraded connection back when it is not a plain TCP
+/// connection served here.
+pub(crate) fn into_tcp(
+    upgraded: hyper::upgrade::Upgraded,
+) -> Result<(TcpStream, Vec<u8>), hyper::upgrade::Upgraded> {
+    let parts = upgraded.downcast::<TokioIo<Rewind>>()?;
+    let rewind = parts.io.into_inner();
+    let mut early = parts.read_buf.to_vec();
+    early.extend_from_slice(&rewind.read);
+    Ok((rewind.stream, early))
+}
+
 /// A connection whose first bytes were already read: they are read again before the socket's.
 struct Rewind {
     read: Bytes,

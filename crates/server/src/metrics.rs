@@ -24,6 +24,10 @@ pub struct Metrics {
     gateway_requests: [AtomicU64; 5],
     /// Gateway requests whose backend could not be reached or failed mid-exchange.
     pub gateway_upstream_errors: AtomicU64,
+    /// Users' direct streams to workspaces, by the way they reached the agent: an agent's own connection, or a
+    /// stream of its session.
+    pub workspace_streams_direct: AtomicU64,
+    pub workspace_streams_session: AtomicU64,
 }
 
 impl Metrics {
@@ -120,6 +124,15 @@ impl Metrics {
             "kiln_gateway_upstream_errors_total {}",
             self.gateway_upstream_errors.load(Ordering::Relaxed)
         );
+        out.push_str("# HELP kiln_workspace_streams_total Direct streams users opened to workspaces, by how they reached the agent (its own connection, or its session).\n");
+        out.push_str("# TYPE kiln_workspace_streams_total counter\n");
+        for (path, v) in [
+            ("direct", &self.workspace_streams_direct),
+            ("session", &self.workspace_streams_session),
+        ] {
+            let v = v.load(Ordering::Relaxed);
+            let _ = writeln!(out, "kiln_workspace_streams_total{{path=\"{path}\"}} {v}");
+        }
         out.push_str(extra);
         out
     }

@@ -311,6 +311,7 @@ async fn every_non_public_route_requires_authentication() {
         "/api/v1/login",
         // Authenticated by the agent token of a workspace build, not a user's.
         "/api/v1/agent/connect",
+        "/api/v1/agent/stream",
         // A browser's way to a subdomain app: it sends the signed-out to sign in.
         "/api/v1/apps/auth",
         // The provisioner queue: authenticated with a provisioner key, not a user's token.
@@ -597,9 +598,9 @@ async fn rbac_every_route_by_role_and_organization() {
                             .await;
                             assert!(rs.is_success(), "restoring {fixture}: {rb}");
                         }
-                        // A workspace's tunnel is its owner's (here the admin who made the fixture) and
-                        // administrators' only, whatever else the role may read.
-                        let connect = path.ends_with("/tunnel");
+                        // A workspace's tunnel and streams are its owner's (here the admin who made the
+                        // fixture) and administrators' only, whatever else the role may read.
+                        let connect = path.ends_with("/tunnel") || path.ends_with("/stream");
                         let expect = if !same {
                             "hidden"
                         } else if connect && !matches!(role, "owner" | "admin") {

@@ -12,8 +12,12 @@
 //! Two tasks run each session: a reader that applies the peer's frames, and a writer that sends this side's
 //! frames, batching what is queued into one WebSocket message. Neither waits on the other, so two peers
 //! writing at once never deadlock.
+//!
+//! [`direct`] is the other way to carry a stream: a TCP connection of its own, switched from HTTP/1.1, whose
+//! relays move bytes with `splice(2)`; port forwarding and SSH take it where the server offers it.
 
 mod dial;
+pub mod direct;
 mod relay;
 mod session;
 mod transport;

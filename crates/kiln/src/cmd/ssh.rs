@@ -11,12 +11,19 @@ use russh::client::Config;
 use russh::ChannelMsg;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::workspace::Tunnel;
+use super::workspace::{Stream, Tunnel};
 use super::Ctx;
 use crate::cli::{ConfigSshArgs, SshArgs};
 
 /// The stream target of an agent's SSH server.
 const SSH_TARGET: &str = agent::proto::SSH_TARGET;
+/// The ciphers `kiln ssh` offers, best first: AES-GCM runs on the processor's AES instructions (x86-64's
+/// AES-NI, ARMv8's AES), several times faster than ChaCha20-Poly1305, which OpenSSH prefers.
+const CIPHERS: &[russh::cipher::Name] = &[
+    russh::cipher::AES_256_GCM,
+    russh::cipher::CHACHA20_POLY1305,
+    russh::cipher::AES_256_CTR,
+];
 /// The marks around the block `config-ssh` owns.
 const BEGIN: &str = "# ------------ BEGIN KILN (kiln config-ssh) ------------";
 const END: &str = "# ------------ END KILN ------------";
@@ -31,14 +38,21 @@ fn workspace_name(given: &str) -> &str {
 pub async fn ssh(c: &Ctx, args: &SshArgs) -> anyhow::Result<()> {
     let name = workspace_name(&args.workspace);
     let tunnel = Tunnel::new(c, name)?;
-    let session = tunnel
-        .session()
-        .await
-        .with_context(|| format!("connecting to workspace {name}"))?;
-    let mut stream = session
-        .open(SSH_TARGET)
+    let stream = tunnel
+        .stream(SSH_TARGET)
         .await
         .with_context(|| format!("opening SSH to workspace {name}"))?;
+    match stream {
+        Stream::Direct(conn) => session(args, conn).await,
+        Stream::Session(stream) => session(args, stream).await,
+    }
+}
+
+/// Runs the SSH client (or, with `--stdio`, only relays) over a stream to the workspace's SSH server.
+async fn session<S>(args: &SshArgs, mut stream: S) -> anyhow::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     if args.stdio {
         let mut stdio = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
         let _ = tunnel_io::relay(&mut stdio, &mut stream).await;
@@ -48,6 +62,12 @@ pub async fn ssh(c: &Ctx, args: &SshArgs) -> anyhow::Result<()> {
     let config = Arc::new(Config {
         inactivity_timeout: None,
         window_size: 8 * 1024 * 1024,
+        // The largest packets the agent may send (SSH's channel limit), so bulk output takes fewer of them.
+        maximum_packet_size: 65535,
+        preferred: russh::Preferred {
+            cipher: std::borrow::Cow::Borrowed(CIPHERS),
+            ..russh::Preferred::DEFAULT
+        },
         ..Config::default()
     });
     let mut handle = russh::client::connect_stream(config, stream, agent::TunnelClient)
@@ -121,18 +141,15 @@ async fn relay(channel: russh::Channel<russh::client::Msg>, tty: bool) -> i32 {
             }
         })
     };
-    let mut stdout = tokio::io::stdout();
-    let mut stderr = tokio::io::stderr();
+    let (out, writer) = output();
     let mut code = None;
     while let Some(msg) = rx.wait().await {
         match msg {
             ChannelMsg::Data { data } => {
-                let _ = stdout.write_all(&data).await;
-                let _ = stdout.flush().await;
+                let _ = out.send((false, data.to_vec())).await;
             }
             ChannelMsg::ExtendedData { data, .. } => {
-                let _ = stderr.write_all(&data).await;
-                let _ = stderr.flush().await;
+                let _ = out.send((true, data.to_vec())).await;
             }
             ChannelMsg::ExitStatus { exit_status } => code = Some(exit_status as i32),
             ChannelMsg::ExitSignal { .. } => code = Some(255),
@@ -142,10 +159,50 @@ async fn relay(channel: russh::Channel<russh::client::Msg>, tty: bool) -> i32 {
     }
     input.abort();
     resize.abort();
+    // Everything received is written before the process exits.
+    drop(out);
+    let _ = writer.join();
     code.unwrap_or_else(|| {
         eprintln!("kiln ssh: the connection to the workspace closed without an exit status");
         255
     })
+}
+
+/// What the channel sends, for standard output (`false`) or error (`true`).
+type Chunk = (bool, Vec<u8>);
+
+/// Standard output and error, written by a thread of their own in the order received: tokio's `stdout`
+/// hands each write to the blocking pool, which costs more than the write itself when a command streams
+/// output. The channel is bounded, so a slow reader of the output slows the SSH channel (its window) instead
+/// of filling memory.
+fn output() -> (
+    tokio::sync::mpsc::Sender<Chunk>,
+    std::thread::JoinHandle<()>,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Chunk>(64);
+    let writer = std::thread::spawn(move || {
+        use std::io::Write as _;
+        let (stdout, stderr) = (std::io::stdout(), std::io::stderr());
+        while let Some(first) = rx.blocking_recv() {
+            let (mut out, mut err) = (stdout.lock(), stderr.lock());
+            let mut next = Some(first);
+            while let Some((to_err, data)) = next {
+                let ok = if to_err {
+                    out.flush().and_then(|()| err.write_all(&data))
+                } else {
+                    out.write_all(&data)
+                };
+                if ok.is_err() {
+                    return;
+                }
+                next = rx.try_recv().ok();
+            }
+            if out.flush().is_err() {
+                return;
+            }
+        }
+    });
+    (tx, writer)
 }
 
 fn terminal_size() -> (u32, u32) {

@@ -397,9 +397,11 @@ pub fn parse_forwards(specs: &[String]) -> anyhow::Result<Vec<(u16, u16)>> {
     Ok(out)
 }
 
-/// A tunnel session to a workspace, opened again when it ends.
+/// A tunnel session to a workspace, opened again when it ends, and the workspace's direct streams.
 pub(crate) struct Tunnel {
     url: String,
+    /// Where direct streams are opened (`…/stream`).
+    direct: String,
     token: String,
     session: Mutex<Option<Session>>,
 }
@@ -412,15 +414,25 @@ impl Tunnel {
             .token()
             .context("connecting to a workspace needs a token (kiln login)")?
             .to_string();
-        let url = c.client.ws_url(&format!(
-            "/api/v1/orgs/{}/workspaces/{}/tunnel",
-            c.org, workspace
-        ));
+        let base = format!("/api/v1/orgs/{}/workspaces/{}", c.org, workspace);
         Ok(Tunnel {
-            url,
+            url: c.client.ws_url(&format!("{base}/tunnel")),
+            direct: c.client.ws_url(&format!("{base}/stream")),
             token,
             session: Mutex::new(None),
         })
+    }
+
+    /// A stream to `target` in the workspace: a direct stream (its own connection, which the server relays
+    /// without reading) where the server offers one, else a stream of the session.
+    pub(crate) async fn stream(&self, target: &str) -> anyhow::Result<Stream> {
+        let url = format!("{}?target={target}", self.direct);
+        if let Ok(conn) = tunnel_io::direct::dial(&url, &self.token).await {
+            return Ok(Stream::Direct(conn));
+        }
+        // An older server, a TLS URL, or a failure the session's stream reports in its own words.
+        let session = self.session().await?;
+        Ok(Stream::Session(session.open(target).await?))
     }
 
     pub(crate) async fn session(&self) -> anyhow::Result<Session> {
@@ -436,6 +448,22 @@ impl Tunnel {
         tokio::spawn(async move { while events.recv().await.is_some() {} });
         *s = Some(session.clone());
         Ok(session)
+    }
+}
+
+/// A byte stream to a workspace.
+pub(crate) enum Stream {
+    Direct(tokio::net::TcpStream),
+    Session(tunnel_io::TunnelStream),
+}
+
+impl Stream {
+    /// Copies both ways between a local connection and the stream until both directions ended.
+    pub(crate) async fn relay(self, local: &mut tokio::net::TcpStream) {
+        let _ = match self {
+            Stream::Direct(mut conn) => tunnel_io::direct::relay_tcp(local, &mut conn).await,
+            Stream::Session(mut stream) => tunnel_io::relay(local, &mut stream).await,
+        };
     }
 }
 
@@ -463,14 +491,8 @@ pub async fn port_forward(c: &Ctx, args: &PortForwardArgs) -> anyhow::Result<()>
                 let tunnel = tunnel.clone();
                 tokio::spawn(async move {
                     let target = format!("tcp:127.0.0.1:{remote}");
-                    let opened = match tunnel.session().await {
-                        Ok(s) => s.open(&target).await.map_err(anyhow::Error::from),
-                        Err(e) => Err(e),
-                    };
-                    match opened {
-                        Ok(mut stream) => {
-                            let _ = tunnel_io::relay(&mut conn, &mut stream).await;
-                        }
+                    match tunnel.stream(&target).await {
+                        Ok(stream) => stream.relay(&mut conn).await,
                         Err(e) => eprintln!("port {local}: {e:#}"),
                     }
                 });

@@ -253,13 +253,19 @@ impl Session {
         v[ELEMENT].as_str().expect("element id").to_string()
     }
 
+    /// The text of the first element matching `css`. A live page may replace the element between finding
+    /// it and reading it (a stale element): it is found again.
     async fn text(&self, css: &str) -> String {
-        let el = self.find(css).await;
-        self.cmd(reqwest::Method::GET, &format!("/element/{el}/text"), None)
-            .await
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
+        let mut tries = 0;
+        loop {
+            let el = self.find(css).await;
+            let path = format!("/element/{el}/text");
+            match self.try_cmd(reqwest::Method::GET, &path, None).await {
+                Ok(v) => return v.as_str().unwrap_or_default().to_string(),
+                Err(e) if e.contains("stale element") && tries < 10 => tries += 1,
+                Err(e) => panic!("WebDriver GET {path}: {e}"),
+            }
+        }
     }
 
     async fn type_into(&self, css: &str, text: &str) {

@@ -109,6 +109,7 @@ spec:
     );
     echo_through(local, 300_000);
     drop(pf);
+    streams_direct_and_through_the_session(&s, "dev", remote);
     let w = s.workspace("dev");
     assert!(
         w["status"]["lastActivity"].is_string(),
@@ -156,6 +157,100 @@ spec:
     assert!(!s.data_dir.join("workspaces/default/dev").exists());
     let jobs = ok(s.kiln(&["get", "provisionerjobs"]));
     assert!(!jobs.contains("dev-build"), "{jobs}");
+}
+
+/// Direct streams (one connection each, relayed by the server without framing): eight at once, more than the
+/// agent keeps idle, so the server asks it for more; what the server says when a target cannot be reached or
+/// is not one; and a stream of the tunnel session, which clients use where the server offers no direct ones.
+fn streams_direct_and_through_the_session(s: &Server, ws: &str, echo: u16) {
+    let base = format!(
+        "{}/api/v1/orgs/default/workspaces/{ws}",
+        s.url.replace("http://", "ws://")
+    );
+    let token = s.admin_token();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        async fn echoes<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+            mut conn: S,
+            seed: u8,
+        ) {
+            let sent: Vec<u8> = (0..200_000u32).map(|i| (i as u8) ^ seed).collect();
+            let mut got = vec![0u8; sent.len()];
+            let (mut r, mut w) = tokio::io::split(&mut conn);
+            let (wrote, read) = tokio::join!(w.write_all(&sent), r.read_exact(&mut got));
+            wrote.unwrap();
+            read.unwrap();
+            assert!(got == sent, "stream {seed} echoed other bytes");
+        }
+        let url = format!("{base}/stream?target=tcp:127.0.0.1:{echo}");
+        let mut all = tokio::task::JoinSet::new();
+        for seed in 0..8u8 {
+            let (url, token) = (url.clone(), token.clone());
+            all.spawn(async move {
+                let conn = tunnel_io::direct::dial(&url, &token)
+                    .await
+                    .unwrap_or_else(|e| panic!("direct stream {seed}: {e}"));
+                echoes(conn, seed).await;
+            });
+        }
+        while let Some(done) = all.join_next().await {
+            done.unwrap();
+        }
+        let (_, metrics) = http_request("GET", &format!("{}/metrics", s.url), &[], None).unwrap();
+        let direct: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("kiln_workspace_streams_total{path=\"direct\"} "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        // The port-forward's one and these eight; a stream that went through the session would not count.
+        assert!(
+            direct >= 9,
+            "streams went through the agent's own connections: {metrics}"
+        );
+
+        let closed = free_port();
+        let refused = tunnel_io::direct::dial(
+            &format!("{base}/stream?target=tcp:127.0.0.1:{closed}"),
+            &token,
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(
+            refused.contains("502")
+                && refused.contains(&format!(
+                    "connecting to 127.0.0.1:{closed} in the workspace"
+                )),
+            "{refused}"
+        );
+        let unknown = tunnel_io::direct::dial(&format!("{base}/stream?target=udp:1"), &token)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            unknown.contains("400") && unknown.contains("unknown target"),
+            "{unknown}"
+        );
+        let stranger = tunnel_io::direct::dial(&url, "not-a-token")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(stranger.contains("401"), "{stranger}");
+
+        let config = tunnel_io::Config::new("kiln-e2e");
+        let (session, _events) = tunnel_io::connect(&format!("{base}/tunnel"), &token, config)
+            .await
+            .unwrap();
+        let stream = session
+            .open(&format!("tcp:127.0.0.1:{echo}"))
+            .await
+            .unwrap();
+        echoes(stream, 9).await;
+    });
 }
 
 /// The workspace image (see [`testsvc::busybox_image`]), or `None` (said loudly) without busybox; under

@@ -3,13 +3,13 @@
 //! their own whose streams the hub relays to streams it opens on the agent's session.
 //!
 //! The hub writes the agent's part of the workspace status (`status.agent`: connected or not, lifecycle,
-//! version, metadata values, app health) at most once a second, and `status.lastActivity` (what the ttl
+//! version, metadata values, app health) at most once a second (a lifecycle change at once), and `status.lastActivity` (what the ttl
 //! counts from) at most once a minute while streams are opened. An agent's session belongs to the server it
 //! dialed: a user tunnel reaches it only through that server.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agent::proto::{FromAgent, Lifecycle, Manifest, ToAgent, SSH_TARGET, TCP_TARGET};
@@ -57,19 +57,42 @@ pub struct Hub {
 }
 
 #[derive(Clone)]
-struct AgentConn {
+pub(crate) struct AgentConn {
     id: u64,
-    session: Session,
+    pub(crate) session: Session,
+    /// The build it belongs to, and the hash of its token: what its direct streams authenticate with.
+    build: u32,
+    token_hash: String,
+    /// Its idle direct streams.
+    pub(crate) direct: Arc<Mutex<super::direct::Pool>>,
 }
 
 impl Hub {
     /// The session of a workspace's connected agent.
     pub fn agent(&self, org: &str, workspace: &str) -> Option<Session> {
+        self.agent_conn(org, workspace).map(|c| c.session)
+    }
+
+    /// A workspace's connected agent.
+    pub(crate) fn agent_conn(&self, org: &str, workspace: &str) -> Option<AgentConn> {
         let agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
         agents
             .get(&(org.to_string(), workspace.to_string()))
-            .map(|c| c.session.clone())
-            .filter(|s| s.ended().is_none())
+            .filter(|c| c.session.ended().is_none())
+            .cloned()
+    }
+
+    /// The connected agent an agent token belongs to, if it is that agent's (its build and secret).
+    pub(crate) fn agent_by_token(&self, token: &str) -> Option<AgentConn> {
+        let (org, ws, build, secret) = parse_token(token)?;
+        let conn = self.agent_conn(&org, &ws)?;
+        let given = auth::hash_secret(&secret);
+        let same = conn.build == build
+            && bool::from(subtle::ConstantTimeEq::ct_eq(
+                conn.token_hash.as_bytes(),
+                given.as_bytes(),
+            ));
+        same.then_some(conn)
     }
 
     /// Whether activity of a workspace should be written now (at most once per [`ACTIVITY_FLUSH`]).
@@ -105,15 +128,24 @@ impl Hub {
 /// connection lasts (an hour-long SSH session keeps its workspace up, not only its first minute).
 pub(crate) async fn relay<A, B>(state: &AppState, org: &str, ws: &str, a: &mut A, b: &mut B)
 where
-    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
 {
-    let copy = tunnel_io::relay(a, b);
-    tokio::pin!(copy);
+    let _ = active(state, org, ws, tunnel_io::relay(a, b)).await;
+}
+
+/// Runs `work` (a connection to the workspace), recording activity on the workspace until it ends.
+pub(crate) async fn active<F: std::future::Future>(
+    state: &AppState,
+    org: &str,
+    ws: &str,
+    work: F,
+) -> F::Output {
+    tokio::pin!(work);
     let mut tick = tokio::time::interval(ACTIVITY_FLUSH);
     loop {
         tokio::select! {
-            _ = &mut copy => return,
+            out = &mut work => return out,
             _ = tick.tick() => state.hub.touch(state, org, ws),
         }
     }
@@ -198,10 +230,11 @@ pub async fn agent_connect(
     let manifest = manifest(&state, &workspace, &job, build).await?;
     let upgrade = upgrade.map_err(not_websocket)?;
     let id = state.hub.next_id.fetch_add(1, Ordering::Relaxed);
+    let token_hash = stored.to_string();
     Ok(upgrade
         .max_message_size(MAX_MESSAGE)
         .on_upgrade(move |socket| async move {
-            run_agent(state, AxumWs(socket), org, ws, id, manifest).await;
+            run_agent(state, AxumWs(socket), org, ws, id, token_hash, manifest).await;
         })
         .into_response())
 }
@@ -259,6 +292,7 @@ async fn run_agent(
     org: String,
     ws: String,
     id: u64,
+    token_hash: String,
     manifest: Manifest,
 ) {
     let config = tunnel_io::Config::new(format!("kiln-server {}", env!("CARGO_PKG_VERSION")));
@@ -277,6 +311,9 @@ async fn run_agent(
             AgentConn {
                 id,
                 session: session.clone(),
+                build: manifest.build,
+                token_hash,
+                direct: Arc::default(),
             },
         )
     };
@@ -285,7 +322,7 @@ async fn run_agent(
             .close("another connection of this workspace's agent replaced this one");
     }
     let build = manifest.build;
-    if let Ok(m) = serde_json::to_vec(&ToAgent::Manifest(manifest)) {
+    if let Ok(m) = serde_json::to_vec(&ToAgent::Manifest(Box::new(manifest))) {
         let _ = session.send_message(Bytes::from(m));
     }
     let mut view = View {
@@ -307,7 +344,15 @@ async fn run_agent(
                 None => break,
                 Some(Event::Stream(incoming)) => incoming.refuse("the server does not serve streams to agents"),
                 Some(Event::Message(bytes)) => match serde_json::from_slice::<FromAgent>(&bytes) {
-                    Ok(msg) => on_message(&state, &stream, &mut view, msg).await,
+                    Ok(msg) => {
+                        // A lifecycle change is written at once (users wait for `ready`); the rest of the
+                        // status at most once per flush.
+                        let lifecycle = matches!(msg, FromAgent::Lifecycle { .. });
+                        on_message(&state, &stream, &mut view, msg).await;
+                        if lifecycle && view.dirty {
+                            view.dirty = !write_agent_status(&state, &org, &ws, &view).await;
+                        }
+                    }
                     Err(e) => tracing::warn!(org, workspace = ws, error = %e, "ignoring a malformed agent message"),
                 },
             },
@@ -431,7 +476,7 @@ async fn update_status(
 }
 
 /// Whether the caller may connect to a workspace: its owner, or an administrator of its organization.
-async fn may_connect(
+pub(crate) async fn may_connect(
     state: &AppState,
     principal: &Principal,
     org: &str,
@@ -467,6 +512,32 @@ pub(crate) async fn is_admin(state: &AppState, principal: &Principal, org: &str)
             .is_ok_and(|a| a.allows(Verb::Create, Kind::Template, None))
 }
 
+/// The answer when a workspace's agent is not connected to this server.
+pub(crate) fn not_connected(ws: &Resource) -> ApiError {
+    let name = &ws.metadata.name;
+    let phase = ws
+        .status
+        .get("phase")
+        .and_then(Value::as_str)
+        .unwrap_or("pending");
+    ApiError::new(
+        axum::http::StatusCode::CONFLICT,
+        "agent-not-connected",
+        format!("the agent of workspace {name} is not connected to this server (the workspace is {phase}); start it with `kiln workspace start {name}`"),
+    )
+}
+
+/// Whether users may open a stream to `target`: `tcp:<host>:<port>` or `ssh`.
+pub(crate) fn check_target(target: &str) -> Result<(), String> {
+    if target.starts_with(TCP_TARGET) || target == SSH_TARGET {
+        Ok(())
+    } else {
+        Err(format!(
+            "unknown target {target:?}; a workspace serves tcp:<host>:<port> and ssh"
+        ))
+    }
+}
+
 /// `GET /api/v1/orgs/{org}/workspaces/{name}/tunnel`: a user's WebSocket to a workspace (port forwarding,
 /// SSH). Each stream the user opens (`tcp:<host>:<port>`, `ssh`) is opened on the agent's session and relayed.
 pub async fn workspace_tunnel(
@@ -478,22 +549,15 @@ pub async fn workspace_tunnel(
     let ws = state.store.get(&key(Kind::Workspace, &org, &name)).await?;
     may_connect(&state, &principal, &org, &ws).await?;
     let upgrade = upgrade.map_err(not_websocket)?;
-    let Some(agent) = state.hub.agent(&org, &name) else {
-        let phase = ws
-            .status
-            .get("phase")
-            .and_then(Value::as_str)
-            .unwrap_or("pending");
-        return Err(ApiError::new(
-            axum::http::StatusCode::CONFLICT,
-            "agent-not-connected",
-            format!("the agent of workspace {name} is not connected to this server (the workspace is {phase}); start it with `kiln workspace start {name}`"),
-        ));
-    };
+    let agent = state
+        .hub
+        .agent(&org, &name)
+        .ok_or_else(|| not_connected(&ws))?;
     Ok(upgrade
         .max_message_size(MAX_MESSAGE)
         .on_upgrade(move |socket| async move {
-            let config = tunnel_io::Config::new(format!("kiln-server {}", env!("CARGO_PKG_VERSION")));
+            let config =
+                tunnel_io::Config::new(format!("kiln-server {}", env!("CARGO_PKG_VERSION")));
             let Ok((session, mut events)) = tunnel_io::accept(AxumWs(socket), config).await else {
                 return;
             };
@@ -504,8 +568,8 @@ pub async fn workspace_tunnel(
                         Some(Event::Message(_)) => {}
                         Some(Event::Stream(incoming)) => {
                             let target = incoming.target().to_string();
-                            if !target.starts_with(TCP_TARGET) && target != SSH_TARGET {
-                                incoming.refuse(&format!("unknown target {target:?}; a workspace serves tcp:<host>:<port> and ssh"));
+                            if let Err(why) = check_target(&target) {
+                                incoming.refuse(&why);
                                 continue;
                             }
                             state.hub.touch(&state, &org, &name);

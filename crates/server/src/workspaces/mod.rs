@@ -5,6 +5,7 @@
 pub mod admit;
 pub mod apps;
 pub mod builtin;
+pub mod direct;
 pub mod hub;
 pub mod provisioners;
 pub(crate) mod ws;
@@ -64,6 +65,29 @@ pub fn register(api: Api) -> Api {
         )
         .returns(101, None),
         hub::workspace_tunnel,
+    )
+    .op(
+        Op::new(
+            Method::GET,
+            agent::proto::STREAM_PATH,
+            "agentStream",
+            "workspaces",
+            "An idle direct stream of a workspace's connected agent (`Upgrade: kiln-stream`; authenticated with the agent token of its running build), kept until a user's stream takes it",
+        )
+        .public()
+        .returns(101, None),
+        direct::agent_stream,
+    )
+    .op(
+        Op::new(
+            Method::GET,
+            "/api/v1/orgs/{org}/workspaces/{name}/stream",
+            "workspaceStream",
+            "workspaces",
+            "A direct stream to `target` (`tcp:<host>:<port>` or `ssh`) in a workspace (`Upgrade: kiln-stream`): one connection carrying one stream's bytes, relayed without framing; its owner and administrators only",
+        )
+        .returns(101, None),
+        direct::workspace_stream,
     )
     .op(
         Op::new(
