@@ -3,7 +3,7 @@
 //! write the target of a stream a user opened. One that is handed out is replaced at once, and the server asks
 //! for more ([`ToAgent::Dial`](crate::proto::ToAgent::Dial)) when a user waits and none is idle.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,8 +20,9 @@ const IDLE: usize = 2;
 const MAX_EXTRA: u32 = 16;
 /// An idle stream is replaced after this long, so one the server lost without a word does not linger.
 const IDLE_FOR: Duration = Duration::from_secs(600);
-/// The wait before dialing again after a failure.
+/// The wait before dialing again after a failure, doubling with each failure in a row up to [`MAX_RETRY`].
 const RETRY: Duration = Duration::from_secs(1);
+const MAX_RETRY: Duration = Duration::from_secs(30);
 
 /// The idle direct streams of one session.
 pub(crate) struct Pool {
@@ -32,6 +33,8 @@ pub(crate) struct Pool {
     changed: Notify,
     /// The server has no direct streams (an older server): the session's streams are all there is.
     off: AtomicBool,
+    /// Failures in a row, which lengthen the wait before the next attempt.
+    failures: AtomicU32,
 }
 
 impl Pool {
@@ -42,6 +45,7 @@ impl Pool {
             idle: AtomicUsize::new(0),
             changed: Notify::new(),
             off: AtomicBool::new(false),
+            failures: AtomicU32::new(0),
         })
     }
 
@@ -74,6 +78,12 @@ impl Pool {
         self.idle.fetch_sub(1, Ordering::Relaxed);
         self.changed.notify_one();
     }
+
+    /// Waits after a failure (longer after each in a row).
+    async fn back_off(&self) {
+        let n = self.failures.fetch_add(1, Ordering::Relaxed).min(5);
+        tokio::time::sleep((RETRY * 2u32.pow(n)).min(MAX_RETRY)).await;
+    }
 }
 
 /// Dials one stream, waits for its target, serves it.
@@ -86,7 +96,7 @@ async fn one(pool: Arc<Pool>, shared: Arc<Shared>) {
                 pool.off.store(true, Ordering::Relaxed);
             } else {
                 tracing::debug!(error = %e, "cannot open a direct stream");
-                tokio::time::sleep(RETRY).await;
+                pool.back_off().await;
             }
             pool.done();
             return;
@@ -97,11 +107,12 @@ async fn one(pool: Arc<Pool>, shared: Arc<Shared>) {
     let Ok(Ok(target)) = line else {
         // Closed at once (the server would not keep it): wait before the next, as after a failure.
         if opened.elapsed() < RETRY {
-            tokio::time::sleep(RETRY).await;
+            pool.back_off().await;
         }
         pool.done();
         return;
     };
+    pool.failures.store(0, Ordering::Relaxed);
     pool.done();
     serve(shared, conn, &target).await;
 }

@@ -12,6 +12,7 @@
 //! `error <reason>`, before the stream's bytes.
 
 use std::io;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -27,6 +28,30 @@ pub const MAX_LINE: usize = 4096;
 const MAX_HEAD: usize = 16 * 1024;
 /// The largest error body a dialer keeps.
 const MAX_BODY: usize = 16 * 1024;
+/// How long a dialer waits for the server's answer (the server waits for the agent's, at most 17 s).
+const ANSWER_WITHIN: Duration = Duration::from_secs(30);
+/// How long a head or line that came in part may wait for the rest.
+const REST_WITHIN: Duration = Duration::from_secs(10);
+/// A connection whose peer went away without a word is found out within about this long (TCP keepalive:
+/// idle 15 s, then 3 probes 5 s apart), so relays of vanished laptops end.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(15);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_PROBES: u32 = 3;
+
+/// Sets a direct stream's connection up: no Nagle delay, and keepalive probes so a peer that vanished (a
+/// suspended laptop, a cut network) ends the stream instead of holding it, and its workspace's activity,
+/// for ever. Every side calls it on every direct stream connection.
+pub fn prepare(conn: &TcpStream) {
+    let _ = conn.set_nodelay(true);
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::net::sockopt;
+        let _ = sockopt::set_socket_keepalive(conn, true);
+        let _ = sockopt::set_tcp_keepidle(conn, KEEPALIVE_IDLE);
+        let _ = sockopt::set_tcp_keepintvl(conn, KEEPALIVE_INTERVAL);
+        let _ = sockopt::set_tcp_keepcnt(conn, KEEPALIVE_PROBES);
+    }
+}
 
 /// Opens a direct stream: `GET` of `url`'s path and query on its server (`ws://` or `http://`; a direct
 /// stream has no TLS of its own, so `wss://` and `https://` are refused and callers use a session's stream
@@ -58,16 +83,20 @@ pub async fn dial(url: &str, token: &str) -> Result<TcpStream, ConnectError> {
     let mut conn = TcpStream::connect((bare, port))
         .await
         .map_err(|e| ConnectError::Transport(format!("connecting to {host}:{port}: {e}")))?;
-    let _ = conn.set_nodelay(true);
-    let authority = uri.authority().map_or(host, |a| a.as_str());
+    prepare(&conn);
+    let authority = match uri.port_u16() {
+        Some(p) => format!("{host}:{p}"),
+        None => host.to_owned(),
+    };
     let request = format!(
         "GET {target} HTTP/1.1\r\nHost: {authority}\r\nAuthorization: Bearer {token}\r\n\
          Connection: Upgrade\r\nUpgrade: {UPGRADE}\r\n\r\n"
     );
     let broken = |e: io::Error| ConnectError::Transport(format!("{url}: {e}"));
     conn.write_all(request.as_bytes()).await.map_err(broken)?;
-    // The head is peeked and then read to its end, so what follows it stays in the socket.
-    let (status, head_len, length) = match peek_until(&mut conn, MAX_HEAD, |buf| {
+    // The head is peeked and then read to its end, so what follows it stays in the socket. The server may
+    // wait for the workspace's agent before it answers, but not for ever.
+    let head = peek_until(&mut conn, MAX_HEAD, |buf| {
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut response = httparse::Response::new(&mut headers);
         match response.parse(buf) {
@@ -82,11 +111,16 @@ pub async fn dial(url: &str, token: &str) -> Result<TcpStream, ConnectError> {
             }
             Err(e) => Err(format!("the server's answer is not HTTP: {e}")),
         }
-    })
-    .await
-    {
-        Ok(found) => found,
-        Err(e) => return Err(ConnectError::Transport(format!("{url}: {e}"))),
+    });
+    let (status, head_len, length) = match tokio::time::timeout(ANSWER_WITHIN, head).await {
+        Ok(Ok(found)) => found,
+        Ok(Err(e)) => return Err(ConnectError::Transport(format!("{url}: {e}"))),
+        Err(_) => {
+            return Err(ConnectError::Transport(format!(
+                "{url}: no answer within {} s",
+                ANSWER_WITHIN.as_secs()
+            )))
+        }
     };
     let mut head = vec![0u8; head_len];
     conn.read_exact(&mut head).await.map_err(broken)?;
@@ -125,6 +159,8 @@ async fn peek_until<T>(
 ) -> io::Result<T> {
     let mut buf = vec![0u8; limit];
     let mut seen = 0;
+    let mut since = Instant::now();
+    let mut pause = Duration::from_millis(1);
     loop {
         let n = conn.peek(&mut buf).await?;
         if n == 0 {
@@ -144,11 +180,25 @@ async fn peek_until<T>(
             }
             Ok(None) => {}
         }
-        // Part of it came: peeking again at once would see the same bytes, so wait for the rest.
+        // Part of it came: peeking again at once would see the same bytes, so wait for the rest (a peek
+        // cannot see the peer's end behind them, hence the limit).
         if n == seen {
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            if since.elapsed() > REST_WITHIN {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the peer sent part and nothing more for {} s",
+                        REST_WITHIN.as_secs()
+                    ),
+                ));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(100));
+        } else {
+            seen = n;
+            since = Instant::now();
+            pause = Duration::from_millis(1);
         }
-        seen = n;
     }
 }
 
@@ -175,10 +225,11 @@ pub async fn read_line(conn: &mut TcpStream) -> io::Result<String> {
 /// Writes one line; `text` loses any newline it has, so it stays one line.
 pub async fn write_line(conn: &mut TcpStream, text: &str) -> io::Result<()> {
     let mut line = text.replace(['\r', '\n'], " ");
-    line.truncate(MAX_LINE - 1);
-    while !line.is_char_boundary(line.len()) {
-        line.pop();
+    let mut end = line.len().min(MAX_LINE - 1);
+    while !line.is_char_boundary(end) {
+        end -= 1;
     }
+    line.truncate(end);
     line.push('\n');
     conn.write_all(line.as_bytes()).await
 }
@@ -189,8 +240,12 @@ pub async fn write_line(conn: &mut TcpStream, text: &str) -> io::Result<()> {
 pub async fn relay_tcp(a: &mut TcpStream, b: &mut TcpStream) -> io::Result<(u64, u64)> {
     #[cfg(target_os = "linux")]
     {
-        let (a, b) = (&*a, &*b);
-        tokio::try_join!(splice::pump(a, b), splice::pump(b, a))
+        if let (Ok(ab), Ok(ba)) = (splice::Pipe::new(), splice::Pipe::new()) {
+            let (a, b) = (&*a, &*b);
+            return tokio::try_join!(ab.pump(a, b), ba.pump(b, a));
+        }
+        // No pipes to be had (descriptors or the user's pipe quota exhausted): copy instead.
+        crate::relay(a, b).await
     }
     #[cfg(not(target_os = "linux"))]
     {
@@ -208,47 +263,66 @@ mod splice {
     use tokio::io::Interest;
     use tokio::net::TcpStream;
 
-    /// The pipe each direction moves bytes through: the largest an unprivileged process may ask for. Bulk
-    /// data then moves in few large calls (measured: a quarter less CPU per byte than with 256 KiB). Where the
-    /// kernel refuses (a user past `pipe-user-pages-soft`), the pipe keeps the size it has.
+    /// The largest pipe a direction grows to: the largest an unprivileged process may ask for. Bulk data then
+    /// moves in few large calls (measured: a quarter less CPU per byte than with 256 KiB). A pipe starts at
+    /// the kernel's default and grows only once a transfer fills it, so idle streams (an SSH session left
+    /// open) hold little of the user's pipe quota (`pipe-user-pages-soft`); where the kernel refuses to grow
+    /// it, it keeps the size it has.
     const PIPE: usize = 1024 * 1024;
 
-    /// Moves what `from` receives to `to` until `from` ends, then shuts `to`'s write side.
-    pub(super) async fn pump(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
-        let (pipe_out, pipe_in) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
-        let size = fcntl_setpipe_size(&pipe_in, PIPE)
-            .or_else(|_| fcntl_getpipe_size(&pipe_in))
-            .unwrap_or(64 * 1024);
-        let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
-        let mut total = 0u64;
-        loop {
-            // The pipe is empty here, so `EAGAIN` says the socket has nothing to read (a full pipe would say
-            // the same and leave tokio believing the socket drained).
-            let got = match from.try_io(Interest::READABLE, || {
-                Ok(splice(from, None, &pipe_in, None, size, flags)?)
-            }) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    from.readable().await?;
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            if got == 0 {
-                let _ = rustix::net::shutdown(to, rustix::net::Shutdown::Write);
-                return Ok(total);
-            }
-            let mut left = got;
-            while left > 0 {
-                match to.try_io(Interest::WRITABLE, || {
-                    Ok(splice(&pipe_out, None, to, None, left, flags)?)
+    /// One direction's pipe.
+    pub(super) struct Pipe {
+        out: rustix::fd::OwnedFd,
+        into: rustix::fd::OwnedFd,
+        size: usize,
+    }
+
+    impl Pipe {
+        pub(super) fn new() -> io::Result<Pipe> {
+            let (out, into) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
+            let size = fcntl_getpipe_size(&into).unwrap_or(64 * 1024);
+            Ok(Pipe { out, into, size })
+        }
+
+        /// Moves what `from` receives to `to` until `from` ends, then shuts `to`'s write side.
+        pub(super) async fn pump(mut self, from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
+            let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
+            let mut total = 0u64;
+            loop {
+                // The pipe is empty here, so `EAGAIN` says the socket has nothing to read (a full pipe would
+                // say the same and leave tokio believing the socket drained).
+                let got = match from.try_io(Interest::READABLE, || {
+                    Ok(splice(from, None, &self.into, None, self.size, flags)?)
                 }) {
-                    Ok(n) => left -= n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => to.writable().await?,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        from.readable().await?;
+                        continue;
+                    }
                     Err(e) => return Err(e),
+                };
+                if got == 0 {
+                    let _ = rustix::net::shutdown(to, rustix::net::Shutdown::Write);
+                    return Ok(total);
+                }
+                let mut left = got;
+                while left > 0 {
+                    match to.try_io(Interest::WRITABLE, || {
+                        Ok(splice(&self.out, None, to, None, left, flags)?)
+                    }) {
+                        Ok(n) => left -= n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => to.writable().await?,
+                        Err(e) => return Err(e),
+                    }
+                }
+                total += got as u64;
+                // A transfer that (about) fills the pipe is bulk: let it move more per call.
+                if got >= self.size / 2 && self.size < PIPE {
+                    if let Ok(size) = fcntl_setpipe_size(&self.into, PIPE) {
+                        self.size = size;
+                    }
                 }
             }
-            total += got as u64;
         }
     }
 }
@@ -315,6 +389,13 @@ mod tests {
         a.write_all(&vec![b'x'; MAX_LINE + 10]).await.unwrap();
         let e = read_line(&mut b).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        // A long line is cut at a character boundary, never inside one.
+        let (mut a, mut b) = pair().await;
+        write_line(&mut a, &format!("{}é", "x".repeat(MAX_LINE - 2)))
+            .await
+            .unwrap();
+        let line = read_line(&mut b).await.unwrap();
+        assert_eq!(line.len(), MAX_LINE - 2);
         drop(a);
         assert!(read_line(&mut b).await.is_err());
     }

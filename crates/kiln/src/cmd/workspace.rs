@@ -404,6 +404,8 @@ pub(crate) struct Tunnel {
     direct: String,
     token: String,
     session: Mutex<Option<Session>>,
+    /// The server offers no direct streams (an older server, a TLS URL): not asked again.
+    no_direct: std::sync::atomic::AtomicBool,
 }
 
 impl Tunnel {
@@ -420,15 +422,24 @@ impl Tunnel {
             direct: c.client.ws_url(&format!("{base}/stream")),
             token,
             session: Mutex::new(None),
+            no_direct: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
     /// A stream to `target` in the workspace: a direct stream (its own connection, which the server relays
     /// without reading) where the server offers one, else a stream of the session.
     pub(crate) async fn stream(&self, target: &str) -> anyhow::Result<Stream> {
-        let url = format!("{}?target={target}", self.direct);
-        if let Ok(conn) = tunnel_io::direct::dial(&url, &self.token).await {
-            return Ok(Stream::Direct(conn));
+        use std::sync::atomic::Ordering::Relaxed;
+        if !self.no_direct.load(Relaxed) {
+            let url = format!("{}?target={target}", self.direct);
+            match tunnel_io::direct::dial(&url, &self.token).await {
+                Ok(conn) => return Ok(Stream::Direct(conn)),
+                Err(
+                    tunnel_io::ConnectError::Request(_)
+                    | tunnel_io::ConnectError::Status(400 | 404 | 405, _),
+                ) => self.no_direct.store(true, Relaxed),
+                Err(_) => {}
+            }
         }
         // An older server, a TLS URL, or a failure the session's stream reports in its own words.
         let session = self.session().await?;

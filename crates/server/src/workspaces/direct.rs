@@ -64,10 +64,12 @@ fn lock(pool: &Mutex<Pool>) -> std::sync::MutexGuard<'_, Pool> {
     pool.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Adds an agent's connection: to the first user waiting, else to the idle ones.
+/// Adds an agent's connection: to the first user waiting, else to the idle ones (dropping those the agent
+/// has closed meanwhile, as it does with one idle for long).
 fn put(pool: &Mutex<Pool>, mut conn: std::net::TcpStream) {
     let mut p = lock(pool);
     p.seen = true;
+    p.idle.retain(usable);
     while let Some(waiter) = p.waiting.pop_front() {
         match waiter.send(conn) {
             Ok(()) => return,
@@ -98,6 +100,7 @@ async fn take(agent: &AgentConn) -> Option<TcpStream> {
             return None;
         }
         let (tx, rx) = oneshot::channel();
+        p.waiting.retain(|w| !w.is_closed());
         p.waiting.push_back(tx);
         rx
     };
@@ -106,6 +109,37 @@ async fn take(agent: &AgentConn) -> Option<TcpStream> {
     }
     let conn = tokio::time::timeout(WAIT_IDLE, rx).await.ok()?.ok()?;
     TcpStream::from_std(conn).ok()
+}
+
+/// Hands `target` to one of the agent's direct streams and waits for its answer: the stream once the agent
+/// said `ok`, `None` when no direct stream can be had (the session's then), the agent's reason when it
+/// refused. A stream that breaks before answering (its agent went away without a word) makes way for the
+/// next one.
+async fn ask(agent: &AgentConn, target: &str) -> Result<Option<TcpStream>, String> {
+    for _ in 0..3 {
+        let Some(mut conn) = take(agent).await else {
+            return Ok(None);
+        };
+        direct::prepare(&conn);
+        let answer = async {
+            direct::write_line(&mut conn, target).await?;
+            direct::read_line(&mut conn).await
+        };
+        match tokio::time::timeout(WAIT_ANSWER, answer).await {
+            Ok(Ok(line)) if line == "ok" => return Ok(Some(conn)),
+            Ok(Ok(line)) => return Err(line.strip_prefix("error ").unwrap_or(&line).to_string()),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "an idle direct stream broke; taking another")
+            }
+            Err(_) => {
+                return Err(format!(
+                    "the agent did not answer within {} s",
+                    WAIT_ANSWER.as_secs()
+                ))
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// A request to switch to a direct stream: `Connection: Upgrade` and `Upgrade: kiln-stream`.
@@ -162,6 +196,7 @@ pub(crate) async fn agent_stream(
         // An idle connection waits outside any runtime, so whichever thread serves the user takes it.
         match crate::listen::into_tcp(upgraded) {
             Ok((conn, early)) if early.is_empty() => {
+                direct::prepare(&conn);
                 if let Ok(conn) = conn.into_std() {
                     put(&agent.direct, conn);
                 }
@@ -193,6 +228,12 @@ pub(crate) async fn workspace_stream(
     hub::may_connect(&state, &principal, &org, &ws).await?;
     let target = query.get("target").map(String::as_str).unwrap_or_default();
     hub::check_target(target).map_err(|why| ApiError::bad_request(format!("target: {why}")))?;
+    if target.len() >= direct::MAX_LINE {
+        return Err(ApiError::bad_request(format!(
+            "target: longer than {} bytes",
+            direct::MAX_LINE - 1
+        )));
+    }
     let DirectUpgrade(upgrade) = upgrade?;
     let agent = state
         .hub
@@ -206,35 +247,16 @@ pub(crate) async fn workspace_stream(
             format!("workspace {name}: {why}"),
         )
     };
-    let there = match take(&agent).await {
-        Some(mut conn) => {
-            let answer = async {
-                direct::write_line(&mut conn, target).await?;
-                direct::read_line(&mut conn).await
-            };
-            match tokio::time::timeout(WAIT_ANSWER, answer).await {
-                Ok(Ok(line)) if line == "ok" => There::Direct(conn),
-                Ok(Ok(line)) => {
-                    return Err(refused(
-                        line.strip_prefix("error ").unwrap_or(&line).to_string(),
-                    ))
-                }
-                Ok(Err(e)) => return Err(refused(format!("the agent's connection broke: {e}"))),
-                Err(_) => {
-                    return Err(refused(format!(
-                        "the agent did not answer within {} s",
-                        WAIT_ANSWER.as_secs()
-                    )))
-                }
-            }
-        }
-        None => There::Session(
+    let there = match ask(&agent, target).await {
+        Ok(Some(conn)) => There::Direct(conn),
+        Ok(None) => There::Session(
             agent
                 .session
                 .open(target)
                 .await
                 .map_err(|e| refused(e.to_string()))?,
         ),
+        Err(why) => return Err(refused(why)),
     };
     let counter = match there {
         There::Direct(_) => &state.metrics.workspace_streams_direct,
@@ -247,6 +269,7 @@ pub(crate) async fn workspace_stream(
         };
         match (crate::listen::into_tcp(upgraded), there) {
             (Ok((mut here, early)), There::Direct(mut conn)) => {
+                direct::prepare(&here);
                 if conn.write_all(&early).await.is_ok() {
                     let relay = direct::relay_tcp(&mut here, &mut conn);
                     let _ = hub::active(&state, &org, &name, relay).await;

@@ -347,9 +347,9 @@ async fn run_agent(
                     Ok(msg) => {
                         // A lifecycle change is written at once (users wait for `ready`); the rest of the
                         // status at most once per flush.
-                        let lifecycle = matches!(msg, FromAgent::Lifecycle { .. });
+                        let before = view.fields.get("lifecycle").cloned();
                         on_message(&state, &stream, &mut view, msg).await;
-                        if lifecycle && view.dirty {
+                        if view.dirty && view.fields.get("lifecycle") != before.as_ref() {
                             view.dirty = !write_agent_status(&state, &org, &ws, &view).await;
                         }
                     }
