@@ -12,7 +12,8 @@ use tokio::sync::Notify;
 use tunnel_io::direct;
 use tunnel_io::ConnectError;
 
-use crate::{ssh, Shared, Target};
+use crate::proto::Target;
+use crate::{ssh, Shared};
 
 /// Idle direct streams kept open.
 const IDLE: usize = 2;

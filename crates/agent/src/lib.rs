@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use proto::{FromAgent, Lifecycle, ToAgent, SSH_TARGET, TCP_TARGET};
+use proto::{FromAgent, Lifecycle, Target, ToAgent};
 use tokio::sync::{mpsc, watch, Notify, OnceCell};
 use tunnel_io::{Event, Incoming, Redial, Session};
 
@@ -255,26 +255,6 @@ fn start_once(shared: &Arc<Shared>, manifest: proto::Manifest) {
         let (state, detail) = tasks::run_scripts(&shared, m, tasks::When::Start).await;
         shared.set_lifecycle(state, detail);
     });
-}
-
-/// What a stream reaches in the workspace.
-pub(crate) enum Target<'a> {
-    /// The agent's SSH server.
-    Ssh,
-    /// A TCP address.
-    Tcp(&'a str),
-}
-
-impl Target<'_> {
-    pub(crate) fn parse(target: &str) -> Result<Target<'_>, String> {
-        if target == SSH_TARGET {
-            return Ok(Target::Ssh);
-        }
-        match target.strip_prefix(TCP_TARGET) {
-            Some(addr) => Ok(Target::Tcp(addr)),
-            None => Err(format!("the agent does not serve {target:?}")),
-        }
-    }
 }
 
 /// Serves a stream the server opened on the session.

@@ -14,6 +14,30 @@ pub const STREAM_PATH: &str = "/api/v1/agent/stream";
 pub const TCP_TARGET: &str = "tcp:";
 /// The stream target of the agent's SSH server: the stream is one SSH connection.
 pub const SSH_TARGET: &str = "ssh";
+/// What a stream reaches in the workspace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target<'a> {
+    /// The agent's SSH server.
+    Ssh,
+    /// A TCP address (`host:port`).
+    Tcp(&'a str),
+}
+
+impl Target<'_> {
+    /// Reads a stream target: `tcp:<host>:<port>` or `ssh`.
+    pub fn parse(target: &str) -> Result<Target<'_>, String> {
+        if target == SSH_TARGET {
+            return Ok(Target::Ssh);
+        }
+        match target.strip_prefix(TCP_TARGET) {
+            Some(addr) => Ok(Target::Tcp(addr)),
+            None => Err(format!(
+                "unknown target {target:?}; a workspace serves {TCP_TARGET}<host>:<port> and {SSH_TARGET}"
+            )),
+        }
+    }
+}
+
 /// The most bytes of one log message an agent sends.
 pub const MAX_LOG_BATCH: usize = 64 * 1024;
 

@@ -421,14 +421,20 @@ pub fn restore(journal: &Path) -> io::Result<Vec<String>> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn resolver_and_hosts_changes_are_undone_exactly() {
+    /// A directory standing in for the state directory and `/etc`, and the files in it.
+    fn scratch() -> (tempfile::TempDir, Files) {
         let dir = tempfile::tempdir().unwrap();
         let files = Files::new(
             dir.path(),
             dir.path().join("resolv.conf"),
             dir.path().join("hosts"),
         );
+        (dir, files)
+    }
+
+    #[test]
+    fn resolver_and_hosts_changes_are_undone_exactly() {
+        let (_dir, files) = scratch();
         let resolv = "# from dhcp\nnameserver 10.0.0.1\nsearch corp.example\noptions edns0\n";
         let hosts = "127.0.0.1\tlocalhost\n";
         std::fs::write(&files.resolv_conf, resolv).unwrap();
@@ -474,12 +480,7 @@ mod tests {
 
     #[test]
     fn split_mode_finds_the_resolver_and_drives_each_hook() {
-        let dir = tempfile::tempdir().unwrap();
-        let files = Files::new(
-            dir.path(),
-            dir.path().join("resolv.conf"),
-            dir.path().join("hosts"),
-        );
+        let (dir, files) = scratch();
         std::fs::write(&files.resolv_conf, "nameserver 10.0.0.1\n").unwrap();
         assert_eq!(detect(&files), Hook::ResolvConf);
         std::fs::write(
@@ -520,12 +521,7 @@ mod tests {
 
     #[test]
     fn a_resolver_file_rewritten_meanwhile_is_taken_as_it_now_is() {
-        let dir = tempfile::tempdir().unwrap();
-        let files = Files::new(
-            dir.path(),
-            dir.path().join("resolv.conf"),
-            dir.path().join("hosts"),
-        );
+        let (_dir, files) = scratch();
         let dns = Ipv4Addr::new(127, 77, 0, 1);
         std::fs::write(&files.resolv_conf, "nameserver 10.0.0.1\n").unwrap();
         set_resolver(&files, dns, &[]).unwrap();
@@ -550,12 +546,7 @@ mod tests {
 
     #[test]
     fn a_file_rewritten_by_someone_else_is_left_alone() {
-        let dir = tempfile::tempdir().unwrap();
-        let files = Files::new(
-            dir.path(),
-            dir.path().join("resolv.conf"),
-            dir.path().join("hosts"),
-        );
+        let (_dir, files) = scratch();
         std::fs::write(&files.resolv_conf, "nameserver 10.0.0.1\n").unwrap();
         set_resolver(&files, Ipv4Addr::new(127, 77, 0, 1), &[]).unwrap();
         std::fs::write(&files.resolv_conf, "nameserver 10.9.9.9\n").unwrap();

@@ -171,8 +171,8 @@ spec:
         );
     }
 
-    let admin_password = std::fs::read_to_string(s.data_dir.join("admin-password")).unwrap();
-    let (admin, _) = sign_in(&s, "admin", admin_password.trim(), "/");
+    let admin_password = s.admin_password();
+    let (admin, _) = sign_in(&s, "admin", &admin_password, "/");
     let out = ok(s.kiln(&["user", "create", "bob", "--role", "viewer"]));
     let bob_password = out
         .lines()
@@ -230,11 +230,11 @@ spec:
     let (_, next) = sign_in(
         &s,
         "admin",
-        admin_password.trim(),
+        &admin_password,
         "%2F%40admin%2Fdev%2Fapps%2Fcode%2Fhello",
     );
     assert_eq!(next, "/@admin/dev/apps/code/hello");
-    let (_, next) = sign_in(&s, "admin", admin_password.trim(), "https://evil.example/");
+    let (_, next) = sign_in(&s, "admin", &admin_password, "https://evil.example/");
     assert_eq!(next, "/", "only paths on this server are followed");
     let r = get(&format!("{base}/@admin/dev/apps/code/"), &[]);
     assert_eq!(r.status, 401);

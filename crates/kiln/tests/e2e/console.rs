@@ -308,6 +308,29 @@ impl Session {
             .send()
             .await;
     }
+
+    /// Signs in as `admin` on the sign-in page the browser is at, and waits to land on `/`.
+    async fn sign_in(&self, password: &str) {
+        self.type_into("#username", "admin").await;
+        self.type_into("#password", password).await;
+        self.click("#sign-in").await;
+        self.wait_path("/").await;
+    }
+}
+
+/// Runs `flow` on `session`, then closes the browser whether the flow passed or panicked (a panic goes on
+/// after that).
+async fn close_after(
+    driver: Driver,
+    session: &Session,
+    flow: impl std::future::Future<Output = ()>,
+) {
+    let outcome = futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(flow)).await;
+    session.close().await;
+    drop(driver);
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
 }
 
 /// Standard base64 (with padding and optional whitespace), enough for WebDriver screenshots.
@@ -431,21 +454,11 @@ async fn console_sign_in_browse_and_sign_out_in_chromium() {
         json!({"conditions": [{"type": "Ready", "status": "True", "reason": "Connected",
             "lastTransitionTime": "2025-01-01T00:00:00Z"}]}),
     );
-    let password = std::fs::read_to_string(server.data_dir.join("admin-password"))
-        .expect("admin-password written at first start")
-        .trim()
-        .to_string();
+    let password = server.admin_password();
 
     let driver = Driver::start(&chromedriver).await;
     let session = driver.session(&chromium).await;
-    // Run the flow so that the browser is closed whether it passes or panics.
-    let flow = std::panic::AssertUnwindSafe(browse(&session, &server.url, &password));
-    let outcome = futures_util::FutureExt::catch_unwind(flow).await;
-    session.close().await;
-    drop(driver);
-    if let Err(panic) = outcome {
-        std::panic::resume_unwind(panic);
-    }
+    close_after(driver, &session, browse(&session, &server.url, &password)).await;
 }
 
 async fn browse(b: &Session, base: &str, password: &str) {
@@ -464,10 +477,7 @@ async fn browse(b: &Session, base: &str, password: &str) {
     save_png("console-login-error.png", &b.screenshot().await);
 
     // The right one lands on the organizations.
-    b.type_into("#username", "admin").await;
-    b.type_into("#password", password).await;
-    b.click("#sign-in").await;
-    b.wait_path("/").await;
+    b.sign_in(password).await;
     assert_eq!(b.text("h1").await, "Organizations");
     assert_eq!(b.text("#user").await, "admin");
     let orgs = b.text("main table").await;
@@ -643,20 +653,16 @@ async fn console_shows_deployments_and_live_logs_in_chromium() {
     ))
     .unwrap();
     assert_eq!((code, body.as_str()), (200, "one\n"));
-    let password = std::fs::read_to_string(server.data_dir.join("admin-password"))
-        .unwrap()
-        .trim()
-        .to_string();
+    let password = server.admin_password();
 
     let driver = Driver::start(&chromedriver).await;
     let session = driver.session(&chromium).await;
-    let flow = std::panic::AssertUnwindSafe(deployments_and_logs(&session, &server, &password));
-    let outcome = futures_util::FutureExt::catch_unwind(flow).await;
-    session.close().await;
-    drop(driver);
-    if let Err(panic) = outcome {
-        std::panic::resume_unwind(panic);
-    }
+    close_after(
+        driver,
+        &session,
+        deployments_and_logs(&session, &server, &password),
+    )
+    .await;
 }
 
 /// Waits until the text of the first element matching `css` contains `want`; returns that text.
@@ -678,10 +684,7 @@ async fn wait_text(b: &Session, css: &str, want: &str) -> String {
 async fn deployments_and_logs(b: &Session, server: &Server, password: &str) {
     let base = &server.url;
     b.goto(&format!("{base}/login")).await;
-    b.type_into("#username", "admin").await;
-    b.type_into("#password", password).await;
-    b.click("#sign-in").await;
-    b.wait_path("/").await;
+    b.sign_in(password).await;
 
     // The project page shows the component in dev: Ready, 1/1 replicas, its release and both gateway URLs.
     b.goto(&format!("{base}/orgs/default/projects/shop")).await;
@@ -763,20 +766,16 @@ spec:
 "#
     ));
     ok(server.kiln(&["workspace", "create", "dev", "-t", "web", "--no-wait"]));
-    let password = std::fs::read_to_string(server.data_dir.join("admin-password"))
-        .unwrap()
-        .trim()
-        .to_string();
+    let password = server.admin_password();
 
     let driver = Driver::start(&chromedriver).await;
     let session = driver.session(&chromium).await;
-    let flow = std::panic::AssertUnwindSafe(workspaces_flow(&session, &server, &password));
-    let outcome = futures_util::FutureExt::catch_unwind(flow).await;
-    session.close().await;
-    drop(driver);
-    if let Err(panic) = outcome {
-        std::panic::resume_unwind(panic);
-    }
+    close_after(
+        driver,
+        &session,
+        workspaces_flow(&session, &server, &password),
+    )
+    .await;
 }
 
 async fn workspaces_flow(b: &Session, server: &Server, password: &str) {
@@ -784,10 +783,7 @@ async fn workspaces_flow(b: &Session, server: &Server, password: &str) {
     // Signing in from an app link comes back to the app page afterwards.
     b.goto(&format!("{base}/orgs/default/workspaces")).await;
     b.wait_path("/login").await;
-    b.type_into("#username", "admin").await;
-    b.type_into("#password", password).await;
-    b.click("#sign-in").await;
-    b.wait_path("/").await;
+    b.sign_in(password).await;
 
     b.goto(&format!("{base}/orgs/default/workspaces")).await;
     assert_eq!(b.text("h1").await, "Workspaces of default");
@@ -866,20 +862,14 @@ spec:
     std::fs::write(&file, manifest).unwrap();
     ok(server.kiln(&["apply", "-f", file.to_str().unwrap()]));
     ok(server.kiln(&["pipeline", "run", "watched"]));
-    let password = std::fs::read_to_string(server.data_dir.join("admin-password"))
-        .unwrap()
-        .trim()
-        .to_string();
+    let password = server.admin_password();
     let driver = Driver::start(&chromedriver).await;
     let session = driver.session(&chromium).await;
-    let flow = std::panic::AssertUnwindSafe(async {
+    let flow = async {
         let b = &session;
         let base = &server.url;
         b.goto(&format!("{base}/login")).await;
-        b.type_into("#username", "admin").await;
-        b.type_into("#password", &password).await;
-        b.click("#sign-in").await;
-        b.wait_path("/").await;
+        b.sign_in(&password).await;
         b.goto(&format!("{base}/orgs/default")).await;
         wait_text(b, "#runners + table", "built-in").await;
         b.click("#pipelinerun-watched-1 a").await;
@@ -923,13 +913,8 @@ spec:
         b.click("#cancel-run").await;
         b.wait_path("/orgs/default/pipelineruns/watched-2").await;
         wait_text(b, "#run-phase", "Canceled").await;
-    });
-    let outcome = futures_util::FutureExt::catch_unwind(flow).await;
-    session.close().await;
-    drop(driver);
-    if let Err(panic) = outcome {
-        std::panic::resume_unwind(panic);
-    }
+    };
+    close_after(driver, &session, flow).await;
 }
 
 /// The connected-laptops page: a laptop that connects while the page is open appears without a reload.
@@ -969,21 +954,15 @@ async fn console_shows_connected_laptops_live_in_chromium() {
             .spawn()
             .unwrap(),
     );
-    let password = std::fs::read_to_string(server.data_dir.join("admin-password"))
-        .unwrap()
-        .trim()
-        .to_string();
+    let password = server.admin_password();
     let driver = Driver::start(&chromedriver).await;
     let session = driver.session(&chromium).await;
-    let flow = std::panic::AssertUnwindSafe(async {
+    let flow = async {
         let b = &session;
         let base = &server.url;
         b.goto(&format!("{base}/orgs/default/connections")).await;
         b.wait_path("/login").await;
-        b.type_into("#username", "admin").await;
-        b.type_into("#password", &password).await;
-        b.click("#sign-in").await;
-        b.wait_path("/").await;
+        b.sign_in(&password).await;
         b.goto(&format!("{base}/orgs/default/connections")).await;
         assert_eq!(b.text("h1").await, "Laptops connected to default");
         wait_text(b, "#live-status", "Live").await;
@@ -1004,11 +983,6 @@ async fn console_shows_connected_laptops_live_in_chromium() {
         let row = wait_text(b, "#connections", "console-laptop").await;
         assert!(row.contains("shop/dev") && row.contains("admin"), "{row}");
         save_png("console-connections.png", &b.screenshot().await);
-    });
-    let outcome = futures_util::FutureExt::catch_unwind(flow).await;
-    session.close().await;
-    drop(driver);
-    if let Err(panic) = outcome {
-        std::panic::resume_unwind(panic);
-    }
+    };
+    close_after(driver, &session, flow).await;
 }

@@ -144,6 +144,14 @@ impl Server {
             .to_string()
     }
 
+    /// The password the server wrote for `admin` at its first start.
+    pub fn admin_password(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("admin-password"))
+            .expect("admin-password written at first start")
+            .trim()
+            .to_string()
+    }
+
     /// Runs the CLI against this server as the owner.
     pub fn kiln(&self, args: &[&str]) -> Output {
         self.kiln_as(&self.admin_token(), args, None)

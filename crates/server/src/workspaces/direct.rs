@@ -117,10 +117,10 @@ async fn take(agent: &AgentConn) -> Option<TcpStream> {
 /// next one.
 async fn ask(agent: &AgentConn, target: &str) -> Result<Option<TcpStream>, String> {
     for _ in 0..3 {
+        // Set up (keepalive) when the agent opened it.
         let Some(mut conn) = take(agent).await else {
             return Ok(None);
         };
-        direct::prepare(&conn);
         let answer = async {
             direct::write_line(&mut conn, target).await?;
             direct::read_line(&mut conn).await
@@ -227,7 +227,8 @@ pub(crate) async fn workspace_stream(
     let ws = state.store.get(&key(Kind::Workspace, &org, &name)).await?;
     hub::may_connect(&state, &principal, &org, &ws).await?;
     let target = query.get("target").map(String::as_str).unwrap_or_default();
-    hub::check_target(target).map_err(|why| ApiError::bad_request(format!("target: {why}")))?;
+    agent::proto::Target::parse(target)
+        .map_err(|why| ApiError::bad_request(format!("target: {why}")))?;
     if target.len() >= direct::MAX_LINE {
         return Err(ApiError::bad_request(format!(
             "target: longer than {} bytes",

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use agent::proto::{FromAgent, Lifecycle, Manifest, ToAgent, SSH_TARGET, TCP_TARGET};
+use agent::proto::{FromAgent, Lifecycle, Manifest, ToAgent};
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Path, State};
@@ -527,17 +527,6 @@ pub(crate) fn not_connected(ws: &Resource) -> ApiError {
     )
 }
 
-/// Whether users may open a stream to `target`: `tcp:<host>:<port>` or `ssh`.
-pub(crate) fn check_target(target: &str) -> Result<(), String> {
-    if target.starts_with(TCP_TARGET) || target == SSH_TARGET {
-        Ok(())
-    } else {
-        Err(format!(
-            "unknown target {target:?}; a workspace serves tcp:<host>:<port> and ssh"
-        ))
-    }
-}
-
 /// `GET /api/v1/orgs/{org}/workspaces/{name}/tunnel`: a user's WebSocket to a workspace (port forwarding,
 /// SSH). Each stream the user opens (`tcp:<host>:<port>`, `ssh`) is opened on the agent's session and relayed.
 pub async fn workspace_tunnel(
@@ -568,7 +557,7 @@ pub async fn workspace_tunnel(
                         Some(Event::Message(_)) => {}
                         Some(Event::Stream(incoming)) => {
                             let target = incoming.target().to_string();
-                            if let Err(why) = check_target(&target) {
+                            if let Err(why) = agent::proto::Target::parse(&target) {
                                 incoming.refuse(&why);
                                 continue;
                             }
