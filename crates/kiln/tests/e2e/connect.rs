@@ -334,11 +334,7 @@ fn laptops_consume_and_serve_an_environment_across_network_namespaces() {
         all.extend_from_slice(args);
         in_srv(&all)
     };
-    let envs = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../examples/local-environments.yaml"
-    );
-    ok(admin_kiln(&["apply", "-f", envs]));
+    ok(admin_kiln(&["apply", "-f", LOCAL_ENVIRONMENTS]));
     let svc = testsvc::binary().display().to_string();
     let component = |name: &str, deps: &str| {
         format!(

@@ -628,11 +628,7 @@ async fn console_shows_deployments_and_live_logs_in_chromium() {
         return;
     };
     let server = Server::start();
-    let envs = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../examples/local-environments.yaml"
-    );
-    ok(server.kiln(&["apply", "-f", envs]));
+    ok(server.kiln(&["apply", "-f", LOCAL_ENVIRONMENTS]));
     let app = format!(
         "apiVersion: kiln.dev/v1\nkind: Project\nmetadata: {{name: shop}}\n---\napiVersion: kiln.dev/v1\nkind: Component\n\
          metadata: {{name: api, project: shop}}\nspec:\n  type: service\n  workload:\n    command: [{:?}]\n    \
@@ -926,11 +922,7 @@ async fn console_shows_connected_laptops_live_in_chromium() {
         return;
     };
     let server = Server::start();
-    let envs = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../examples/local-environments.yaml"
-    );
-    ok(server.kiln(&["apply", "-f", envs]));
+    ok(server.kiln(&["apply", "-f", LOCAL_ENVIRONMENTS]));
     let dir = tempfile::tempdir().unwrap();
     let project = dir.path().join("shop.yaml");
     std::fs::write(

@@ -46,11 +46,7 @@ pub fn ready_binding(s: &Server, name: &str, not: Option<&str>) -> (String, Vec<
 fn apply_run_promote_and_roll_back_real_processes() {
     let s = Server::start();
     let dir = tempfile::tempdir().unwrap();
-    let envs = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../examples/local-environments.yaml"
-    );
-    ok(s.kiln(&["apply", "-f", envs]));
+    ok(s.kiln(&["apply", "-f", LOCAL_ENVIRONMENTS]));
     let app = |replicas: u32| {
         format!(
             "apiVersion: kiln.dev/v1\nkind: Project\nmetadata: {{name: shop}}\n---\napiVersion: kiln.dev/v1\nkind: Component\n\

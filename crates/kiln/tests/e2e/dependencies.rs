@@ -72,11 +72,7 @@ fn a_consumer_reaches_its_dependency_through_a_kiln_address() {
     let s = Server::start();
     let _cleanup = Cleanup(&s);
     let dir = tempfile::tempdir().unwrap();
-    let envs = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../examples/local-environments.yaml"
-    );
-    ok(s.kiln(&["apply", "-f", envs]));
+    ok(s.kiln(&["apply", "-f", LOCAL_ENVIRONMENTS]));
     let bin = testsvc::binary().display().to_string();
     let component = |name: &str, deps: &str| {
         format!(

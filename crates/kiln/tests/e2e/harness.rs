@@ -13,6 +13,12 @@ pub fn kiln_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_kiln"))
 }
 
+/// `examples/local-environments.yaml`: the dev → staging → prod environments on local data planes.
+pub const LOCAL_ENVIRONMENTS: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../examples/local-environments.yaml"
+);
+
 /// A free loopback port (bound and released; good enough for tests on one machine).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

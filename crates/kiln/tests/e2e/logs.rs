@@ -83,11 +83,7 @@ impl Drop for DeleteOnPanic<'_> {
 fn logs_from_real_replicas_filtered_tailed_and_followed() {
     let s = Server::start();
     let dir = tempfile::tempdir().unwrap();
-    let envs = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../examples/local-environments.yaml"
-    );
-    ok(s.kiln(&["apply", "-f", envs]));
+    ok(s.kiln(&["apply", "-f", LOCAL_ENVIRONMENTS]));
     let app = format!(
         "apiVersion: kiln.dev/v1\nkind: Project\nmetadata: {{name: shop}}\n---\napiVersion: kiln.dev/v1\nkind: Component\n\
          metadata: {{name: api, project: shop}}\nspec:\n  type: service\n  replicas: 2\n  workload:\n    command: [{:?}]\n    \

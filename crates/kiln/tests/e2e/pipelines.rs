@@ -550,11 +550,7 @@ fn a_successful_run_on_the_branch_becomes_a_release_deployed_to_the_first_enviro
     let s = Server::start();
     let tmp = tempfile::tempdir().unwrap();
     let (repo, _) = repository(tmp.path());
-    let envs = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../examples/local-environments.yaml"
-    );
-    ok(s.kiln(&["apply", "-f", envs]));
+    ok(s.kiln(&["apply", "-f", LOCAL_ENVIRONMENTS]));
     let manifest = format!(
         r#"apiVersion: kiln.dev/v1
 kind: Pipeline

@@ -41,11 +41,7 @@ fn runs(b: &serde_json::Value) -> Vec<serde_json::Value> {
 #[test]
 fn scheduled_tasks_run_on_schedule_and_on_request_and_keep_their_runs() {
     let s = Server::start();
-    let envs = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../examples/local-environments.yaml"
-    );
-    ok(s.kiln(&["apply", "-f", envs]));
+    ok(s.kiln(&["apply", "-f", LOCAL_ENVIRONMENTS]));
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("task.yaml");
     std::fs::write(
